@@ -1,0 +1,159 @@
+//! `hearth bench`: prefill and decode speed through the engine's own code
+//! path (the same worker, chunking, sampler and event channel that serve
+//! requests), reported in llama-bench's terms (`pp512`, `tg128`) so the two
+//! can be read side by side.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::config::default_model_path;
+use crate::engine::{self, EngineConfig, Event, GenerateRequest, Model, SamplingParams, Timings};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// GGUF model file (default: the embedded default model).
+    #[arg(short = 'm', long, env = "HEARTH_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Prompt tokens for the prefill test (llama-bench `-p`).
+    #[arg(short = 'p', long, default_value_t = 512)]
+    pub prompt_tokens: u32,
+    /// Generated tokens for the decode test (llama-bench `-n`).
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub gen_tokens: u32,
+    /// Repetitions of each test; the mean and spread are reported.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub reps: u32,
+    /// Prefill chunk size.
+    #[arg(short = 'b', long, default_value_t = 512)]
+    pub batch: u32,
+    /// CPU threads (0: one per core).
+    #[arg(short = 't', long, default_value_t = 0)]
+    pub threads: i32,
+    /// Print one JSON object per test instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Mean and sample standard deviation.
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let path = args.model.clone().unwrap_or_else(default_model_path);
+    let model = Model::load(&path, 999)?;
+    let n_ctx = (args.prompt_tokens + args.gen_tokens + 16).max(512);
+    let config = EngineConfig { n_ctx, n_batch: args.batch, n_threads: args.threads, n_gpu_layers: 999, fault: None };
+    let engine = engine::start(model.clone(), config)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let n_vocab = model.n_vocab().max(2);
+    // Token ids that no earlier run started with, so no KV prefix is reused.
+    let mut salt = 0i32;
+    let mut prompt = |len: u32| -> Vec<i32> {
+        salt += 1;
+        (0..len as i32).map(|i| (salt * 7919 + i * 31) % (n_vocab - 1) + 1).collect()
+    };
+    let once = |prompt: Vec<i32>, gen: u32| -> anyhow::Result<Timings> {
+        let req = GenerateRequest {
+            prompt,
+            sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+            max_tokens: gen,
+            stop: vec![],
+            ignore_eos: true,
+        };
+        let mut job = engine.submit(req);
+        rt.block_on(async {
+            while let Some(ev) = job.events.recv().await {
+                match ev {
+                    Event::Finished { timings, .. } => return Ok(timings),
+                    Event::Failed(e) => return Err(anyhow::anyhow!(e)),
+                    _ => {}
+                }
+            }
+            Err(anyhow::anyhow!("engine stopped"))
+        })
+    };
+    // Warm-up, as llama-bench does: first touches of the weights are slow.
+    once(prompt(args.prompt_tokens.min(64)), 4)?;
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for _ in 0..args.reps {
+        // Prefill test: the whole prompt, one token generated (its time is
+        // not counted).
+        let t = once(prompt(args.prompt_tokens), 1)?;
+        pp.push(args.prompt_tokens as f64 / secs(t.prefill));
+        // Decode test: a one-token prompt, then gen_tokens sampled. The
+        // first sampled token needs no decode, so n-1 decodes are timed.
+        let t = once(prompt(1), args.gen_tokens)?;
+        tg.push((args.gen_tokens.saturating_sub(1)) as f64 / secs(t.decode));
+    }
+    let (ref_pp, ref_tg) = reference(&model, &args, n_ctx)?;
+    let desc = model.description();
+    let threads = if args.threads > 0 { args.threads as usize } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
+    let pp_name = format!("pp{}", args.prompt_tokens);
+    let tg_name = format!("tg{}", args.gen_tokens);
+    let rows = [
+        ("hearth", &pp_name, &pp),
+        ("llama.cpp-raw", &pp_name, &ref_pp),
+        ("hearth", &tg_name, &tg),
+        ("llama.cpp-raw", &tg_name, &ref_tg),
+    ];
+    for (engine, test, xs) in rows {
+        let (mean, sd) = mean_sd(xs);
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "engine": engine, "model": desc, "test": test, "threads": threads,
+                                    "batch": args.batch, "reps": args.reps, "avg_ts": mean, "stddev_ts": sd })
+            );
+        } else {
+            println!("{engine:>13} | {desc} | threads {threads} | {test:>6} | {mean:9.2} ± {sd:6.2} t/s");
+        }
+    }
+    Ok(())
+}
+
+/// The reference: llama.cpp driven directly through the same crate, with
+/// no worker thread, channels, sampler or text handling: a fresh context,
+/// the prompt decoded in `batch`-sized calls, then single-token decodes of
+/// fixed tokens, as llama-bench's pp and tg tests do.
+fn reference(model: &std::sync::Arc<Model>, args: &BenchArgs, n_ctx: u32) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    use crate::engine::llama::{Context, ContextParams};
+    let threads = if args.threads > 0 { args.threads } else { std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(4) };
+    let params = ContextParams { n_ctx, n_batch: args.batch.max(1), n_threads: threads };
+    let mut ctx = Context::new(model.clone(), params, Box::new(|| false))?;
+    let n_vocab = model.n_vocab().max(2);
+    let tokens: Vec<i32> = (0..args.prompt_tokens as i32).map(|i| (i * 131 + 7) % (n_vocab - 1) + 1).collect();
+    let fail = |e| anyhow::anyhow!("reference decode failed: {e:?}");
+    // Warm-up.
+    ctx.decode(&tokens[..tokens.len().min(64)], 0, true).map_err(fail)?;
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..args.reps {
+        ctx.kv_clear();
+        let t = std::time::Instant::now();
+        let mut pos = 0;
+        for chunk in tokens.chunks(args.batch.max(1) as usize) {
+            ctx.decode(chunk, pos, pos + chunk.len() == tokens.len()).map_err(fail)?;
+            pos += chunk.len();
+        }
+        pp.push(tokens.len() as f64 / secs(t.elapsed()));
+        ctx.kv_clear();
+        ctx.decode(&tokens[..1], 0, true).map_err(fail)?;
+        let t = std::time::Instant::now();
+        let n = args.gen_tokens.saturating_sub(1) as usize;
+        for i in 0..n {
+            ctx.decode(&tokens[(i + 1) % tokens.len()..][..1], i + 1, true).map_err(fail)?;
+        }
+        tg.push(n as f64 / secs(t.elapsed()));
+    }
+    Ok((pp, tg))
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64().max(1e-9)
+}

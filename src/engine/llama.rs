@@ -1,0 +1,381 @@
+//! A thin safe layer over llama.cpp's C API (`llama-cpp-sys-2`).
+//!
+//! The safe `llama-cpp-2` crate hides the raw context, and with it the two
+//! things hearth is built on: the abort callback that llama.cpp's CPU
+//! backend calls after every graph node (how a client that leaves stops a
+//! prefill chunk half-way, and where fault injection stalls), and direct
+//! control of the KV memory. So this module owns those pointers itself and
+//! exposes only what the worker needs.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::{Arc, Once};
+
+use llama_cpp_sys_2 as sys;
+
+/// A token id in the model's vocabulary.
+pub type Token = i32;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LlamaError {
+    #[error("cannot load model {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("cannot create a llama.cpp context (n_ctx {n_ctx}): out of memory or unsupported parameters")]
+    Context { n_ctx: u32 },
+}
+
+/// Why `Context::decode` failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The abort callback asked llama.cpp to stop (status 2).
+    Aborted,
+    /// No KV slot for the batch (status 1): the context is full.
+    NoSlot,
+    /// Any other failure, with llama.cpp's status code.
+    Failed(i32),
+}
+
+static BACKEND: Once = Once::new();
+
+/// Initialise llama.cpp once per process and route its log into `tracing`.
+fn init_backend() {
+    BACKEND.call_once(|| unsafe {
+        sys::llama_log_set(Some(log_to_tracing), std::ptr::null_mut());
+        sys::llama_backend_init();
+    });
+}
+
+unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
+    if text.is_null() {
+        return;
+    }
+    let msg = CStr::from_ptr(text).to_string_lossy();
+    let msg = msg.trim_end();
+    if msg.is_empty() {
+        return;
+    }
+    match level {
+        sys::GGML_LOG_LEVEL_ERROR => tracing::error!(target: "llama.cpp", "{msg}"),
+        sys::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "llama.cpp", "{msg}"),
+        _ => tracing::debug!(target: "llama.cpp", "{msg}"),
+    }
+}
+
+/// Loaded weights and vocabulary. Immutable after load, so it is shared
+/// between the engine thread (which computes) and the HTTP side (which
+/// tokenizes before queueing a job).
+pub struct Model {
+    ptr: NonNull<sys::llama_model>,
+    vocab: NonNull<sys::llama_vocab>,
+    path: String,
+}
+
+// SAFETY: a llama_model is read-only once loaded; tokenization and vocab
+// lookups only read it, and llama.cpp documents them as thread-safe.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+impl Model {
+    /// Load a GGUF file. `n_gpu_layers` is ignored by CPU builds.
+    pub fn load(path: &Path, n_gpu_layers: i32) -> Result<Arc<Model>, LlamaError> {
+        init_backend();
+        let shown = path.display().to_string();
+        let fail = |reason: &str| LlamaError::Load { path: shown.clone(), reason: reason.into() };
+        if !path.is_file() {
+            return Err(fail("no such file"));
+        }
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| fail("path contains NUL"))?;
+        let mut params = unsafe { sys::llama_model_default_params() };
+        params.n_gpu_layers = n_gpu_layers;
+        let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
+        let ptr = NonNull::new(raw).ok_or_else(|| fail("llama.cpp could not load it (not a GGUF, or an unsupported architecture)"))?;
+        let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };
+        let vocab = NonNull::new(vocab as *mut sys::llama_vocab).ok_or_else(|| fail("model has no vocabulary"))?;
+        Ok(Arc::new(Model { ptr, vocab, path: shown }))
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn vocab(&self) -> *const sys::llama_vocab {
+        self.vocab.as_ptr()
+    }
+
+    /// Tokenize text. `parse_special` lets the text's special-token markup
+    /// (`<|im_start|>`) become control tokens; it must only be set for text
+    /// the template produced, never for raw client text.
+    pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<Token> {
+        let len = i32::try_from(text.len()).unwrap_or(i32::MAX);
+        let mut out: Vec<Token> = vec![0; text.len() / 2 + 8];
+        loop {
+            let n = unsafe {
+                sys::llama_tokenize(
+                    self.vocab(),
+                    text.as_ptr() as *const c_char,
+                    len,
+                    out.as_mut_ptr(),
+                    out.len() as i32,
+                    add_special,
+                    parse_special,
+                )
+            };
+            if n >= 0 {
+                out.truncate(n as usize);
+                return out;
+            }
+            if n == i32::MIN {
+                return Vec::new();
+            }
+            out.resize((-n) as usize, 0);
+        }
+    }
+
+    /// The bytes a token stands for in generated text. Control tokens give
+    /// nothing: they are markup, not text.
+    pub fn token_bytes(&self, token: Token) -> Vec<u8> {
+        self.piece(token, false)
+    }
+
+    fn piece(&self, token: Token, special: bool) -> Vec<u8> {
+        let mut buf = vec![0u8; 32];
+        loop {
+            let n = unsafe {
+                sys::llama_token_to_piece(self.vocab(), token, buf.as_mut_ptr() as *mut c_char, buf.len() as i32, 0, special)
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return buf;
+            }
+            buf.resize((-n) as usize, 0);
+        }
+    }
+
+    /// Whether a token ends generation (EOS, end-of-turn, ...).
+    pub fn is_eog(&self, token: Token) -> bool {
+        unsafe { sys::llama_vocab_is_eog(self.vocab(), token) }
+    }
+
+    /// Whether the tokenizer prepends BOS by itself.
+    pub fn adds_bos(&self) -> bool {
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
+    }
+
+    pub fn bos(&self) -> Option<Token> {
+        let t = unsafe { sys::llama_vocab_bos(self.vocab()) };
+        (t >= 0).then_some(t)
+    }
+
+    /// The text of a special token (`<|im_end|>`), for templates.
+    pub fn special_text(&self, token: Option<Token>) -> String {
+        token.map(|t| String::from_utf8_lossy(&self.piece(t, true)).into_owned()).unwrap_or_default()
+    }
+
+    pub fn bos_text(&self) -> String {
+        self.special_text(self.bos())
+    }
+
+    pub fn eos_text(&self) -> String {
+        let t = unsafe { sys::llama_vocab_eos(self.vocab()) };
+        self.special_text((t >= 0).then_some(t))
+    }
+
+    pub fn n_vocab(&self) -> i32 {
+        unsafe { sys::llama_vocab_n_tokens(self.vocab()) }
+    }
+
+    pub fn n_ctx_train(&self) -> u32 {
+        unsafe { sys::llama_model_n_ctx_train(self.ptr.as_ptr()) }.max(0) as u32
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        unsafe { sys::llama_model_size(self.ptr.as_ptr()) }
+    }
+
+    pub fn n_params(&self) -> u64 {
+        unsafe { sys::llama_model_n_params(self.ptr.as_ptr()) }
+    }
+
+    /// The GGUF's own chat template, if it has one.
+    pub fn chat_template(&self) -> Option<String> {
+        let p = unsafe { sys::llama_model_chat_template(self.ptr.as_ptr(), std::ptr::null()) };
+        if p.is_null() {
+            return None;
+        }
+        let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+        (!s.trim().is_empty()).then_some(s)
+    }
+
+    /// A GGUF metadata value as a string.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        let key = CString::new(key).ok()?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            let n = unsafe {
+                sys::llama_model_meta_val_str(self.ptr.as_ptr(), key.as_ptr(), buf.as_mut_ptr() as *mut c_char, buf.len())
+            };
+            if n < 0 {
+                return None;
+            }
+            if (n as usize) < buf.len() {
+                buf.truncate(n as usize);
+                return Some(String::from_utf8_lossy(&buf).into_owned());
+            }
+            buf.resize(n as usize + 1, 0);
+        }
+    }
+
+    /// A short human description ("llama 135M Q4_1").
+    pub fn description(&self) -> String {
+        let mut buf = vec![0u8; 256];
+        let n = unsafe { sys::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr() as *mut c_char, buf.len()) };
+        buf.truncate(n.max(0) as usize);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Called by llama.cpp inside graph compute; `true` aborts the decode.
+pub type AbortFn = dyn Fn() -> bool + Send + Sync;
+
+/// How a context is created.
+#[derive(Debug, Clone, Copy)]
+pub struct ContextParams {
+    pub n_ctx: u32,
+    pub n_batch: u32,
+    pub n_threads: i32,
+}
+
+/// A llama.cpp context with one sequence (id 0). Owned by exactly one
+/// thread at a time.
+pub struct Context {
+    ptr: NonNull<sys::llama_context>,
+    batch: sys::llama_batch,
+    batch_cap: usize,
+    /// Boxed twice so llama.cpp holds a stable thin pointer to it for the
+    /// context's whole life.
+    _abort: Box<Box<AbortFn>>,
+    /// Keeps the weights alive as long as the context that reads them.
+    model: Arc<Model>,
+}
+
+// SAFETY: a context is used from one thread at a time (the engine thread
+// creates it and keeps it); nothing in it is tied to the creating thread.
+unsafe impl Send for Context {}
+
+unsafe extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
+    let f = &*(data as *const Box<AbortFn>);
+    f()
+}
+
+impl Context {
+    pub fn new(model: Arc<Model>, params: ContextParams, abort: Box<AbortFn>) -> Result<Context, LlamaError> {
+        let abort: Box<Box<AbortFn>> = Box::new(abort);
+        let mut p = unsafe { sys::llama_context_default_params() };
+        p.n_ctx = params.n_ctx;
+        p.n_batch = params.n_batch;
+        // One micro-batch per chunk: an abort then drops exactly the chunk
+        // in flight, and progress is reported per computed chunk.
+        p.n_ubatch = params.n_batch;
+        p.n_seq_max = 1;
+        if params.n_threads > 0 {
+            p.n_threads = params.n_threads;
+            p.n_threads_batch = params.n_threads;
+        }
+        p.no_perf = true;
+        p.abort_callback = Some(abort_trampoline);
+        p.abort_callback_data = &*abort as *const Box<AbortFn> as *mut c_void;
+        let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), p) };
+        let ptr = NonNull::new(raw).ok_or(LlamaError::Context { n_ctx: params.n_ctx })?;
+        let batch_cap = params.n_batch.max(1) as usize;
+        let batch = unsafe { sys::llama_batch_init(batch_cap as i32, 0, 1) };
+        Ok(Context { ptr, batch, batch_cap, _abort: abort, model })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    pub fn n_ctx(&self) -> u32 {
+        unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
+    }
+
+    /// Evaluate `tokens` at positions `pos..`, in one micro-batch. Logits
+    /// are kept for the last token only when `want_logits`.
+    pub fn decode(&mut self, tokens: &[Token], pos: usize, want_logits: bool) -> Result<(), DecodeError> {
+        assert!(!tokens.is_empty() && tokens.len() <= self.batch_cap, "batch of {} tokens", tokens.len());
+        let b = &mut self.batch;
+        // SAFETY: the batch was allocated for batch_cap tokens and one
+        // sequence id each; we write within those bounds.
+        unsafe {
+            for (i, &t) in tokens.iter().enumerate() {
+                *b.token.add(i) = t;
+                *b.pos.add(i) = (pos + i) as i32;
+                *b.n_seq_id.add(i) = 1;
+                *(*b.seq_id.add(i)) = 0;
+                *b.logits.add(i) = 0;
+            }
+            *b.logits.add(tokens.len() - 1) = want_logits as i8;
+        }
+        b.n_tokens = tokens.len() as i32;
+        match unsafe { sys::llama_decode(self.ptr.as_ptr(), self.batch) } {
+            0 => Ok(()),
+            1 => Err(DecodeError::NoSlot),
+            2 => Err(DecodeError::Aborted),
+            code => Err(DecodeError::Failed(code)),
+        }
+    }
+
+    /// Logits of the last token decoded with `want_logits`.
+    pub fn last_logits(&self) -> &[f32] {
+        let n = self.model.n_vocab() as usize;
+        unsafe {
+            let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), -1);
+            if p.is_null() {
+                return &[];
+            }
+            std::slice::from_raw_parts(p, n)
+        }
+    }
+
+    pub(crate) fn raw(&self) -> *mut sys::llama_context {
+        self.ptr.as_ptr()
+    }
+
+    fn memory(&self) -> sys::llama_memory_t {
+        unsafe { sys::llama_get_memory(self.ptr.as_ptr()) }
+    }
+
+    /// How many positions of sequence 0 the KV cache holds (they are always
+    /// a prefix `0..n`).
+    pub fn kv_len(&self) -> usize {
+        let max = unsafe { sys::llama_memory_seq_pos_max(self.memory(), 0) };
+        (max + 1).max(0) as usize
+    }
+
+    /// Drop positions `from..` of sequence 0. Returns false when the memory
+    /// cannot drop a partial range (recurrent models); the caller then
+    /// clears everything.
+    pub fn kv_truncate(&mut self, from: usize) -> bool {
+        unsafe { sys::llama_memory_seq_rm(self.memory(), 0, from as i32, -1) }
+    }
+
+    pub fn kv_clear(&mut self) {
+        unsafe { sys::llama_memory_clear(self.memory(), true) }
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        unsafe {
+            sys::llama_batch_free(self.batch);
+            sys::llama_free(self.ptr.as_ptr());
+        }
+    }
+}

@@ -35,7 +35,7 @@ pub struct ServeArgs {
     /// (fractions allowed, at least 0.2).
     #[arg(long, env = "HEARTH_HEARTBEAT_SECS", default_value_t = 5.0, value_parser = parse_heartbeat)]
     pub heartbeat_secs: f64,
-    /// The model id `/v1/models` reports (default: from the GGUF's name).
+    /// The model id `/v1/models` reports (default: the GGUF file name).
     #[arg(long, env = "HEARTH_MODEL_ALIAS")]
     pub model_alias: Option<String>,
     /// A Jinja chat template file that replaces the GGUF's own.
@@ -44,6 +44,21 @@ pub struct ServeArgs {
     /// Allow cross-origin requests from any origin.
     #[arg(long, env = "HEARTH_CORS", default_value_t = false)]
     pub cors: bool,
+
+    // --- KV cache ---
+    /// RAM budget for KV snapshots of recent sequences, in MiB (0: none).
+    #[arg(long, env = "HEARTH_CACHE_RAM_MB", default_value_t = 1024)]
+    pub cache_ram_mb: u64,
+    /// Directory for KV snapshots that survive restarts (off when unset).
+    #[arg(long, env = "HEARTH_KV_DISK_DIR")]
+    pub kv_disk_dir: Option<PathBuf>,
+    /// Disk budget for KV snapshots, in MiB.
+    #[arg(long, env = "HEARTH_KV_DISK_SPACE_MB", default_value_t = 8192)]
+    pub kv_disk_space_mb: u64,
+    /// Keep Claude Code's volatile `x-anthropic-billing-header` system line
+    /// (by default it is dropped so the prompt prefix stays cacheable).
+    #[arg(long, env = "HEARTH_KEEP_BILLING_HEADER", default_value_t = false)]
+    pub keep_billing_header: bool,
 }
 
 impl ServeArgs {

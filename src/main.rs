@@ -122,12 +122,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `general.name` from the GGUF, else the file name without extension.
+/// The GGUF's file name without `.gguf` (`general.name` is often a
+/// training-run label, not a name users recognise).
 fn default_alias(model: &Model, path: &std::path::Path) -> String {
-    model
-        .meta("general.name")
-        .filter(|n| !n.trim().is_empty())
-        .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()))
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| model.meta("general.name"))
+        .unwrap_or_else(|| "model".into())
 }
 
 async fn shutdown_signal() {

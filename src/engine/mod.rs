@@ -40,6 +40,30 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
 }
 
+/// Where a job's reused prompt prefix came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixSource {
+    /// Nothing reused.
+    None,
+    /// The live sequence in the context.
+    Live,
+    /// A snapshot kept in RAM.
+    Ram,
+    /// A snapshot file on disk.
+    Disk,
+}
+
+impl PrefixSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrefixSource::None => "none",
+            PrefixSource::Live => "live",
+            PrefixSource::Ram => "ram",
+            PrefixSource::Disk => "disk",
+        }
+    }
+}
+
 /// Why generation ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinishReason {
@@ -75,8 +99,9 @@ pub struct Timings {
 /// their wire events.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// The engine picked the job up. `cached` prompt tokens are reused.
-    Started { prompt_tokens: u32, cached: u32 },
+    /// The engine picked the job up. `cached` prompt tokens are reused,
+    /// found in `source`.
+    Started { prompt_tokens: u32, cached: u32, source: PrefixSource },
     /// A prefill chunk finished: `done` of `total` prompt tokens are in the
     /// KV cache.
     PrefillProgress { done: u32, total: u32, elapsed: Duration },
@@ -127,6 +152,14 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// What the engine thread is asked to do, in order.
+pub(crate) enum Command {
+    Run(Job),
+    /// Save what the KV cache keeps across restarts, then stop taking work.
+    /// Answered when done.
+    Shutdown(tokio::sync::oneshot::Sender<()>),
+}
+
 /// A queued unit of work.
 pub(crate) struct Job {
     /// Arrival order, from 0; fault injection counts requests with it.
@@ -149,7 +182,7 @@ pub struct EngineStats {
 /// The async side's handle on the engine. Cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Command>,
     model: Arc<Model>,
     stats: Arc<EngineStats>,
     n_ctx: u32,
@@ -190,11 +223,23 @@ impl EngineHandle {
             cancel: cancel.clone(),
             span: tracing::Span::current(),
         };
-        if let Err(err) = self.jobs.send(job) {
+        if let Err(err) = self.jobs.send(Command::Run(job)) {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            let _ = err.0.events.send(Event::Failed(EngineError::Stopped));
+            if let Command::Run(job) = err.0 {
+                let _ = job.events.send(Event::Failed(EngineError::Stopped));
+            }
         }
         JobHandle { events: rx, cancel }
+    }
+
+    /// Ask the engine to save its KV state for the next start and stop.
+    /// Resolves once it has (after the job in progress, if any, ends; cancel
+    /// jobs first for a quick stop). Later jobs fail with `Stopped`.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.jobs.send(Command::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 

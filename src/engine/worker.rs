@@ -17,7 +17,7 @@ use super::fault::{FaultKind, FaultPlan};
 use super::llama::{Context, ContextParams, DecodeError, LlamaError, Model, Token};
 use super::sampling::Sampler;
 use super::text::StopScanner;
-use super::{CancelFlag, EngineConfig, EngineError, EngineStats, Event, FinishReason, Job, Timings, Usage};
+use super::{CancelFlag, EngineConfig, EngineError, Command, EngineStats, Event, FinishReason, Job, PrefixSource, Timings, Usage};
 
 /// State the abort callback reads from inside llama.cpp's compute. Plain
 /// std mutexes: the callback runs on a compute thread, never in async code,
@@ -95,7 +95,7 @@ const DECODE_LOG_EVERY: Duration = Duration::from_secs(2);
 pub(super) fn spawn(
     model: Arc<Model>,
     config: EngineConfig,
-    jobs: mpsc::UnboundedReceiver<Job>,
+    jobs: mpsc::UnboundedReceiver<Command>,
     stats: Arc<EngineStats>,
 ) -> Result<u32, LlamaError> {
     let hook = Arc::new(AbortHook::default());
@@ -168,8 +168,22 @@ enum Stop {
 }
 
 impl Worker {
-    fn run(&mut self, mut jobs: mpsc::UnboundedReceiver<Job>) {
-        while let Some(job) = jobs.blocking_recv() {
+    fn run(&mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        while let Some(command) = commands.blocking_recv() {
+            let job = match command {
+                Command::Run(job) => job,
+                Command::Shutdown(done) => {
+                    self.shutdown();
+                    let _ = done.send(());
+                    // Fail whatever is still queued, then stop.
+                    commands.close();
+                    while let Some(Command::Run(job)) = commands.blocking_recv() {
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                        let _ = job.events.send(Event::Failed(super::EngineError::Stopped));
+                    }
+                    break;
+                }
+            };
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             let span = job.span.clone();
             let _enter = span.enter();
@@ -193,6 +207,11 @@ impl Worker {
             self.progress.phase.store(0, Ordering::Relaxed);
         }
         info!("engine thread stopping: no more jobs");
+    }
+
+    /// Save what should survive a restart.
+    fn shutdown(&mut self) {
+        info!(kv_tokens = self.live.len(), "engine shutting down");
     }
 
     fn fault_for(&self, job: &Job, kind: FaultKind) -> Option<Duration> {
@@ -260,8 +279,9 @@ impl Worker {
         }
         let cached = self.reuse_prefix(prompt);
         let total = prompt.len();
-        let _ = job.events.send(Event::Started { prompt_tokens: total as u32, cached: cached as u32 });
-        info!(prompt_tokens = total, cached_tokens = cached, source = if cached > 0 { "live" } else { "none" }, "job started");
+        let source = if cached > 0 { PrefixSource::Live } else { PrefixSource::None };
+        let _ = job.events.send(Event::Started { prompt_tokens: total as u32, cached: cached as u32, source });
+        info!(prompt_tokens = total, cached_tokens = cached, source = source.as_str(), "job started");
 
         // Prefill, one chunk (one llama.cpp micro-batch) at a time.
         let batch = self.config.n_batch.max(1) as usize;

@@ -48,7 +48,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let path = args.model.clone().unwrap_or_else(default_model_path);
     let model = Model::load(&path, 999)?;
     let n_ctx = (args.prompt_tokens + args.gen_tokens + 16).max(512);
-    let config = EngineConfig { n_ctx, n_batch: args.batch, n_threads: args.threads, n_gpu_layers: 999, fault: None };
+    let config = EngineConfig {
+        n_ctx,
+        n_batch: args.batch,
+        n_threads: args.threads,
+        n_gpu_layers: 999,
+        fault: None,
+        cache_ram_bytes: 0,
+        kv_disk_dir: None,
+        kv_disk_bytes: 0,
+    };
     let engine = engine::start(model.clone(), config)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let n_vocab = model.n_vocab().max(2);
@@ -65,6 +74,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             max_tokens: gen,
             stop: vec![],
             ignore_eos: true,
+            prompt_text: None,
         };
         let mut job = engine.submit(req);
         rt.block_on(async {

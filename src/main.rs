@@ -27,6 +27,8 @@ enum Command {
     Serve(ServeArgs),
     /// Measure prefill and decode speed through the engine's own code path.
     Bench(hearth::bench::BenchArgs),
+    /// Inspect or clear the disk KV cache.
+    Cache(hearth::engine::cache::cli::CacheArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +43,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => hearth::bench::run(args),
+        Command::Cache(args) => hearth::engine::cache::cli::run(args),
     }
 }
 
@@ -76,6 +79,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         n_threads: args.threads,
         n_gpu_layers: args.gpu_layers,
         fault,
+        cache_ram_bytes: (args.cache_ram_mb as usize) << 20,
+        kv_disk_dir: args.kv_disk_dir.clone(),
+        kv_disk_bytes: args.kv_disk_space_mb << 20,
     };
     let handle = engine::start(model.clone(), config)?;
     info!(

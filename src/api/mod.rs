@@ -74,7 +74,7 @@ pub async fn prepare(state: &Arc<AppState>, messages: Vec<ChatMessage>, opts: Ge
         }
         let room = (n_ctx - prompt.len()) as u32;
         let max_tokens = opts.max_tokens.map_or(room, |m| m.min(room));
-        Ok(GenerateRequest { prompt, sampling: opts.sampling, max_tokens, stop, ignore_eos: false })
+        Ok(GenerateRequest { prompt, sampling: opts.sampling, max_tokens, stop, ignore_eos: false, prompt_text: Some(text) })
     })
     .await
     .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?

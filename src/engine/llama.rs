@@ -187,6 +187,44 @@ impl Model {
         self.special_text((t >= 0).then_some(t))
     }
 
+    /// The text of a token as the template writes it: special tokens
+    /// (`<|im_end|>`) included. The live sequence's text is built from
+    /// these, so it can be compared with a newly rendered prompt.
+    pub fn token_text(&self, token: Token) -> Vec<u8> {
+        self.piece(token, true)
+    }
+
+    /// Sliding-window attention layers cannot rewind past their window
+    /// unless the context keeps a full-size window cache.
+    pub fn has_swa(&self) -> bool {
+        unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()) > 0 }
+    }
+
+    /// Recurrent state cannot be rewound at all, only extended or cleared.
+    pub fn is_recurrent(&self) -> bool {
+        unsafe { sys::llama_model_is_recurrent(self.ptr.as_ptr()) || sys::llama_model_is_hybrid(self.ptr.as_ptr()) }
+    }
+
+    /// Identifies the weights: a KV snapshot is only valid for the model
+    /// that computed it. Hashes the file's size and its first 4 MiB (the
+    /// GGUF header, metadata and tensor index) with the parameter count.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        use std::io::Read;
+        let mut h = Sha256::new();
+        h.update(self.n_params().to_le_bytes());
+        h.update(self.n_vocab().to_le_bytes());
+        if let Ok(f) = std::fs::File::open(&self.path) {
+            if let Ok(meta) = f.metadata() {
+                h.update(meta.len().to_le_bytes());
+            }
+            let mut head = Vec::with_capacity(4 << 20);
+            let _ = f.take(4 << 20).read_to_end(&mut head);
+            h.update(&head);
+        }
+        h.finalize().into()
+    }
+
     pub fn n_vocab(&self) -> i32 {
         unsafe { sys::llama_vocab_n_tokens(self.vocab()) }
     }
@@ -289,6 +327,10 @@ impl Context {
             p.n_threads_batch = params.n_threads;
         }
         p.no_perf = true;
+        // A full-size sliding-window cache lets the KV rewind to any
+        // position, so prefix reuse works on SWA models (Gemma 3) at the
+        // cost of window-layer memory growing to the full context.
+        p.swa_full = model.has_swa();
         p.abort_callback = Some(abort_trampoline);
         p.abort_callback_data = &*abort as *const Box<AbortFn> as *mut c_void;
         let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), p) };
@@ -368,6 +410,28 @@ impl Context {
 
     pub fn kv_clear(&mut self) {
         unsafe { sys::llama_memory_clear(self.memory(), true) }
+    }
+
+    /// Copy sequence 0's KV state out (for a snapshot).
+    pub fn state_get(&self) -> Vec<u8> {
+        unsafe {
+            let size = sys::llama_state_seq_get_size(self.ptr.as_ptr(), 0);
+            let mut buf = vec![0u8; size];
+            let n = sys::llama_state_seq_get_data(self.ptr.as_ptr(), buf.as_mut_ptr(), size, 0);
+            buf.truncate(n);
+            buf
+        }
+    }
+
+    /// Replace sequence 0's KV state with a snapshot. False when llama.cpp
+    /// refuses it (wrong shape, does not fit); the sequence is then empty.
+    pub fn state_set(&mut self, state: &[u8]) -> bool {
+        self.kv_clear();
+        let n = unsafe { sys::llama_state_seq_set_data(self.ptr.as_ptr(), state.as_ptr(), state.len(), 0) };
+        if n == 0 {
+            self.kv_clear();
+        }
+        n != 0
     }
 }
 

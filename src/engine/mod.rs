@@ -7,6 +7,7 @@
 //! model weights are shared read-only through [`llama::Model`], which the
 //! HTTP side also uses to tokenize before a job is queued.
 
+pub mod cache;
 pub mod fault;
 pub mod llama;
 pub mod sampling;
@@ -38,6 +39,9 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// The rendered text the prompt was tokenized from. Lets the engine
+    /// match a cached sequence by text where token ids diverge.
+    pub prompt_text: Option<String>,
 }
 
 /// Where a job's reused prompt prefix came from.
@@ -256,6 +260,12 @@ pub struct EngineConfig {
     pub n_gpu_layers: i32,
     /// Fault injection plan, from `HEARTH_FAULT`.
     pub fault: Option<fault::FaultPlan>,
+    /// RAM budget for KV snapshots, in bytes (0: none).
+    pub cache_ram_bytes: usize,
+    /// Where disk KV snapshots live (None: no disk cache).
+    pub kv_disk_dir: Option<std::path::PathBuf>,
+    /// Disk budget for KV snapshots, in bytes.
+    pub kv_disk_bytes: u64,
 }
 
 /// Start the engine thread over a loaded model.

@@ -13,11 +13,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::cache::disk::DiskStore;
+use super::cache::sequence::Sequence;
+use super::cache::{match_prompt, Match, RamStore};
 use super::fault::{FaultKind, FaultPlan};
 use super::llama::{Context, ContextParams, DecodeError, LlamaError, Model, Token};
 use super::sampling::Sampler;
 use super::text::StopScanner;
-use super::{CancelFlag, EngineConfig, EngineError, Command, EngineStats, Event, FinishReason, Job, PrefixSource, Timings, Usage};
+use super::{CancelFlag, EngineConfig, EngineError, Command, EngineStats, Event, FinishReason, GenerateRequest, Job, PrefixSource, Timings, Usage};
 
 /// State the abort callback reads from inside llama.cpp's compute. Plain
 /// std mutexes: the callback runs on a compute thread, never in async code,
@@ -90,6 +93,27 @@ impl Progress {
 const WATCHDOG_AFTER: Duration = Duration::from_secs(30);
 /// How often a decode line is logged.
 const DECODE_LOG_EVERY: Duration = Duration::from_secs(2);
+/// Sequences shorter than this are not worth a RAM snapshot.
+const MIN_RAM_TOKENS: usize = 64;
+/// Sequences shorter than this are not worth a disk snapshot.
+const MIN_DISK_TOKENS: usize = 256;
+/// The live sequence is snapshotted before it loses this many tokens.
+const SNAPSHOT_BEFORE_LOSS: usize = 64;
+/// A snapshot is restored only when it beats the live sequence by this
+/// many tokens: restoring costs a state copy.
+const RESTORE_GAIN: usize = 16;
+/// Long prefills and generations are saved to disk every this many tokens.
+const FRONTIER: usize = 16384;
+/// The first disk save of a prompt stops this many tokens short of its end.
+const SAVE_TRIM: usize = 32;
+
+/// The RAM and disk snapshot stores.
+struct KvStores {
+    ram: RamStore,
+    disk: Option<DiskStore>,
+    /// Length of the live sequence's longest prefix already on disk.
+    disk_saved_len: usize,
+}
 
 /// Create the context and start the engine thread. Returns the context size.
 pub(super) fn spawn(
@@ -109,12 +133,23 @@ pub(super) fn spawn(
     };
     let params = ContextParams { n_ctx, n_batch: config.n_batch.max(1), n_threads };
     let cb_hook = hook.clone();
-    let ctx = Context::new(model, params, Box::new(move || cb_hook.should_abort()))?;
+    let ctx = Context::new(model.clone(), params, Box::new(move || cb_hook.should_abort()))?;
     let n_ctx = ctx.n_ctx();
     let progress = Arc::new(Progress::default());
     let epoch = Instant::now();
     spawn_watchdog(progress.clone(), epoch);
-    let mut worker = Worker { ctx, live: Vec::new(), hook, config, stats, progress, epoch };
+    let disk = match &config.kv_disk_dir {
+        Some(dir) => match DiskStore::open(dir, model.fingerprint(), n_ctx, config.kv_disk_bytes) {
+            Ok(d) => Some(d),
+            Err(err) => {
+                warn!(dir = %dir.display(), cause = %err, "KV disk cache unavailable");
+                None
+            }
+        },
+        None => None,
+    };
+    let kv = KvStores { ram: RamStore::new(config.cache_ram_bytes), disk, disk_saved_len: 0 };
+    let mut worker = Worker { ctx, model, live: Sequence::default(), kv, hook, config, stats, progress, epoch };
     std::thread::Builder::new()
         .name("hearth-engine".into())
         .spawn(move || worker.run(jobs))
@@ -149,11 +184,28 @@ fn spawn_watchdog(progress: Arc<Progress>, epoch: Instant) {
     });
 }
 
+/// How many tokens of a `matched` prefix a prompt of `len` tokens can
+/// reuse. The last prompt token is always recomputed: its logits start the
+/// generation. When the cache holds the whole prompt (a retry, a restart),
+/// its whole last chunk is recomputed: that token computed in a batch of one
+/// can round differently from the cold run, and a repeated greedy request
+/// must answer exactly as the first time did.
+fn usable_prefix(matched: usize, len: usize, batch: usize) -> usize {
+    if matched + 1 >= len {
+        (len.saturating_sub(1) / batch) * batch
+    } else {
+        matched
+    }
+}
+
 struct Worker {
     ctx: Context,
-    /// The tokens whose KV state sequence 0 holds, positions `0..len`.
-    /// Kept equal to the KV cache after every decode, aborted ones included.
-    live: Vec<Token>,
+    model: Arc<Model>,
+    /// The tokens (and their text) whose KV state sequence 0 holds,
+    /// positions `0..len`. Kept equal to the KV cache after every decode,
+    /// aborted ones included.
+    live: Sequence,
+    kv: KvStores,
     hook: Arc<AbortHook>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
@@ -209,9 +261,147 @@ impl Worker {
         info!("engine thread stopping: no more jobs");
     }
 
-    /// Save what should survive a restart.
+    /// Save what should survive a restart: the live sequence, to disk.
     fn shutdown(&mut self) {
         info!(kv_tokens = self.live.len(), "engine shutting down");
+        if let Some(disk) = &self.kv.disk {
+            let save = (self.live.len() >= MIN_DISK_TOKENS && self.live.len() > self.kv.disk_saved_len)
+                .then(|| (self.live.clone(), Arc::new(self.ctx.state_get())));
+            disk.save_and_flush(save);
+        }
+    }
+
+    /// Copy the live sequence out before it loses `losing` tokens: to RAM,
+    /// and to disk when it is long.
+    fn snapshot_live(&mut self, for_disk: bool) {
+        let n = self.live.len();
+        let to_ram = self.kv.ram.is_enabled() && n >= MIN_RAM_TOKENS;
+        let to_disk = for_disk && self.kv.disk.is_some() && n >= MIN_DISK_TOKENS && n > self.kv.disk_saved_len;
+        if !to_ram && !to_disk {
+            return;
+        }
+        let state = Arc::new(self.ctx.state_get());
+        if to_ram {
+            self.kv.ram.insert(self.live.clone(), state.clone());
+        }
+        if let (true, Some(disk)) = (to_disk, &self.kv.disk) {
+            disk.save(self.live.clone(), state);
+            self.kv.disk_saved_len = n;
+        }
+    }
+
+    /// Replace the live sequence with a snapshot's.
+    fn restore(&mut self, seq: Sequence, state: &[u8]) -> bool {
+        self.live.clear();
+        if !self.ctx.state_set(state) || self.ctx.kv_len() != seq.len() {
+            self.ctx.kv_clear();
+            return false;
+        }
+        self.live = seq;
+        true
+    }
+
+    /// Find the longest cached prefix of the prompt (live, RAM, disk), make
+    /// it the live sequence, and return the prompt to run (re-tokenized
+    /// after a text match), the tokens reused and where they came from.
+    fn take_prefix(&mut self, req: &GenerateRequest) -> (Vec<Token>, usize, PrefixSource) {
+        let text = req.prompt_text.as_deref();
+        let live_m = match_prompt(&self.live, &req.prompt, text);
+        let ram_m = self.kv.ram.best(&req.prompt, text);
+        let disk_m = self.kv.disk.as_ref().and_then(|d| {
+            d.with_entries(|es| {
+                es.iter()
+                    .filter(|e| (e.header.token_count as usize) < self.ctx.n_ctx() as usize)
+                    .map(|e| (e.path.clone(), match_prompt(&e.seq, &req.prompt, text)))
+                    .max_by_key(|(_, m)| m.tokens)
+            })
+        });
+        let batch = self.config.n_batch.max(1) as usize;
+        let usable = |m: &Match| usable_prefix(m.tokens, req.prompt.len(), batch);
+        let live_n = usable(&live_m);
+        let (ram_n, disk_n) = (ram_m.map_or(0, |(_, m)| usable(&m)), disk_m.as_ref().map_or(0, |(_, m)| usable(m)));
+        let (mut m, mut source) = (live_m, PrefixSource::Live);
+        if ram_n >= live_n + RESTORE_GAIN && ram_n >= disk_n {
+            if let Some((seq, state)) = ram_m.and_then(|(i, _)| self.kv.ram.take_hit(i)) {
+                self.snapshot_live(true);
+                if self.restore(seq, &state) {
+                    m = ram_m.map(|(_, m)| m).unwrap_or_default();
+                    source = PrefixSource::Ram;
+                    self.kv.disk_saved_len = 0;
+                }
+            }
+        } else if disk_n >= live_n.max(ram_n) + RESTORE_GAIN {
+            let (path, dm) = disk_m.clone().unwrap_or_default();
+            let loaded = self.kv.disk.as_ref().and_then(|d| d.load(&path));
+            if let Some((seq, state)) = loaded {
+                self.snapshot_live(true);
+                let n = seq.len();
+                if self.restore(seq, &state) {
+                    m = dm;
+                    source = PrefixSource::Disk;
+                    self.kv.disk_saved_len = n;
+                } else if let Some(d) = &self.kv.disk {
+                    d.discard(&path, "llama.cpp refused its state");
+                }
+            }
+        }
+        if source != PrefixSource::Live && self.live.is_empty() {
+            // A failed restore emptied the context.
+            m = Match::default();
+        }
+        let prompt = match (m.by_text, text) {
+            (true, Some(text)) => {
+                let mut p = self.live.tokens()[..m.tokens].to_vec();
+                p.extend(self.model.tokenize(&text[m.text_bytes..], false, true));
+                p
+            }
+            _ => req.prompt.clone(),
+        };
+        let keep = usable_prefix(m.tokens, prompt.len(), batch);
+        if source == PrefixSource::Live && self.live.len() >= keep + SNAPSHOT_BEFORE_LOSS {
+            self.snapshot_live(true);
+        }
+        if keep < self.live.len() {
+            if self.ctx.kv_truncate(keep) {
+                self.live.truncate(keep);
+            } else {
+                // Memory that cannot rewind partially (recurrent state).
+                self.ctx.kv_clear();
+                self.live.clear();
+            }
+        }
+        self.kv.disk_saved_len = self.kv.disk_saved_len.min(self.live.len());
+        let reused = self.live.len();
+        info!(
+            source = if reused == 0 { "none" } else { source.as_str() },
+            reused,
+            by_text = m.by_text,
+            prompt_tokens = prompt.len(),
+            "prefix: live usable {live_n}, RAM best {ram_n} of {} snapshots, disk best {disk_n} of {}",
+            self.kv.ram.len(),
+            self.kv.disk.as_ref().map_or(0, |d| d.with_entries(|e| e.len())),
+        );
+        (prompt, reused, if reused == 0 { PrefixSource::None } else { source })
+    }
+
+    /// The text a prompt token adds to the live sequence. A BOS that the
+    /// tokenizer added (it is not in the rendered text) adds nothing.
+    fn prompt_piece(&self, pos: usize, token: Token, text: Option<&str>) -> Vec<u8> {
+        let piece = self.model.token_text(token);
+        if pos == 0 && Some(token) == self.model.bos() && text.is_some_and(|t| !t.as_bytes().starts_with(&piece)) {
+            return Vec::new();
+        }
+        piece
+    }
+
+    /// Save the live sequence to disk at a prefill or generation frontier.
+    fn save_frontier(&mut self) {
+        if let Some(disk) = &self.kv.disk {
+            if self.live.len() > self.kv.disk_saved_len {
+                disk.save(self.live.clone(), Arc::new(self.ctx.state_get()));
+                self.kv.disk_saved_len = self.live.len();
+            }
+        }
     }
 
     fn fault_for(&self, job: &Job, kind: FaultKind) -> Option<Duration> {
@@ -234,11 +424,15 @@ impl Worker {
         }
     }
 
-    fn decode(&mut self, tokens: &[Token], want_logits: bool) -> Result<(), Stop> {
+    /// Evaluate tokens at the end of the live sequence. `pieces` are their
+    /// texts, appended to the live text.
+    fn decode(&mut self, tokens: &[Token], pieces: Vec<Vec<u8>>, want_logits: bool) -> Result<(), Stop> {
         let pos = self.live.len();
         match self.ctx.decode(tokens, pos, want_logits) {
             Ok(()) => {
-                self.live.extend_from_slice(tokens);
+                for (&t, p) in tokens.iter().zip(pieces) {
+                    self.live.push(t, &p);
+                }
                 Ok(())
             }
             Err(err) => {
@@ -252,67 +446,74 @@ impl Worker {
         }
     }
 
-    /// Keep the longest common prefix of the live sequence and the prompt;
-    /// drop the rest. At least the last prompt token is always recomputed,
-    /// since its logits start the generation.
-    fn reuse_prefix(&mut self, prompt: &[Token]) -> usize {
-        let common = self.live.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        let keep = common.min(prompt.len().saturating_sub(1));
-        if keep < self.live.len() {
-            if !self.ctx.kv_truncate(keep) {
-                // Memory that cannot rewind partially (recurrent state).
-                self.ctx.kv_clear();
-                self.live.clear();
-                return 0;
-            }
-            self.live.truncate(keep);
-        }
-        keep
-    }
-
     fn run_job(&mut self, job: &Job) -> Result<(), Stop> {
         let req = &job.request;
-        let prompt = &req.prompt;
         let n_ctx = self.ctx.n_ctx() as usize;
-        if prompt.is_empty() || prompt.len() >= n_ctx {
-            return Err(Stop::Failed(EngineError::PromptTooLong { prompt: prompt.len() as u32, ctx: n_ctx as u32 }));
+        if req.prompt.is_empty() || req.prompt.len() >= n_ctx {
+            return Err(Stop::Failed(EngineError::PromptTooLong { prompt: req.prompt.len() as u32, ctx: n_ctx as u32 }));
         }
-        let cached = self.reuse_prefix(prompt);
+        let (prompt, cached, source) = self.take_prefix(req);
+        let prompt = &prompt;
+        let text = req.prompt_text.as_deref();
         let total = prompt.len();
-        let source = if cached > 0 { PrefixSource::Live } else { PrefixSource::None };
         let _ = job.events.send(Event::Started { prompt_tokens: total as u32, cached: cached as u32, source });
-        info!(prompt_tokens = total, cached_tokens = cached, source = source.as_str(), "job started");
 
-        // Prefill, one chunk (one llama.cpp micro-batch) at a time.
+        // Prefill, one chunk (one llama.cpp micro-batch) at a time. Chunk
+        // ends fall on multiples of the batch size, as on a cold start, so
+        // a resumed prompt is computed in the same chunks as a fresh one.
         let batch = self.config.n_batch.max(1) as usize;
-        let todo = &prompt[cached..];
-        let n_chunks = todo.len().div_ceil(batch);
+        let ends: Vec<usize> = (cached / batch + 1..).map(|k| (k * batch).min(total)).take_while(|&e| e > cached).scan(cached, |prev, e| {
+            if *prev >= total {
+                None
+            } else {
+                *prev = e;
+                Some(e)
+            }
+        }).collect();
+        let n_chunks = ends.len();
         let stall_chunk = if n_chunks == 1 { 0 } else { 1 };
         let prefill_fault = self.fault_for(job, FaultKind::PrefillStall);
+        // A long prompt is saved to disk once prefilled up to a chunk end a
+        // little short of its end: a later request that appends text (the
+        // next turn) still matches it, whatever the last tokens become.
+        let first_save = (total.saturating_sub(SAVE_TRIM) / batch) * batch;
         let t0 = Instant::now();
         self.progress.touch(self.epoch, 1, self.live.len());
-        for (i, chunk) in todo.chunks(batch).enumerate() {
+        let mut start = cached;
+        for (i, &end) in ends.iter().enumerate() {
             self.check(job)?;
             if let (Some(stall), true) = (prefill_fault, i == stall_chunk) {
                 self.hook.arm_stall(stall);
             }
+            let chunk = &prompt[start..end];
+            let pieces = (start..end).map(|pos| self.prompt_piece(pos, prompt[pos], text)).collect();
             let tc = Instant::now();
-            let is_last = i + 1 == n_chunks;
-            self.decode(chunk, is_last)?;
+            self.decode(chunk, pieces, end == total)?;
+            start = end;
             let done = self.live.len();
             let elapsed = t0.elapsed();
             self.progress.touch(self.epoch, 1, done);
             let chunk_secs = tc.elapsed().as_secs_f64();
-            let new_done = done - cached;
             info!(
                 "prefill {done}/{total} ({:.1}%) chunk {} tok {:.1} t/s, avg {:.1} t/s, {:.2}s",
                 100.0 * done as f64 / total as f64,
                 chunk.len(),
                 chunk.len() as f64 / chunk_secs.max(1e-9),
-                new_done as f64 / elapsed.as_secs_f64().max(1e-9),
+                (done - cached) as f64 / elapsed.as_secs_f64().max(1e-9),
                 elapsed.as_secs_f64(),
             );
             let _ = job.events.send(Event::PrefillProgress { done: done as u32, total: total as u32, elapsed });
+            if done >= MIN_DISK_TOKENS && (done == first_save || done / FRONTIER > self.kv.disk_saved_len / FRONTIER) {
+                self.save_frontier();
+            }
+        }
+        if let Some(t) = text {
+            if self.live.text_ok() && self.live.text() != t.as_bytes() {
+                // The tokens do not spell the rendered text back (a
+                // tokenizer quirk): match this sequence by tokens only.
+                debug!("live text differs from the rendered prompt; text matching off for it");
+                self.live.mark_text_unknown();
+            }
         }
         let prefill_secs = t0.elapsed().as_secs_f64();
 
@@ -351,8 +552,11 @@ impl Worker {
             if let (Some(stall), 5) = (decode_fault, generated) {
                 self.hook.arm_stall(stall);
             }
-            self.decode(&[token], true)?;
+            self.decode(&[token], vec![model.token_text(token)], true)?;
             self.progress.touch(self.epoch, 2, self.live.len());
+            if self.live.len() % FRONTIER == 0 {
+                self.save_frontier();
+            }
             if last_log.elapsed() >= DECODE_LOG_EVERY {
                 last_log = Instant::now();
                 info!("decode {generated} tokens, {:.1} t/s", generated as f64 / t1.elapsed().as_secs_f64().max(1e-9));
@@ -379,5 +583,24 @@ impl Worker {
         let timings = Timings { prefill: t1 - t0, decode: t1.elapsed() };
         let _ = job.events.send(Event::Finished { reason, usage, timings });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable_prefix;
+
+    #[test]
+    fn a_fully_cached_prompt_recomputes_its_last_chunk() {
+        assert_eq!(usable_prefix(1403, 1403, 512), 1024);
+        assert_eq!(usable_prefix(1500, 1403, 512), 1024);
+        assert_eq!(usable_prefix(1402, 1403, 512), 1024);
+        assert_eq!(usable_prefix(1024, 1024, 512), 512);
+    }
+
+    #[test]
+    fn a_partial_match_is_used_whole() {
+        assert_eq!(usable_prefix(1416, 1439, 512), 1416);
+        assert_eq!(usable_prefix(0, 10, 512), 0);
     }
 }

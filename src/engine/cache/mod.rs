@@ -1,0 +1,164 @@
+//! The KV cache beyond the live sequence: snapshots in RAM and on disk.
+//!
+//! Every token prefilled is an asset (DESIGN invariant 8). The live
+//! sequence in the context is the first place a request's prefix is looked
+//! for; before it is replaced, it is copied out (llama.cpp per-sequence
+//! state) into a bounded RAM store, so two sessions that alternate do not
+//! evict each other; long prefixes also go to disk ([`disk`]), where they
+//! survive restarts. A request takes whichever source covers the longest
+//! prefix of its prompt, by tokens or by rendered text ([`sequence`]).
+
+pub mod cli;
+pub mod disk;
+pub mod sequence;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::llama::Token;
+use sequence::Sequence;
+
+/// How much of a prompt a cached sequence covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Match {
+    /// Leading tokens of the cached sequence that can be reused.
+    pub tokens: usize,
+    /// The match was found on the rendered text, past where the token ids
+    /// diverge: the prompt must be re-tokenized after `text_bytes`.
+    pub by_text: bool,
+    pub text_bytes: usize,
+}
+
+/// Match a cached sequence against a prompt: token ids first, then the
+/// rendered text when that reaches further.
+pub fn match_prompt(seq: &Sequence, prompt: &[Token], prompt_text: Option<&str>) -> Match {
+    let by_tokens = seq.common_tokens(prompt);
+    if let Some(text) = prompt_text {
+        let (k, bytes) = seq.text_match(text);
+        if k > by_tokens {
+            return Match { tokens: k, by_text: true, text_bytes: bytes };
+        }
+    }
+    Match { tokens: by_tokens, by_text: false, text_bytes: 0 }
+}
+
+/// One sequence's KV state, kept in memory.
+pub struct RamSnapshot {
+    pub seq: Sequence,
+    pub state: Arc<Vec<u8>>,
+    last_used: Instant,
+    pub hits: u64,
+}
+
+/// Recent sequences' KV states, least recently used evicted first, within
+/// a byte budget.
+pub struct RamStore {
+    budget: usize,
+    items: Vec<RamSnapshot>,
+}
+
+impl RamStore {
+    pub fn new(budget_bytes: usize) -> Self {
+        Self { budget: budget_bytes, items: Vec::new() }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.budget > 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.items.iter().map(|s| s.state.len()).sum()
+    }
+
+    /// Keep a snapshot. One whose tokens another already extends adds
+    /// nothing and is dropped; ones it extends are replaced.
+    pub fn insert(&mut self, seq: Sequence, state: Arc<Vec<u8>>) {
+        if state.len() > self.budget {
+            return;
+        }
+        if self.items.iter().any(|s| s.seq.len() >= seq.len() && s.seq.common_tokens(seq.tokens()) == seq.len()) {
+            return;
+        }
+        self.items.retain(|s| seq.common_tokens(s.seq.tokens()) < s.seq.len());
+        self.items.push(RamSnapshot { seq, state, last_used: Instant::now(), hits: 0 });
+        while self.bytes() > self.budget {
+            let oldest = self.items.iter().enumerate().min_by_key(|(_, s)| s.last_used).map(|(i, _)| i);
+            match oldest {
+                Some(i) => {
+                    self.items.remove(i);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The snapshot covering the longest prefix of the prompt.
+    pub fn best(&self, prompt: &[Token], prompt_text: Option<&str>) -> Option<(usize, Match)> {
+        self.items
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, match_prompt(&s.seq, prompt, prompt_text)))
+            .max_by_key(|(_, m)| m.tokens)
+            .filter(|(_, m)| m.tokens > 0)
+    }
+
+    /// Use a snapshot: mark it recent and count the hit.
+    pub fn take_hit(&mut self, i: usize) -> Option<(Sequence, Arc<Vec<u8>>)> {
+        let s = self.items.get_mut(i)?;
+        s.last_used = Instant::now();
+        s.hits += 1;
+        Some((s.seq.clone(), s.state.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(tokens: &[Token]) -> Sequence {
+        let mut s = Sequence::default();
+        for &t in tokens {
+            s.push(t, format!("<{t}>").as_bytes());
+        }
+        s
+    }
+
+    #[test]
+    fn text_match_wins_only_when_it_reaches_further() {
+        let s = seq(&[1, 2, 3]);
+        assert_eq!(match_prompt(&s, &[1, 2, 3, 4], Some("<1><2><3><4>")).tokens, 3);
+        assert!(!match_prompt(&s, &[1, 2, 3, 4], Some("<1><2><3><4>")).by_text);
+        // Same text, tokenized differently after the first token.
+        let m = match_prompt(&s, &[1, 99], Some("<1><2><3>rest"));
+        assert_eq!(m, Match { tokens: 3, by_text: true, text_bytes: 9 });
+    }
+
+    #[test]
+    fn ram_store_keeps_the_longest_and_evicts_least_recent() {
+        let mut r = RamStore::new(10);
+        r.insert(seq(&[1, 2]), Arc::new(vec![0; 4]));
+        r.insert(seq(&[1, 2, 3]), Arc::new(vec![0; 4]));
+        assert_eq!(r.len(), 1, "an extension replaces its prefix");
+        r.insert(seq(&[1]), Arc::new(vec![0; 4]));
+        assert_eq!(r.len(), 1, "a prefix of a kept one adds nothing");
+        r.insert(seq(&[7, 8]), Arc::new(vec![0; 4]));
+        assert_eq!(r.len(), 2);
+        let (i, m) = r.best(&[1, 2, 3, 4], None).unwrap();
+        assert_eq!(m.tokens, 3);
+        r.take_hit(i);
+        r.insert(seq(&[5]), Arc::new(vec![0; 4]));
+        // Over budget: [7, 8] was used least recently.
+        assert!(r.best(&[7, 8], None).is_none());
+        assert!(r.best(&[1, 2, 3], None).is_some());
+        r.insert(seq(&[9]), Arc::new(vec![0; 11]));
+        assert!(r.best(&[9], None).is_none(), "larger than the whole budget");
+    }
+}

@@ -99,6 +99,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         heartbeat: args.heartbeat(),
         started_at: hearth::api::unix_now(),
         fingerprint,
+        keep_billing_header: args.keep_billing_header,
     });
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("hearth-http").build()?;
     rt.block_on(async move {
@@ -108,6 +109,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         // The one line on stdout: scripts and tests wait for it.
         println!("hearth listening on http://{addr}");
+        let engine = state.engine.clone();
         let router = server::app(state, args.cors);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(server::run(listener, router, async move {
@@ -123,6 +125,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ = shutdown_signal() => info!("second signal: exiting now"),
             _ = tokio::time::sleep(Duration::from_secs(10)) => info!("grace period over: exiting"),
         }
+        // Save the KV cache for the next start.
+        engine.shutdown().await;
         anyhow::Ok(())
     })?;
     Ok(())

@@ -31,6 +31,9 @@ pub struct AppState {
     pub started_at: u64,
     /// OpenAI's `system_fingerprint`: identifies model and build.
     pub fingerprint: String,
+    /// Keep Claude Code's volatile billing line in system prompts (it
+    /// changes every request and would defeat prefix caching).
+    pub keep_billing_header: bool,
 }
 
 impl AppState {

@@ -91,14 +91,45 @@ fn blocks_text(field: &str, content: WireContent) -> Result<String, ApiError> {
     }
 }
 
-pub fn convert(req: MessagesRequest) -> Result<(Vec<ChatMessage>, GenOptions), ApiError> {
+/// Claude Code starts its system prompt with a line such as
+/// `x-anthropic-billing-header: cc_version=...; cch=...;` that changes on
+/// every request. Left in, it would make every prompt miss the KV cache
+/// from its first tokens on; it carries nothing the model needs.
+pub fn strip_billing_header(system: &str) -> String {
+    if !system.contains("x-anthropic-billing-header") {
+        return system.to_string();
+    }
+    let kept: Vec<&str> = system
+        .split_inclusive('\n')
+        .filter(|line| !line.trim_start().to_ascii_lowercase().starts_with("x-anthropic-billing-header"))
+        .collect();
+    kept.concat().trim_start_matches('\n').to_string()
+}
+
+pub fn convert(req: MessagesRequest, keep_billing_header: bool) -> Result<(Vec<ChatMessage>, GenOptions), ApiError> {
     let max_tokens = check_max_tokens("max_tokens", req.max_tokens)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages: at least one message is required"));
     }
     let mut messages = Vec::with_capacity(req.messages.len() + 1);
     if let Some(system) = req.system {
-        let text = blocks_text("system", system)?;
+        // Each system block is cleaned on its own: the billing line is
+        // usually a block by itself.
+        let text = match system {
+            WireContent::Text(t) if keep_billing_header => t,
+            WireContent::Text(t) => strip_billing_header(&t),
+            WireContent::Blocks(blocks) => {
+                let mut parts = Vec::new();
+                for (j, b) in blocks.into_iter().enumerate() {
+                    let one = blocks_text(&format!("system.{j}"), WireContent::Blocks(vec![b]))?;
+                    let one = if keep_billing_header { one } else { strip_billing_header(&one) };
+                    if !one.is_empty() {
+                        parts.push(one);
+                    }
+                }
+                parts.join("\n")
+            }
+        };
         if !text.is_empty() {
             messages.push(ChatMessage::new(Role::System, text));
         }
@@ -156,7 +187,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result
     let req: MessagesRequest = ApiError::parse_json(&body)?;
     let model = req.model.clone();
     let stream = req.stream.unwrap_or(false);
-    let (messages, opts) = convert(req)?;
+    let (messages, opts) = convert(req, state.keep_billing_header)?;
     let gen = prepare(&state, messages, opts).await?;
     let input_tokens = gen.prompt.len() as u32;
     let job = state.engine.submit(gen);
@@ -272,7 +303,7 @@ mod tests {
 
     fn parse(v: Value) -> Result<(Vec<ChatMessage>, GenOptions), ApiError> {
         let req: MessagesRequest = ApiError::parse_json(v.to_string().as_bytes())?;
-        convert(req)
+        convert(req, false)
     }
 
     #[test]
@@ -288,6 +319,17 @@ mod tests {
         assert_eq!(m, vec![ChatMessage::new(Role::System, "sys"), ChatMessage::new(Role::User, "hi")]);
         assert_eq!(o.max_tokens, Some(10));
         assert_eq!(o.stop, vec!["X"]);
+    }
+
+    #[test]
+    fn drops_the_billing_line_only() {
+        let sys = "x-anthropic-billing-header: cc_version=2.1.3; cch=ab12;\nYou are Claude Code.\nBe brief.";
+        assert_eq!(strip_billing_header(sys), "You are Claude Code.\nBe brief.");
+        assert_eq!(strip_billing_header("No header here."), "No header here.");
+        let (m, _) = parse(json!({"model": "m", "max_tokens": 5,
+            "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=1;"}, {"type": "text", "text": "Rules."}],
+            "messages": [{"role": "user", "content": "hi"}]})).unwrap();
+        assert_eq!(m[0], ChatMessage::new(Role::System, "Rules."));
     }
 
     #[test]

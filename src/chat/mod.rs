@@ -2,7 +2,9 @@
 //! module converts its wire messages into, and the chat template that renders
 //! it for the model.
 
+pub mod reasoning;
 pub mod template;
+pub mod tools;
 
 use serde::Serialize;
 

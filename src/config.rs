@@ -41,9 +41,6 @@ pub struct ServeArgs {
     /// A Jinja chat template file that replaces the GGUF's own.
     #[arg(long, env = "HEARTH_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
-    /// Allow cross-origin requests from any origin.
-    #[arg(long, env = "HEARTH_CORS", default_value_t = false)]
-    pub cors: bool,
 
     // --- KV cache ---
     /// RAM budget for KV snapshots of recent sequences, in MiB (0: none).
@@ -59,12 +56,102 @@ pub struct ServeArgs {
     /// (by default it is dropped so the prompt prefix stays cacheable).
     #[arg(long, env = "HEARTH_KEEP_BILLING_HEADER", default_value_t = false)]
     pub keep_billing_header: bool,
+
+    // --- service ---
+    /// Require this key on every route but /health, as
+    /// `Authorization: Bearer KEY` or `x-api-key: KEY`.
+    #[arg(long, env = "HEARTH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Read accepted keys from a file, one per line (`#` comments and blank
+    /// lines skipped); combines with --api-key.
+    #[arg(long, env = "HEARTH_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Origins allowed to call the server from a browser, comma-separated
+    /// (`https://a.example,http://localhost:3000`); `*` allows any origin.
+    /// Off when unset.
+    #[arg(long, env = "HEARTH_CORS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors: Vec<String>,
+    /// Generation requests allowed to wait for the engine, beyond the one it
+    /// is running; more are refused at once (OpenAI 429, Anthropic 529).
+    #[arg(long, env = "HEARTH_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// Largest request body, in MiB (larger: 413).
+    #[arg(long, env = "HEARTH_MAX_BODY_MB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_body_mb: u64,
+    /// A client gets this long to send a request's headers, and again its
+    /// body; then the connection is closed (headers) or answered 408 (body).
+    #[arg(long, env = "HEARTH_READ_TIMEOUT_SECS", default_value_t = 30.0, value_parser = parse_read_timeout)]
+    pub read_timeout_secs: f64,
+    /// Largest `max_tokens` a request may ask for, and the cap when it names
+    /// none (0: whatever room the context has).
+    #[arg(long, env = "HEARTH_MAX_TOKENS", default_value_t = 0)]
+    pub max_tokens: u32,
+    /// On SIGINT/SIGTERM, requests in flight get this long to finish before
+    /// they are ended with an error event.
+    #[arg(long, env = "HEARTH_SHUTDOWN_GRACE_SECS", default_value_t = 10.0, value_parser = parse_grace)]
+    pub shutdown_grace_secs: f64,
+    /// Append one JSON line per request to this file: the raw request, the
+    /// rendered prompt, the cache decision and the generated text.
+    #[arg(long, env = "HEARTH_TRACE")]
+    pub trace: Option<PathBuf>,
+    /// Log line format on stderr.
+    #[arg(long, env = "HEARTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 impl ServeArgs {
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs_f64(self.heartbeat_secs)
     }
+
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.read_timeout_secs)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_grace_secs)
+    }
+}
+
+/// An allowed CORS origin: `*`, or `scheme://host[:port]` with nothing after.
+fn parse_origin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s == "*" {
+        return Ok(s.to_string());
+    }
+    let rest = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .ok_or_else(|| format!("`{s}` is not an origin: expected `*` or scheme://host[:port], e.g. https://app.example"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ', ',']) {
+        return Err(format!("`{s}` is not an origin: expected scheme://host[:port] with no path"));
+    }
+    Ok(s.to_string())
+}
+
+fn parse_read_timeout(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("not a number: {s}"))?;
+    if !(0.1..=3600.0).contains(&v) {
+        return Err("must be between 0.1 and 3600 seconds".into());
+    }
+    Ok(v)
+}
+
+fn parse_grace(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("not a number: {s}"))?;
+    if !(0.0..=86_400.0).contains(&v) {
+        return Err("must be between 0 and 86400 seconds".into());
+    }
+    Ok(v)
 }
 
 fn parse_heartbeat(s: &str) -> Result<f64, String> {

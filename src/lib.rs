@@ -10,4 +10,8 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod engine;
+pub mod metrics;
+pub mod observe;
 pub mod server;
+pub mod shutdown;
+pub mod trace;

@@ -1,7 +1,6 @@
 //! The `hearth` binary: parses the command line and calls into the library.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -9,10 +8,15 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use hearth::chat::template::ChatTemplate;
-use hearth::config::{default_model_path, ServeArgs};
+use hearth::api::auth::ApiKeys;
+use hearth::api::guard::Admission;
+use hearth::config::{default_model_path, LogFormat, ServeArgs};
 use hearth::engine::fault::FaultPlan;
 use hearth::engine::{self, EngineConfig, Model};
-use hearth::server::{self, AppState};
+use hearth::metrics::Metrics;
+use hearth::server::{self, AppState, Limits, ServiceState};
+use hearth::shutdown::Shutdown;
+use hearth::trace::TraceLog;
 
 #[derive(Parser)]
 #[command(name = "hearth", version, about = "A local LLM inference server: OpenAI and Anthropic APIs over llama.cpp")]
@@ -33,13 +37,11 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama.cpp=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => LogFormat::Text,
+    };
+    init_tracing(log_format);
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => hearth::bench::run(args),
@@ -47,8 +49,40 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Logs go to stderr, as text for people or JSON lines for collectors;
+/// `HEARTH_LOG` takes a tracing filter.
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama.cpp=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fault = FaultPlan::from_env().map_err(|e| anyhow::anyhow!("HEARTH_FAULT: {e}"))?;
+    // Service settings first: a bad key file or trace path fails before the
+    // model takes seconds to load.
+    let api_keys = ApiKeys::load(args.api_key.as_deref(), args.api_key_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let trace = match &args.trace {
+        Some(path) => Some(Arc::new(TraceLog::open(path).with_context(|| format!("cannot open the trace file {}", path.display()))?)),
+        None => None,
+    };
+    let shutdown = Shutdown::new();
+    let service = ServiceState {
+        api_keys,
+        limits: Limits {
+            max_body_bytes: (args.max_body_mb as usize) << 20,
+            read_timeout: args.read_timeout(),
+            max_tokens: (args.max_tokens > 0).then_some(args.max_tokens),
+        },
+        admission: Admission::new(args.max_queue),
+        shutdown: shutdown.clone(),
+        metrics: Arc::new(Metrics::new()),
+        trace,
+    };
     let model_path = args.model.clone().unwrap_or_else(default_model_path);
     info!(path = %model_path.display(), "loading model");
     let model = Model::load(&model_path, args.gpu_layers).with_context(|| {
@@ -100,6 +134,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         started_at: hearth::api::unix_now(),
         fingerprint,
         keep_billing_header: args.keep_billing_header,
+        service,
     });
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("hearth-http").build()?;
     rt.block_on(async move {
@@ -107,29 +142,51 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot bind {}:{}", args.host, args.port))?;
         let addr = listener.local_addr()?;
+        if state.service.api_keys.is_none() && !is_loopback(&addr) {
+            tracing::warn!(%addr, "listening beyond this machine with no API key: anyone who can reach it can use it (--api-key)");
+        }
+        // Installed before the server is announced, so a signal that comes
+        // right after is handled, not fatal; from here on a second signal
+        // exits at once, whatever is running.
+        let mut signals = Signals::new()?;
         // The one line on stdout: scripts and tests wait for it.
         println!("hearth listening on http://{addr}");
         let engine = state.engine.clone();
-        let router = server::app(state, args.cors);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(server::run(listener, router, async move {
-            let _ = stop_rx.await;
-        }));
-        shutdown_signal().await;
-        info!("shutting down: no new connections");
-        let _ = stop_tx.send(());
-        // Streams in flight get a moment to finish; a second signal or the
-        // grace period ends the process.
+        let router = server::app(state, &args.cors);
+        let mut server = tokio::spawn(server::run(listener, router, args.read_timeout(), shutdown.clone()));
         tokio::select! {
-            _ = server => {}
-            _ = shutdown_signal() => info!("second signal: exiting now"),
-            _ = tokio::time::sleep(Duration::from_secs(10)) => info!("grace period over: exiting"),
+            _ = signals.next() => {}
+            res = &mut server => {
+                res??;
+                anyhow::bail!("the server stopped by itself");
+            }
         }
-        // Save the KV cache for the next start.
-        engine.shutdown().await;
+        let grace = args.shutdown_grace();
+        info!(grace_secs = grace.as_secs_f64(), "shutting down: no new connections; requests in flight may finish");
+        shutdown.drain();
+        let stopping = async {
+            if tokio::time::timeout(grace, &mut server).await.is_err() {
+                info!("grace period over: ending the requests still running");
+                shutdown.abort();
+                let _ = (&mut server).await;
+            }
+            // Save the KV cache for the next start.
+            engine.shutdown().await;
+        };
+        tokio::select! {
+            _ = stopping => info!("stopped"),
+            _ = signals.next() => {
+                tracing::warn!("second signal: exiting now, without saving the KV cache");
+                std::process::exit(130);
+            }
+        }
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+fn is_loopback(addr: &std::net::SocketAddr) -> bool {
+    addr.ip().is_loopback()
 }
 
 /// The GGUF's file name without `.gguf` (`general.name` is often a
@@ -142,23 +199,35 @@ fn default_alias(model: &Model, path: &std::path::Path) -> String {
         .unwrap_or_else(|| "model".into())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT and SIGTERM, as a stream. Installed once, so a second signal
+/// that arrives while the first is being handled is not lost.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

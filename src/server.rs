@@ -1,23 +1,36 @@
 //! The router and the serve loop.
 //!
-//! `app(state)` is the one place routes live; `run` takes an already-bound
-//! listener and a shutdown future, so tests bind port 0.
+//! `app(state)` is the one place routes live, with the middleware that
+//! guards them; `run` takes an already-bound listener and the server's
+//! [`Shutdown`], so tests bind port 0.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{Method, Uri};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, Method, Uri};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower_http::cors::CorsLayer;
+use tokio::task::JoinSet;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::api::error::{AnthropicError, ApiError, OpenAIError};
+use crate::api::auth::{self, ApiKeys};
+use crate::api::error::{ApiError, Protocol};
+use crate::api::guard::{self, Admission};
+use crate::api::sse::{self, StreamAdapter, StreamOptions};
 use crate::api::{anthropic, models, openai};
 use crate::chat::template::ChatTemplate;
-use crate::engine::{EngineHandle, Token};
+use crate::engine::{EngineHandle, GenerateRequest, JobHandle, Token};
+use crate::metrics::Metrics;
+use crate::observe;
+use crate::shutdown::Shutdown;
+use crate::trace::TraceLog;
 
 /// What every handler shares.
 pub struct AppState {
@@ -34,6 +47,52 @@ pub struct AppState {
     /// Keep Claude Code's volatile billing line in system prompts (it
     /// changes every request and would defeat prefix caching).
     pub keep_billing_header: bool,
+    /// Running it as a service: access, limits, admission, shutdown,
+    /// metrics, trace.
+    pub service: ServiceState,
+}
+
+/// What the middleware and the streams share, besides the engine.
+pub struct ServiceState {
+    /// None: no key is required.
+    pub api_keys: Option<ApiKeys>,
+    pub limits: Limits,
+    /// Places in the generation queue.
+    pub admission: Admission,
+    pub shutdown: Shutdown,
+    /// Arc: streams hold it after their handler returned.
+    pub metrics: Arc<Metrics>,
+    pub trace: Option<Arc<TraceLog>>,
+}
+
+impl ServiceState {
+    /// An open server with default limits (tests).
+    pub fn new(max_queue: usize) -> Self {
+        Self {
+            api_keys: None,
+            limits: Limits::default(),
+            admission: Admission::new(max_queue),
+            shutdown: Shutdown::new(),
+            metrics: Arc::new(Metrics::new()),
+            trace: None,
+        }
+    }
+}
+
+/// Bounds on what one request may ask of the server.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    /// For the headers of a request, and again for its body.
+    pub read_timeout: Duration,
+    /// The largest `max_tokens` a request may ask for (None: the context).
+    pub max_tokens: Option<u32>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_body_bytes: 32 << 20, read_timeout: Duration::from_secs(30), max_tokens: None }
+    }
 }
 
 impl AppState {
@@ -46,35 +105,174 @@ impl AppState {
         let add_bos = model.adds_bos() && (bos.is_empty() || !text.starts_with(&bos));
         model.tokenize(text, add_bos, true)
     }
+
+    /// Queue a prepared job, watched for the metrics and the trace. `route`
+    /// is the metrics label; `raw` the request body as received.
+    pub fn submit(&self, route: &'static str, raw: &axum::body::Bytes, request: GenerateRequest) -> JobHandle {
+        let trace = self.service.trace.as_ref().map(|log| (log.clone(), raw.clone(), request.prompt_text.clone()));
+        let job = self.engine.submit(request);
+        let watch = observe::Watch { route, metrics: self.service.metrics.clone(), shutdown: self.service.shutdown.clone(), trace };
+        observe::watch(job, watch)
+    }
+
+    /// A streaming response for a job: heartbeats on this server's
+    /// interval, counted, ended cleanly by a shutdown.
+    pub fn stream_job<A: StreamAdapter>(&self, job: JobHandle, adapter: A, protocol: Protocol) -> Response {
+        let opts = StreamOptions {
+            shutdown: Some(self.service.shutdown.clone()),
+            metrics: Some(self.service.metrics.clone()),
+            ..StreamOptions::new(self.heartbeat, protocol)
+        };
+        sse::stream_job(job, adapter, opts)
+    }
 }
 
-/// All routes.
-pub fn app(state: Arc<AppState>, cors: bool) -> Router {
+/// All routes, and the middleware around them. `cors` lists the origins
+/// browsers may call from (`*`: any); empty turns CORS off.
+///
+/// A request passes, outermost first: response counting, CORS (which
+/// answers preflights itself, so they need no key), panic catching, the
+/// API key check, the body read (size and time limits), and on the
+/// generation routes admission to the queue.
+pub fn app(state: Arc<AppState>, cors: &[String]) -> Router {
+    let generate = Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route_layer(from_fn_with_state(state.clone(), guard::admit));
     let router = Router::new()
         .route("/health", get(models::health))
         .route("/v1/models", get(models::list))
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/messages", post(anthropic::messages))
+        .route("/metrics", get(metrics))
+        .merge(generate)
         .fallback(not_found)
-        .with_state(state);
-    if cors {
-        router.layer(CorsLayer::permissive())
-    } else {
-        router
+        // The body is already read and bounded by `read_body`.
+        .layer(DefaultBodyLimit::disable())
+        .layer(from_fn_with_state(state.clone(), guard::read_body))
+        .layer(from_fn_with_state(state.clone(), auth::require_key))
+        .layer(axum::middleware::from_fn(guard::catch_panic));
+    let router = match cors_layer(cors) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    router.layer(from_fn_with_state(state.clone(), guard::count_requests)).with_state(state)
+}
+
+/// CORS for the listed origins: any method the API uses, and whatever
+/// headers the browser asks to send (the SDKs send their own `x-stainless-*`,
+/// `anthropic-*` and auth headers).
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
     }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers(AllowHeaders::mirror_request())
+            .max_age(Duration::from_secs(3600)),
+    )
 }
 
 /// Unknown routes answer in the protocol their path suggests.
 async fn not_found(method: Method, uri: Uri) -> Response {
     let err = ApiError::not_found(format!("no route for {method} {}", uri.path()));
-    if uri.path().starts_with("/v1/messages") {
-        AnthropicError(err).into_response()
-    } else {
-        OpenAIError(err).into_response()
-    }
+    Protocol::for_path(uri.path()).error_response(err)
 }
 
-/// Serve until `shutdown` resolves.
-pub async fn run(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+/// `GET /metrics`, in Prometheus' text format.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let stats = state.engine.stats();
+    let gauges = [
+        (
+            "hearth_queue_depth",
+            "Jobs submitted to the engine and not yet picked up.",
+            stats.queued.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+        (
+            "hearth_requests_in_flight",
+            "Generation requests admitted and not yet answered in full (running, waiting, tokenizing).",
+            state.service.admission.in_flight() as f64,
+        ),
+        ("hearth_start_time_seconds", "Unix time the server started.", state.started_at as f64),
+    ];
+    let text = state.service.metrics.render(&gauges);
+    ([(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text).into_response()
+}
+
+/// After an abort, how long connections get to write their last events
+/// before they are closed regardless.
+const FLUSH_AFTER_ABORT: Duration = Duration::from_secs(2);
+
+/// Serve HTTP/1.1 until `shutdown` drains, then wait for the connections
+/// still open: they finish their requests, or end them when the shutdown
+/// aborts (and are closed [`FLUSH_AFTER_ABORT`] later if they have not).
+///
+/// Each connection must send a request's headers within `read_timeout`
+/// (counted from when the connection opens or its previous response ends),
+/// or it is closed: a client that sends half a request cannot hold a
+/// connection. axum's own `serve` sets no timer, so there is no such
+/// timeout there; this loop is hyper's connection builder with one.
+pub async fn run(listener: TcpListener, router: Router, read_timeout: Duration, shutdown: Shutdown) -> std::io::Result<()> {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.draining() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    conns.spawn(serve_connection(stream, router.clone(), read_timeout, shutdown.clone()));
+                }
+                Err(err) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    tracing::warn!(cause = %err, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    tracing::info!(connections = conns.len(), "no longer accepting connections");
+    let aborted = async {
+        shutdown.aborting().await;
+        tokio::time::sleep(FLUSH_AFTER_ABORT).await;
+    };
+    tokio::pin!(aborted);
+    loop {
+        tokio::select! {
+            joined = conns.join_next() => if joined.is_none() { break },
+            _ = &mut aborted, if !conns.is_empty() => {
+                tracing::info!(connections = conns.len(), "closing the connections still open");
+                conns.abort_all();
+                while conns.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, router: Router, read_timeout: Duration, shutdown: Shutdown) {
+    let service = TowerToHyperService::new(router);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(read_timeout);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(err) = res {
+                tracing::debug!(cause = %err, "connection ended with an error");
+            }
+            return;
+        }
+        _ = shutdown.draining() => conn.as_mut().graceful_shutdown(),
+    }
+    // The request in flight, if any, finishes; then the connection closes.
+    let _ = conn.await;
 }

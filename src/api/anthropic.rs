@@ -17,7 +17,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{AnthropicError, ApiError, ErrorKind};
-use super::sse::{self, Heartbeat, StreamAdapter};
+use super::error::Protocol;
+use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, check_range, collect, new_id, prepare, GenOptions};
 use crate::chat::{ChatMessage, Role};
 use crate::engine::{Event, FinishReason, SamplingParams, Usage};
@@ -160,7 +161,7 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool) -> Result<(Vec<C
         min_p: defaults.min_p,
         seed: None,
     };
-    let stop = req.stop_sequences.unwrap_or_default();
+    let stop = super::check_stop("stop_sequences", req.stop_sequences.unwrap_or_default())?;
     Ok((messages, GenOptions { sampling, max_tokens: Some(max_tokens), stop }))
 }
 
@@ -190,11 +191,11 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result
     let (messages, opts) = convert(req, state.keep_billing_header)?;
     let gen = prepare(&state, messages, opts).await?;
     let input_tokens = gen.prompt.len() as u32;
-    let job = state.engine.submit(gen);
+    let job = state.submit("messages", &body, gen);
     let id = new_id("msg_");
     if stream {
         let adapter = EventAdapter { id, model, input_tokens, block_open: false, blocks: 0 };
-        return Ok(sse::stream_job(job, adapter, state.heartbeat, Heartbeat::AnthropicPing));
+        return Ok(state.stream_job(job, adapter, Protocol::Anthropic));
     }
     let done = collect(job).await?;
     let (reason, stop_sequence) = stop_reason(&done.reason);
@@ -343,6 +344,7 @@ mod tests {
             json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}),
             json!({"model": "m", "max_tokens": 5, "messages": user, "temperature": 1.5}),
             json!({"model": "m", "max_tokens": "5", "messages": user}),
+            json!({"model": "m", "max_tokens": 5, "messages": user, "stop_sequences": vec!["x"; 17]}),
         ];
         for c in cases {
             assert!(parse(c.clone()).is_err(), "{c}");

@@ -21,8 +21,41 @@ pub enum ErrorKind {
     Authentication,
     NotFound,
     PayloadTooLarge,
+    /// The client took too long to send its request.
+    RequestTimeout,
+    /// The queue is full: try again shortly.
     Overloaded,
+    /// The server is shutting down.
+    Unavailable,
     Internal,
+}
+
+/// The API a route speaks. Errors raised outside a handler (auth, limits,
+/// overload, panics, unknown routes) take the shape of the protocol the
+/// path belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    OpenAI,
+    Anthropic,
+}
+
+impl Protocol {
+    /// Anthropic for `/v1/messages` and below; OpenAI for everything else.
+    pub fn for_path(path: &str) -> Protocol {
+        if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+            Protocol::Anthropic
+        } else {
+            Protocol::OpenAI
+        }
+    }
+
+    /// The error as a whole response in this protocol's shape.
+    pub fn error_response(self, err: ApiError) -> Response {
+        match self {
+            Protocol::OpenAI => OpenAIError(err).into_response(),
+            Protocol::Anthropic => AnthropicError(err).into_response(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +83,30 @@ impl ApiError {
 
     pub fn internal(message: impl Into<String>) -> Self {
         Self { kind: ErrorKind::Internal, message: message.into(), param: None, code: None }
+    }
+
+    fn of_kind(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), param: None, code: None }
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::of_kind(ErrorKind::Authentication, message).with_code("invalid_api_key")
+    }
+
+    pub fn payload_too_large(message: impl Into<String>) -> Self {
+        Self::of_kind(ErrorKind::PayloadTooLarge, message)
+    }
+
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::of_kind(ErrorKind::RequestTimeout, message)
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::of_kind(ErrorKind::Overloaded, message).with_code("rate_limit_exceeded")
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::of_kind(ErrorKind::Unavailable, message)
     }
 
     pub fn with_code(mut self, code: &'static str) -> Self {
@@ -82,7 +139,9 @@ impl ApiError {
             ErrorKind::Authentication => StatusCode::UNAUTHORIZED,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Overloaded => overloaded,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,11 +154,16 @@ impl ApiError {
 
     /// OpenAI's error object (the value of `"error"`).
     pub fn openai_body(&self) -> serde_json::Value {
+        // OpenAI answers a bad key with `invalid_request_error` and code
+        // `invalid_api_key`.
         let kind = match self.kind {
-            ErrorKind::InvalidRequest | ErrorKind::NotFound | ErrorKind::PayloadTooLarge => "invalid_request_error",
-            ErrorKind::Authentication => "authentication_error",
+            ErrorKind::InvalidRequest
+            | ErrorKind::Authentication
+            | ErrorKind::NotFound
+            | ErrorKind::PayloadTooLarge
+            | ErrorKind::RequestTimeout => "invalid_request_error",
             ErrorKind::Overloaded => "rate_limit_error",
-            ErrorKind::Internal => "server_error",
+            ErrorKind::Unavailable | ErrorKind::Internal => "server_error",
         };
         json!({ "message": self.message, "type": kind, "param": self.param, "code": self.code })
     }
@@ -111,7 +175,8 @@ impl ApiError {
             ErrorKind::Authentication => "authentication_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::PayloadTooLarge => "request_too_large",
-            ErrorKind::Overloaded => "overloaded_error",
+            ErrorKind::RequestTimeout => "invalid_request_error",
+            ErrorKind::Overloaded | ErrorKind::Unavailable => "overloaded_error",
             ErrorKind::Internal => "api_error",
         };
         json!({ "type": "error", "error": { "type": kind, "message": self.message } })
@@ -184,7 +249,10 @@ impl IntoResponse for AnthropicError {
         self.0.log_if_internal();
         // 529 is Anthropic's own "overloaded" status.
         let overloaded = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        (self.0.status(overloaded), Json(self.0.anthropic_body())).into_response()
+        // A shutting-down server is "overloaded" to Anthropic's clients too:
+        // the SDKs retry 529, as they retry OpenAI's 503.
+        let status = if self.0.kind == ErrorKind::Unavailable { overloaded } else { self.0.status(overloaded) };
+        (status, Json(self.0.anthropic_body())).into_response()
     }
 }
 
@@ -214,6 +282,29 @@ mod tests {
         }
         let missing = ApiError::parse_json::<Req>(b"{}").unwrap_err();
         assert!(missing.message.contains("messages"), "{}", missing.message);
+    }
+
+    #[test]
+    fn service_errors_take_each_protocols_status() {
+        use axum::response::IntoResponse;
+        let cases = [
+            (ApiError::unauthorized("no key"), 401, 401),
+            (ApiError::payload_too_large("big"), 413, 413),
+            (ApiError::request_timeout("slow"), 408, 408),
+            (ApiError::overloaded("full"), 429, 529),
+            (ApiError::unavailable("stopping"), 503, 529),
+        ];
+        for (err, openai, anthropic) in cases {
+            assert_eq!(OpenAIError(err.clone()).into_response().status().as_u16(), openai, "{err:?}");
+            assert_eq!(AnthropicError(err).into_response().status().as_u16(), anthropic);
+        }
+        assert_eq!(ApiError::unauthorized("x").openai_body()["code"], "invalid_api_key");
+        assert_eq!(ApiError::unauthorized("x").anthropic_body()["error"]["type"], "authentication_error");
+        assert_eq!(ApiError::overloaded("x").anthropic_body()["error"]["type"], "overloaded_error");
+        assert_eq!(Protocol::for_path("/v1/messages"), Protocol::Anthropic);
+        assert_eq!(Protocol::for_path("/v1/messages/count_tokens"), Protocol::Anthropic);
+        assert_eq!(Protocol::for_path("/v1/messagesX"), Protocol::OpenAI);
+        assert_eq!(Protocol::for_path("/v1/chat/completions"), Protocol::OpenAI);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! into its own wire format, streamed through [`sse`] or collected.
 
 pub mod anthropic;
+pub mod auth;
 pub mod error;
+pub mod guard;
 pub mod models;
 pub mod openai;
 pub mod sse;
@@ -42,6 +44,25 @@ pub fn check_max_tokens(param: &str, value: i64) -> Result<u32, ApiError> {
     Ok(value as u32)
 }
 
+/// Most stop sequences a request may give (OpenAI's own limit is 4; other
+/// servers allow more, and agents send a handful).
+pub const MAX_STOP_SEQUENCES: usize = 16;
+
+/// Longest stop sequence, in bytes: the stop scanner holds back this much
+/// text, so a huge one would delay every token.
+pub const MAX_STOP_BYTES: usize = 1024;
+
+/// Validate a request's stop sequences.
+pub fn check_stop(param: &str, stop: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if stop.len() > MAX_STOP_SEQUENCES {
+        return Err(ApiError::invalid_param(param, format!("at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {}", stop.len())));
+    }
+    if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid_param(param, format!("a stop sequence may be at most {MAX_STOP_BYTES} bytes, got {}", long.len())));
+    }
+    Ok(stop)
+}
+
 /// Validate that a sampling value lies in `lo..=hi`.
 pub fn check_range(param: &str, value: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
     if !value.is_finite() || value < lo || value > hi {
@@ -73,6 +94,15 @@ pub async fn prepare(state: &Arc<AppState>, messages: Vec<ChatMessage>, opts: Ge
             .with_code("context_length_exceeded"));
         }
         let room = (n_ctx - prompt.len()) as u32;
+        // The server's own cap (`--max-tokens`): asking for more is a mistake;
+        // asking for nothing gets the cap.
+        let cap = state.service.limits.max_tokens;
+        if let (Some(cap), Some(asked)) = (cap, opts.max_tokens) {
+            if asked > cap {
+                return Err(ApiError::invalid_param("max_tokens", format!("max_tokens must be at most {cap} on this server, got {asked}")));
+            }
+        }
+        let room = cap.map_or(room, |c| c.min(room));
         let max_tokens = opts.max_tokens.map_or(room, |m| m.min(room));
         Ok(GenerateRequest { prompt, sampling: opts.sampling, max_tokens, stop, ignore_eos: false, prompt_text: Some(text) })
     })

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, OpenAIError};
-use super::sse::{self, Heartbeat, StreamAdapter};
+use super::error::Protocol;
+use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, check_range, collect, new_id, prepare, unix_now, GenOptions};
 use crate::chat::{ChatMessage, Role};
 use crate::engine::{Event, FinishReason, SamplingParams, Usage};
@@ -158,9 +159,7 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(Vec<ChatMessage>, GenOptio
         Some(StopField::One(s)) => vec![s],
         Some(StopField::Many(v)) => v,
     };
-    if stop.len() > 16 {
-        return Err(ApiError::invalid_param("stop", "at most 16 stop sequences are supported"));
-    }
+    let stop = super::check_stop("stop", stop)?;
     Ok((messages, GenOptions { sampling, max_tokens, stop }))
 }
 
@@ -188,12 +187,12 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     let (messages, opts) = convert(req)?;
     let gen = prepare(&state, messages, opts).await?;
-    let job = state.engine.submit(gen);
+    let job = state.submit("chat_completions", &body, gen);
     let id = new_id("chatcmpl-");
     let created = unix_now();
     if stream {
         let adapter = ChunkAdapter { id, created, model, include_usage };
-        return Ok(sse::stream_job(job, adapter, state.heartbeat, Heartbeat::Comment));
+        return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
     }
     let done = collect(job).await?;
     Ok(Json(json!({

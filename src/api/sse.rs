@@ -1,26 +1,37 @@
 //! Streaming responses that never go silent.
 //!
-//! A job's events are pumped through a protocol adapter into SSE events, and
-//! axum's keep-alive merges a wall-clock timer into the same body: whenever
-//! nothing was written for the heartbeat interval, it writes a heartbeat,
-//! whatever the engine is doing (queued, prefilling, decoding, stalled
-//! inside one llama.cpp call). No engine code path can pause it; only a
-//! client that stops reading can (DESIGN invariant 2).
+//! A job's events are pumped through a protocol adapter into SSE events,
+//! merged with a wall-clock timer: whenever nothing was yielded for the
+//! heartbeat interval, the stream yields a heartbeat, whatever the engine is
+//! doing (queued, prefilling, decoding, stalled inside one llama.cpp call).
+//! No engine code path can pause it; only a client that stops reading can
+//! (DESIGN invariant 2). The merge is ours rather than axum's `KeepAlive` so
+//! heartbeats can be counted and the stream can also watch for shutdown.
 //!
 //! The opening events are yielded before the first engine event is awaited,
 //! so headers and `message_start` / the role chunk go out at once
 //! (invariant 3). Dropping the body (the client left) drops the pump and
-//! with it the job's [`CancelOnDrop`] guard (invariant 4).
+//! with it the job's [`CancelOnDrop`] guard (invariant 4). When a shutdown
+//! runs past its grace period the stream ends with the protocol's error
+//! event instead of a torn body, and its job is cancelled the same way.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream};
+use serde_json::json;
+use tokio::time::{Instant, Sleep};
 
+pub use super::error::Protocol;
+use super::error::ApiError;
 use crate::engine::{CancelOnDrop, EngineError, Event, JobHandle};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// Turns engine events into one protocol's SSE events.
 pub trait StreamAdapter: Send + 'static {
@@ -31,54 +42,142 @@ pub trait StreamAdapter: Send + 'static {
     fn on_event(&mut self, event: Event) -> Vec<SseEvent>;
 }
 
-/// Which heartbeat a route writes.
-#[derive(Debug, Clone, Copy)]
-pub enum Heartbeat {
-    /// An SSE comment line (`: keepalive`), ignored by every SSE parser.
-    Comment,
-    /// Anthropic's own keep-alive event, `event: ping`.
-    AnthropicPing,
-}
+impl Protocol {
+    /// The heartbeat this protocol's clients expect: an SSE comment
+    /// (`: keepalive`, ignored by every SSE parser) on OpenAI routes,
+    /// Anthropic's own `event: ping` on Anthropic routes.
+    pub fn heartbeat(self) -> SseEvent {
+        match self {
+            Protocol::OpenAI => SseEvent::default().comment("keepalive"),
+            Protocol::Anthropic => SseEvent::default().event("ping").data(r#"{"type": "ping"}"#),
+        }
+    }
 
-fn keep_alive(interval: Duration, kind: Heartbeat) -> KeepAlive {
-    let ka = KeepAlive::new().interval(interval);
-    match kind {
-        Heartbeat::Comment => ka.text("keepalive"),
-        Heartbeat::AnthropicPing => ka.event(SseEvent::default().event("ping").data(r#"{"type": "ping"}"#)),
+    /// The events that end a stream with an error after headers were sent:
+    /// OpenAI's `data: {"error": ...}` then `data: [DONE]`; Anthropic's
+    /// `event: error`.
+    pub fn error_events(self, err: &ApiError) -> Vec<SseEvent> {
+        match self {
+            Protocol::OpenAI => vec![data(&json!({ "error": err.openai_body() })), SseEvent::default().data("[DONE]")],
+            Protocol::Anthropic => vec![named("error", &err.anthropic_body())],
+        }
     }
 }
 
-/// The event stream of one job, ending after its last event.
-pub fn job_events<A: StreamAdapter>(job: JobHandle, mut adapter: A) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
-    struct Pump<A> {
-        events: tokio::sync::mpsc::UnboundedReceiver<Event>,
-        adapter: A,
-        pending: VecDeque<SseEvent>,
-        done: bool,
-        /// Cancels the job when the stream is dropped unfinished.
-        _cancel: CancelOnDrop,
+/// How a job's stream behaves besides its adapter.
+#[derive(Clone)]
+pub struct StreamOptions {
+    /// Write a heartbeat after this long without writing anything.
+    pub heartbeat: Duration,
+    pub protocol: Protocol,
+    /// End the stream with an error event when the shutdown aborts.
+    pub shutdown: Option<Shutdown>,
+    /// Count heartbeats.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+impl StreamOptions {
+    pub fn new(heartbeat: Duration, protocol: Protocol) -> Self {
+        Self { heartbeat, protocol, shutdown: None, metrics: None }
     }
+}
+
+/// The message a stream ends with when a shutdown cuts it short.
+pub const SHUTDOWN_MESSAGE: &str = "the server is shutting down; this request was cancelled before it finished";
+
+/// The event stream of one job, heartbeats included, ending after its
+/// last event.
+pub fn job_events<A: StreamAdapter>(job: JobHandle, mut adapter: A, opts: StreamOptions) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
     let pending: VecDeque<SseEvent> = adapter.opening().into();
-    let pump = Pump { events: job.events, adapter, pending, done: false, _cancel: CancelOnDrop(job.cancel) };
+    let pump = Pump {
+        events: job.events,
+        adapter,
+        pending,
+        done: false,
+        silence: Box::pin(tokio::time::sleep(opts.heartbeat)),
+        beats: 0,
+        opts,
+        _cancel: CancelOnDrop(job.cancel),
+    };
     stream::unfold(pump, |mut p| async move {
         loop {
             if let Some(ev) = p.pending.pop_front() {
+                p.wrote();
                 return Some((Ok(ev), p));
             }
             if p.done {
                 return None;
             }
-            let event = p.events.recv().await.unwrap_or(Event::Failed(EngineError::Stopped));
-            p.done = matches!(event, Event::Finished { .. } | Event::Failed(_));
-            let out = p.adapter.on_event(event);
-            p.pending.extend(out);
+            let shutdown = p.opts.shutdown.clone();
+            let aborted = async move {
+                match shutdown {
+                    Some(s) => s.aborting().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // Shutdown first: a fast decode must not keep it waiting.
+                biased;
+                _ = aborted => {
+                    p.pending.extend(p.opts.protocol.error_events(&ApiError::unavailable(SHUTDOWN_MESSAGE)));
+                    p.done = true;
+                }
+                event = p.events.recv() => {
+                    let event = event.unwrap_or(Event::Failed(EngineError::Stopped));
+                    p.done = matches!(event, Event::Finished { .. } | Event::Failed(_));
+                    let out = p.adapter.on_event(event);
+                    p.pending.extend(out);
+                }
+                _ = p.silence.as_mut() => {
+                    p.beats += 1;
+                    if let Some(m) = &p.opts.metrics {
+                        m.heartbeat();
+                    }
+                    p.wrote();
+                    return Some((Ok(p.opts.protocol.heartbeat()), p));
+                }
+            }
         }
     })
 }
 
+/// The state behind one job's stream.
+struct Pump<A> {
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    adapter: A,
+    /// Adapter output not yet yielded.
+    pending: VecDeque<SseEvent>,
+    /// The job's last event was seen (or the stream was cut short).
+    done: bool,
+    /// Fires when nothing was yielded for `opts.heartbeat`; reset on every
+    /// yield. Boxed: `Sleep` is not `Unpin` and the pump moves between polls.
+    silence: Pin<Box<Sleep>>,
+    /// Heartbeats written so far.
+    beats: u64,
+    opts: StreamOptions,
+    /// Cancels the job when the stream is dropped unfinished.
+    _cancel: CancelOnDrop,
+}
+
+impl<A> Pump<A> {
+    /// Something is being written: the silence starts again from now.
+    fn wrote(&mut self) {
+        let next = Instant::now() + self.opts.heartbeat;
+        self.silence.as_mut().reset(next);
+    }
+}
+
+impl<A> Drop for Pump<A> {
+    fn drop(&mut self) {
+        if let Some(m) = &self.opts.metrics {
+            m.stream_ended(self.beats);
+        }
+    }
+}
+
 /// A streaming response for a job, with heartbeats.
-pub fn stream_job<A: StreamAdapter>(job: JobHandle, adapter: A, heartbeat: Duration, kind: Heartbeat) -> Response {
-    Sse::new(job_events(job, adapter)).keep_alive(keep_alive(heartbeat, kind)).into_response()
+pub fn stream_job<A: StreamAdapter>(job: JobHandle, adapter: A, opts: StreamOptions) -> Response {
+    Sse::new(job_events(job, adapter, opts)).into_response()
 }
 
 /// A JSON payload as an SSE data event. Serializing a `serde_json::Value`
@@ -124,7 +223,7 @@ mod tests {
     async fn heartbeats_flow_while_the_engine_is_silent() {
         tokio::time::pause();
         let (tx, job, _) = job();
-        let resp = stream_job(job, Echo, Duration::from_secs(1), Heartbeat::AnthropicPing);
+        let resp = stream_job(job, Echo, StreamOptions::new(Duration::from_secs(1), Protocol::Anthropic));
         let mut body = resp.into_body().into_data_stream();
         assert_eq!(body.next().await.unwrap().unwrap(), "data: open\n\n");
         // Nothing from the engine for 3.5 s of (virtual) wall clock.
@@ -140,7 +239,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_body_cancels_the_job() {
         let (_tx, job, cancel) = job();
-        let resp = stream_job(job, Echo, Duration::from_secs(1), Heartbeat::Comment);
+        let resp = stream_job(job, Echo, StreamOptions::new(Duration::from_secs(1), Protocol::OpenAI));
         let mut body = resp.into_body();
         let _ = body.frame().await;
         assert!(!cancel.is_cancelled());
@@ -152,7 +251,67 @@ mod tests {
     async fn an_engine_that_vanishes_ends_with_an_error_event() {
         let (tx, job, _) = job();
         drop(tx);
-        let frames: Vec<_> = job_events(job, Echo).collect().await;
+        let frames: Vec<_> = job_events(job, Echo, StreamOptions::new(Duration::from_secs(1), Protocol::OpenAI)).collect().await;
         assert_eq!(frames.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn every_write_restarts_the_silence_timer() {
+        tokio::time::pause();
+        let (tx, job, _) = job();
+        let metrics = Arc::new(Metrics::new());
+        let opts = StreamOptions { metrics: Some(metrics.clone()), ..StreamOptions::new(Duration::from_secs(1), Protocol::OpenAI) };
+        let mut body = stream_job(job, Echo, opts).into_body().into_data_stream();
+        assert_eq!(body.next().await.unwrap().unwrap(), "data: open\n\n");
+        // Text every 0.7 s: never a full second of silence, so no heartbeat.
+        for i in 0..5 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            tx.send(Event::Text(format!("t{i}"))).unwrap();
+            assert_eq!(body.next().await.unwrap().unwrap(), format!("data: t{i}\n\n"));
+        }
+        // Then silence: the heartbeat comes one interval after the last text,
+        // not on a fixed one-second grid.
+        // (The timer wheel rounds each sleep up to its next millisecond.)
+        let last = tokio::time::Instant::now();
+        let about = |d: Duration, secs: u64| d >= Duration::from_secs(secs) && d < Duration::from_secs(secs) + Duration::from_millis(5);
+        assert_eq!(body.next().await.unwrap().unwrap(), ": keepalive\n\n");
+        assert!(about(last.elapsed(), 1), "{:?}", last.elapsed());
+        assert_eq!(body.next().await.unwrap().unwrap(), ": keepalive\n\n");
+        assert!(about(last.elapsed(), 2), "{:?}", last.elapsed());
+        tx.send(Event::Finished { reason: FinishReason::EndOfTurn, usage: Usage::default(), timings: Default::default() }).unwrap();
+        assert_eq!(body.next().await.unwrap().unwrap(), "data: end\n\n");
+        assert!(body.next().await.is_none());
+        drop(body);
+        let text = metrics.render(&[]);
+        assert!(text.contains("hearth_heartbeats_total 2"), "{text}");
+        assert!(text.contains("hearth_stream_heartbeats_bucket{le=\"2\"} 1"), "{text}");
+        assert!(text.contains("hearth_stream_heartbeats_bucket{le=\"1\"} 0"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_ends_the_stream_with_the_protocols_error_event() {
+        for (protocol, expected) in [
+            (Protocol::OpenAI, vec!["data: {\"error\":", "data: [DONE]"]),
+            (Protocol::Anthropic, vec!["event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\""]),
+        ] {
+            let (_tx, job, cancel) = job();
+            let shutdown = Shutdown::new();
+            let opts = StreamOptions { shutdown: Some(shutdown.clone()), ..StreamOptions::new(Duration::from_secs(60), protocol) };
+            let mut body = stream_job(job, Echo, opts).into_body().into_data_stream();
+            assert_eq!(body.next().await.unwrap().unwrap(), "data: open\n\n");
+            shutdown.drain(); // draining alone lets the stream go on
+            shutdown.abort();
+            let mut rest = Vec::new();
+            while let Some(frame) = body.next().await {
+                rest.push(String::from_utf8(frame.unwrap().to_vec()).unwrap());
+            }
+            assert_eq!(rest.len(), expected.len(), "{rest:?}");
+            for (frame, want) in rest.iter().zip(&expected) {
+                assert!(frame.starts_with(want), "{frame:?} should start with {want:?}");
+            }
+            assert!(rest[0].contains("shutting down"), "{rest:?}");
+            drop(body);
+            assert!(cancel.is_cancelled());
+        }
     }
 }

@@ -40,7 +40,7 @@ while [[ $# -gt 0 ]]; do
         -r|--reps) [[ $# -ge 2 ]] || die "$1 needs a number"; reps="$2"; shift 2 ;;
         --reps=*) reps="${1#*=}"; shift ;;
         --no-build) build=0; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done

@@ -24,7 +24,9 @@ if ! scripts/setup.sh --all; then
     exit 1
 fi
 
-export HEARTH_BIN="${HEARTH_BIN:-$root/${CARGO_TARGET_DIR:-target}/release/hearth}"
+target_dir="${CARGO_TARGET_DIR:-target}"
+[[ "$target_dir" == /* ]] || target_dir="$root/$target_dir"
+export HEARTH_BIN="${HEARTH_BIN:-$target_dir/release/hearth}"
 
 failed=()
 summary=()

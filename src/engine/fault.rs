@@ -15,6 +15,9 @@ pub enum FaultKind {
     PrefillStall,
     /// Inside the fifth decode step.
     DecodeStall,
+    /// The fifth decode step's compute fails (aborts with no client gone):
+    /// how an engine error looks to the rest of the server.
+    DecodeError,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,9 +29,19 @@ pub struct FaultPlan {
 }
 
 impl FaultPlan {
-    /// Parse `prefill_stall:SECS[:COUNT]` or `decode_stall:SECS[:COUNT]`.
+    /// Parse `prefill_stall:SECS[:COUNT]`, `decode_stall:SECS[:COUNT]` or
+    /// `decode_error[:COUNT]`.
     pub fn parse(spec: &str) -> Result<FaultPlan, String> {
-        let mut parts = spec.trim().split(':');
+        let spec = spec.trim();
+        if let Some(rest) = spec.strip_prefix("decode_error") {
+            let count = match rest.strip_prefix(':') {
+                Some(c) => Some(c.parse::<u64>().map_err(|_| "count must be a whole number".to_string())?),
+                None if rest.is_empty() => None,
+                None => return Err(format!("unknown fault {spec:?}")),
+            };
+            return Ok(FaultPlan { kind: FaultKind::DecodeError, stall: Duration::ZERO, count });
+        }
+        let mut parts = spec.split(':');
         let kind = match parts.next() {
             Some("prefill_stall") => FaultKind::PrefillStall,
             Some("decode_stall") => FaultKind::DecodeStall,
@@ -80,6 +93,16 @@ mod tests {
         assert_eq!(d.kind, FaultKind::DecodeStall);
         assert_eq!(d.stall, Duration::from_millis(500));
         assert!(d.applies_to(1) && !d.applies_to(2));
+    }
+
+    #[test]
+    fn parses_decode_error() {
+        let e = FaultPlan::parse("decode_error:1").unwrap();
+        assert_eq!(e.kind, FaultKind::DecodeError);
+        assert!(e.applies_to(0) && !e.applies_to(1));
+        assert_eq!(FaultPlan::parse("decode_error").unwrap().count, None);
+        assert!(FaultPlan::parse("decode_errorx").is_err());
+        assert!(FaultPlan::parse("decode_error:x").is_err());
     }
 
     #[test]

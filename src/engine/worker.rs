@@ -31,12 +31,17 @@ struct AbortHook {
     cancel: Mutex<Option<CancelFlag>>,
     /// A stall armed for the next graph compute (fault injection).
     stall: Mutex<Option<Duration>>,
+    /// A failure armed for the next graph compute (fault injection).
+    fail: Mutex<bool>,
 }
 
 impl AbortHook {
     fn should_abort(&self) -> bool {
         let cancel = self.cancel.lock().map(|c| c.clone()).unwrap_or(None);
         let cancelled = || cancel.as_ref().is_some_and(CancelFlag::is_cancelled);
+        if self.fail.lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or(false) {
+            return true;
+        }
         let stall = self.stall.lock().ok().and_then(|mut s| s.take());
         if let Some(stall) = stall {
             // The injected fault: compute goes quiet, as a hung kernel or a
@@ -58,12 +63,26 @@ impl AbortHook {
         }
     }
 
+    fn arm_failure(&self) {
+        if let Ok(mut f) = self.fail.lock() {
+            *f = true;
+        }
+    }
+
+    /// Whether the running job's client has gone.
+    fn job_cancelled(&self) -> bool {
+        self.cancel.lock().ok().and_then(|c| c.as_ref().map(CancelFlag::is_cancelled)).unwrap_or(false)
+    }
+
     fn set_job(&self, cancel: Option<CancelFlag>) {
         if let Ok(mut c) = self.cancel.lock() {
             *c = cancel;
         }
         if let Ok(mut s) = self.stall.lock() {
             *s = None;
+        }
+        if let Ok(mut f) = self.fail.lock() {
+            *f = false;
         }
     }
 }
@@ -438,7 +457,9 @@ impl Worker {
             Err(err) => {
                 self.resync_live();
                 Err(match err {
-                    DecodeError::Aborted => Stop::Cancelled,
+                    DecodeError::Aborted if self.hook.job_cancelled() => Stop::Cancelled,
+                    // An abort nobody asked for is a failure of the compute.
+                    DecodeError::Aborted => Stop::Failed(EngineError::Decode(2)),
                     DecodeError::NoSlot => Stop::Failed(EngineError::Decode(1)),
                     DecodeError::Failed(code) => Stop::Failed(EngineError::Decode(code)),
                 })
@@ -519,6 +540,7 @@ impl Worker {
 
         // Decode.
         let decode_fault = self.fault_for(job, FaultKind::DecodeStall);
+        let decode_error = self.fault_for(job, FaultKind::DecodeError).is_some();
         let mut sampler = Sampler::new(&req.sampling);
         let mut scanner = StopScanner::new(req.stop.clone());
         let model = self.ctx.model().clone();
@@ -551,6 +573,9 @@ impl Worker {
             }
             if let (Some(stall), 5) = (decode_fault, generated) {
                 self.hook.arm_stall(stall);
+            }
+            if decode_error && generated == 5 {
+                self.hook.arm_failure();
             }
             self.decode(&[token], vec![model.token_text(token)], true)?;
             self.progress.touch(self.epoch, 2, self.live.len());

@@ -80,7 +80,12 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", without_generation_tags(source))
+        // Python's tests: `none` is not iterable (minijinja iterates it as
+        // empty, so `tools is iterable and tools | length` fails), and
+        // strings and dicts are sequences (they have len and []).
+        env.add_test("iterable", |v: Value| !v.is_none() && v.try_iter().is_ok());
+        env.add_test("sequence", |v: Value| matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String));
+        env.add_template_owned("chat", jinja2_source(source))
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
         Ok(Self {
             env,
@@ -186,33 +191,98 @@ fn python_formatter(out: &mut Output, state: &State, value: &Value) -> Result<()
     Ok(())
 }
 
-/// transformers' `{% generation %}...{% endgeneration %}` only marks the
-/// assistant's text for training masks; rendering ignores it. minijinja has
-/// no such tag, so it becomes an always-true `if`, which keeps the tags'
-/// whitespace control (`{%-`, `-%}`).
-fn without_generation_tags(source: &str) -> String {
-    let mut out = String::with_capacity(source.len());
-    let mut rest = source;
-    while let Some(start) = rest.find("{%") {
+/// The source as Jinja2 reads it, where minijinja reads it differently:
+/// - `\r\n` and `\r` become `\n` (a template saved on Windows renders `\n`);
+/// - a backslash-newline in a string literal is a line continuation, as in
+///   Python, and disappears (Mistral Small 3.x writes its default system
+///   prompt that way; minijinja would keep both characters);
+/// - transformers' `{% generation %}...{% endgeneration %}` only marks the
+///   assistant's text for training masks and renders its body; minijinja
+///   has no such tag, so it becomes an always-true `if`, which keeps the
+///   tags' whitespace control (`{%-`, `-%}`).
+fn jinja2_source(source: &str) -> String {
+    let src = source.replace("\r\n", "\n").replace('\r', "\n");
+    let mut out = String::with_capacity(src.len());
+    let mut rest = src.as_str();
+    while let Some(start) = rest.find('{') {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let body = tag[2..].trim_start_matches(['-', '+']).trim_start();
-        let word_len = body.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(body.len());
-        let replacement = match &body[..word_len] {
-            "generation" => "if true",
-            "endgeneration" => "endif",
-            _ => {
-                out.push_str("{%");
-                rest = &tag[2..];
-                continue;
-            }
+        // Comments and raw blocks are copied untouched.
+        let verbatim = if tag.starts_with("{#") {
+            Some(tag.find("#}").map(|i| i + 2))
+        } else if block_word(tag) == Some("raw") {
+            Some(tag.find("endraw").and_then(|i| tag[i..].find("%}").map(|j| i + j + 2)))
+        } else {
+            None
         };
-        out.push_str(&tag[..tag.len() - body.len()]);
-        out.push_str(replacement);
-        rest = &body[word_len..];
+        if let Some(stop) = verbatim {
+            let stop = stop.unwrap_or(tag.len());
+            out.push_str(&tag[..stop]);
+            rest = &tag[stop..];
+            continue;
+        }
+        let (end, code) = if let Some(code) = tag.strip_prefix("{{") {
+            out.push_str("{{");
+            ("}}", code)
+        } else if let Some(word) = block_word(tag) {
+            match word {
+                "generation" | "endgeneration" => {
+                    let at = tag.find(word).unwrap_or(2);
+                    out.push_str(&tag[..at]);
+                    out.push_str(if word == "generation" { "if true" } else { "endif" });
+                    ("%}", &tag[at + word.len()..])
+                }
+                _ => {
+                    out.push_str("{%");
+                    ("%}", &tag[2..])
+                }
+            }
+        } else {
+            out.push('{');
+            rest = &tag[1..];
+            continue;
+        };
+        rest = copy_code(code, end, &mut out);
     }
     out.push_str(rest);
     out
+}
+
+/// The statement name of a `{% ... %}` tag.
+fn block_word(tag: &str) -> Option<&str> {
+    let body = tag.strip_prefix("{%")?.trim_start_matches(['-', '+']).trim_start();
+    Some(&body[..body.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(body.len())])
+}
+
+/// Copies a tag's code up to and including `end` (outside strings and
+/// braces), dropping backslash-newlines in string literals; returns the
+/// text after it.
+fn copy_code<'a>(code: &'a str, end: &str, out: &mut String) -> &'a str {
+    let (mut quote, mut depth) = (None, 0usize);
+    let mut chars = code.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match (quote, c) {
+            (None, _) if depth == 0 && code[i..].starts_with(end) => {
+                out.push_str(end);
+                return &code[i + end.len()..];
+            }
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '{') => depth += 1,
+            (None, '}') => depth = depth.saturating_sub(1),
+            (Some(_), '\\') => {
+                match chars.next() {
+                    Some((_, '\n')) => {}
+                    Some((_, escaped)) => out.extend(['\\', escaped]),
+                    None => out.push('\\'),
+                }
+                continue;
+            }
+            (Some(q), _) if c == q => quote = None,
+            _ => {}
+        }
+        out.push(c);
+    }
+    ""
 }
 
 /// `strftime_now(format)`: local time, as Python's `datetime.now()` gives
@@ -247,6 +317,7 @@ fn local_offset(unix: i64) -> i64 {
     if unsafe { localtime_r(&time, &mut tm) }.is_null() {
         return 0;
     }
+    #[allow(clippy::useless_conversion)] // c_long is i32 on 32-bit targets
     i64::from(tm.gmtoff)
 }
 
@@ -508,11 +579,17 @@ mod tests {
     }
 
     #[test]
-    fn generation_tags_render_their_body() {
-        let src = "{% for m in messages %}{%- generation -%}\n[{{ m.content }}]\n{%- endgeneration %}{% endfor %}";
+    fn source_is_read_as_jinja2_reads_it() {
+        // Line continuation in a string literal (Mistral Small 3.x), CRLF, and
+        // transformers' generation tag with whitespace control.
+        let src = "{% set s = 'a.\\\nb' %}{{ s }}\r\n{% for m in messages %}{%- generation -%}\r\n[{{ m.content }}]\n{%- endgeneration %}{% endfor %}\
+                   {# it's {{ #}{% raw %}{{ 'x\\\n' }}{% endraw %}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        assert_eq!(render(&t, &[(User, "a"), (Assistant, "b")], false), "[a][b]");
+        assert_eq!(render(&t, &[(User, "a"), (Assistant, "b")], false), "a.b\n[a][b]{{ 'x\\\n' }}");
         assert_eq!(t.source(), src);
+        // Python's tests: none is not iterable; strings and dicts are sequences.
+        let t = ChatTemplate::new("{{ tools is iterable and tools | length }} {{ 'ab' is sequence }} {{ {} is sequence }}", "", "");
+        assert_eq!(t.unwrap().render(&[], false).unwrap(), "False True True");
     }
 
     #[test]

@@ -125,6 +125,8 @@ export async function withLogs(servers, fn) {
     if (e && typeof e === 'object' && 'message' in e) {
       try {
         e.message += `\n${tails}`;
+        // Reporters print the stack, which V8 may have formatted already.
+        if (typeof e.stack === 'string' && !e.stack.includes(tails)) e.stack += `\n${tails}`;
       } catch {
         // some errors have a read-only message; the original still matters most
       }

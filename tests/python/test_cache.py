@@ -166,7 +166,8 @@ def test_snapshot_of_another_model_is_ignored_and_removed(start_hearth, tmp_path
 def test_retry_after_a_disconnect_mid_prefill_resumes(start_hearth):
     # Chunks of 64 tokens; the first request stalls inside its second chunk.
     srv = start_hearth("--batch", "64", "--heartbeat-secs", "0.5", env={"HEARTH_FAULT": "prefill_stall:30:1"})
-    body = {"model": "any", "messages": LONG, "max_tokens": 8, "temperature": 0, "stream": True}
+    prompt = [{"role": "user", "content": "Keep these facts in mind. " + FACTS[:1500]}]
+    body = {"model": "any", "messages": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
 
     payload = json.dumps(body).encode()
     host, port = srv.url.removeprefix("http://").rsplit(":", 1)
@@ -176,10 +177,15 @@ def test_retry_after_a_disconnect_mid_prefill_resumes(start_hearth):
             + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
         )
         assert sock.recv(64).startswith(b"HTTP/1.1 200")
-        time.sleep(2)  # the first chunk is done; the second is stalled
+        # Hang up once the first chunk is done (the second is stalled).
+        deadline = time.monotonic() + 25
+        while "prefill 64/" not in srv.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "prefill 64/" in srv.log_path.read_text()
+        time.sleep(0.5)
     # The socket is closed: the client left in the middle of the prefill.
     start = time.monotonic()
-    text, usage = chat(oa(srv), LONG, max_tokens=8)
+    text, usage = chat(oa(srv), prompt, max_tokens=8)
     # The chunk computed before the stall was kept and reused.
     assert cached(usage) >= 64, usage
     assert time.monotonic() - start < 25

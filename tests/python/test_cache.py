@@ -184,8 +184,6 @@ def test_retry_after_a_disconnect_mid_prefill_resumes(start_hearth):
         assert "prefill 64/" in srv.log_path.read_text()
         time.sleep(0.5)
     # The socket is closed: the client left in the middle of the prefill.
-    start = time.monotonic()
     text, usage = chat(oa(srv), prompt, max_tokens=8)
     # The chunk computed before the stall was kept and reused.
     assert cached(usage) >= 64, usage
-    assert time.monotonic() - start < 25

@@ -34,7 +34,7 @@ MODELS = os.path.join(os.environ.get("HEARTH_HOME", os.path.expanduser("~/.cache
 def system_prompt():
     """An agent's long system prompt: instructions and tool documentation."""
     tools = []
-    for i in range(48):
+    for i in range(56):
         tools.append(
             f"### Tool `tool_{i}`\n"
             f"Use tool_{i} to inspect or change part {i} of the repository. It takes a JSON object "

@@ -68,14 +68,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         (0..len as i32).map(|i| (salt * 7919 + i * 31) % (n_vocab - 1) + 1).collect()
     };
     let once = |prompt: Vec<i32>, gen: u32| -> anyhow::Result<Timings> {
-        let req = GenerateRequest {
-            prompt,
-            sampling: SamplingParams { temperature: 0.0, ..Default::default() },
-            max_tokens: gen,
-            stop: vec![],
-            ignore_eos: true,
-            prompt_text: None,
-        };
+        let mut req = GenerateRequest::new(prompt, SamplingParams { temperature: 0.0, ..Default::default() }, gen);
+        req.ignore_eos = true;
         let mut job = engine.submit(req);
         rt.block_on(async {
             while let Some(ev) = job.events.recv().await {

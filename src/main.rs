@@ -7,7 +7,13 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing::info;
 
+use hearth::chat::prompt::SpecialTexts;
+use hearth::chat::replay::ReplayStore;
 use hearth::chat::template::ChatTemplate;
+use hearth::chat::tools::ToolFormat;
+
+/// Tool-call ids whose reply text is kept for exact replay.
+const REPLAY_ENTRIES: usize = 4096;
 use hearth::api::auth::ApiKeys;
 use hearth::api::guard::Admission;
 use hearth::config::{default_model_path, LogFormat, ServeArgs};
@@ -126,9 +132,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         heartbeat_secs = args.heartbeat_secs,
         "engine ready"
     );
+    let name = format!("{} {}", model.meta("general.name").unwrap_or_default(), model_path.display());
+    let tool_format = ToolFormat::detect((!template.is_fallback()).then(|| template.source()), &name);
+    info!(tool_format = ?tool_format, "tool calls");
     let state = Arc::new(AppState {
         engine: handle,
         template,
+        tool_format,
+        specials: SpecialTexts::new(model.control_token_texts()),
+        replay: ReplayStore::new(REPLAY_ENTRIES),
+        responses: hearth::api::responses::ResponseStore::new(
+            hearth::api::responses::STORED_RESPONSES,
+            hearth::api::responses::STORED_BYTES,
+        ),
         model_id,
         heartbeat: args.heartbeat(),
         started_at: hearth::api::unix_now(),

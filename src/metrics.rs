@@ -46,6 +46,9 @@ pub fn route_label(path: &str) -> &'static str {
     match path {
         "/v1/chat/completions" => "chat_completions",
         "/v1/messages" => "messages",
+        "/v1/messages/count_tokens" => "count_tokens",
+        "/v1/completions" => "completions",
+        "/v1/responses" => "responses",
         "/v1/models" => "models",
         "/health" => "health",
         "/metrics" => "metrics",

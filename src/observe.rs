@@ -67,6 +67,7 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
                     }
                     false
                 }
+                Event::Logprobs(_) => false,
                 Event::Finished { reason, usage, timings } => {
                     done = Some((*usage, *timings));
                     end = Some(json!({

@@ -24,8 +24,11 @@ use crate::api::auth::{self, ApiKeys};
 use crate::api::error::{ApiError, Protocol};
 use crate::api::guard::{self, Admission};
 use crate::api::sse::{self, StreamAdapter, StreamOptions};
-use crate::api::{anthropic, models, openai};
+use crate::api::{anthropic, models, openai, tokenize};
+use crate::chat::prompt::{PromptSetup, SpecialTexts};
+use crate::chat::replay::ReplayStore;
 use crate::chat::template::ChatTemplate;
+use crate::chat::tools::ToolFormat;
 use crate::engine::{EngineHandle, GenerateRequest, JobHandle, Token};
 use crate::metrics::Metrics;
 use crate::observe;
@@ -36,6 +39,14 @@ use crate::trace::TraceLog;
 pub struct AppState {
     pub engine: EngineHandle,
     pub template: ChatTemplate,
+    /// The tool-call markup this model writes.
+    pub tool_format: ToolFormat,
+    /// The vocabulary's control-token texts, kept out of client text.
+    pub specials: SpecialTexts,
+    /// The exact text of recent tool-calling replies, by call id.
+    pub replay: ReplayStore,
+    /// Recent Responses API responses, for `previous_response_id`.
+    pub responses: crate::api::responses::ResponseStore,
     /// The id `/v1/models` reports.
     pub model_id: String,
     /// Written when nothing else was for this long on a stream.
@@ -96,6 +107,41 @@ impl Default for Limits {
 }
 
 impl AppState {
+    /// How many tokens a reply to a `prompt_len`-token prompt may have:
+    /// what the client asked for, within the context and `--max-tokens`.
+    /// Asking for more than the server's cap is a mistake; asking for
+    /// nothing gets the cap.
+    pub fn output_room(&self, prompt_len: usize, asked: Option<u32>) -> Result<u32, ApiError> {
+        let n_ctx = self.engine.n_ctx() as usize;
+        let room = n_ctx.saturating_sub(prompt_len) as u32;
+        let cap = self.service.limits.max_tokens;
+        if let (Some(cap), Some(asked)) = (cap, asked) {
+            if asked > cap {
+                return Err(ApiError::invalid_param("max_tokens", format!("max_tokens must be at most {cap} on this server, got {asked}")));
+            }
+        }
+        let room = cap.map_or(room, |c| c.min(room));
+        Ok(asked.map_or(room, |m| m.min(room)))
+    }
+
+    /// Remember a reply that made tool calls, for exact replay.
+    pub fn remember_calls(&self, output: &crate::chat::output::Output) {
+        if !output.calls.is_empty() {
+            self.replay.remember(output.calls.iter().map(|c| c.id.as_str()), &output.raw);
+        }
+    }
+
+    /// What the prompt builder needs.
+    pub fn prompt_setup(&self) -> PromptSetup<'_> {
+        PromptSetup {
+            template: &self.template,
+            format: self.tool_format,
+            model: self.engine.model(),
+            specials: &self.specials,
+            replay: &self.replay,
+        }
+    }
+
     /// Tokenize rendered prompt text. The template's markup becomes special
     /// tokens; BOS is added only when the tokenizer wants one and the
     /// template did not already write it.
@@ -137,12 +183,19 @@ impl AppState {
 pub fn app(state: Arc<AppState>, cors: &[String]) -> Router {
     let generate = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(crate::api::completions::completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/responses", post(crate::api::responses::create))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route_layer(from_fn_with_state(state.clone(), guard::admit));
     let router = Router::new()
         .route("/health", get(models::health))
         .route("/v1/models", get(models::list))
         .route("/metrics", get(metrics))
+        .route("/v1/responses/{id}", get(crate::api::responses::retrieve))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
+        .route("/apply-template", post(tokenize::apply_template))
         .merge(generate)
         .fallback(not_found)
         // The body is already read and bounded by `read_body`.

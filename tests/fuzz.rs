@@ -33,7 +33,9 @@ fn any_json() -> impl Strategy<Value = Value> {
         (-1e6f64..1e6).prop_map(|f| json!(f)),
         prop_oneof![Just(0i64), Just(-1), Just(1), Just(16), Just(17), Just(1 << 24), Just((1 << 24) + 1), Just(i64::MAX)].prop_map(|n| json!(n)),
         ".{0,12}".prop_map(Value::String),
-        prop_oneof![Just("user"), Just("assistant"), Just("system"), Just("developer"), Just("text"), Just("image"), Just("tool")]
+        prop_oneof![Just("user"), Just("assistant"), Just("system"), Just("developer"), Just("text"), Just("image"), Just("tool"),
+                      Just("tool_use"), Just("tool_result"), Just("function"), Just("auto"), Just("any"), Just("required"),
+                      Just("none"), Just("enabled"), Just("json_schema"), Just("json_object"), Just("{}"), Just("{\"a\":1}")]
             .prop_map(|s| json!(s)),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {
@@ -50,6 +52,10 @@ fn key() -> impl Strategy<Value = String> {
             "model", "messages", "role", "content", "type", "text", "max_tokens", "max_completion_tokens",
             "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_sequences", "stream",
             "stream_options", "include_usage", "n", "system", "metadata", "thinking",
+            "tools", "tool_choice", "tool_calls", "tool_call_id", "function", "name", "arguments",
+            "parameters", "input", "input_schema", "tool_use_id", "is_error", "response_format",
+            "json_schema", "schema", "logprobs", "top_logprobs", "reasoning_effort", "budget_tokens",
+            "parallel_tool_calls", "disable_parallel_tool_use", "id",
         ])
         .prop_map(str::to_string),
         1 => "[a-z_]{1,8}",
@@ -101,8 +107,9 @@ proptest! {
     #[test]
     fn openai_requests_parse_or_are_rejected_as_4xx(body in bodies(openai_base())) {
         match ApiError::parse_json::<openai::ChatCompletionRequest>(&body).and_then(openai::convert) {
-            Ok((messages, opts)) => {
-                prop_assert!(!messages.is_empty());
+            Ok((chat, opts)) => {
+                prop_assert!(!chat.messages.is_empty());
+                prop_assert!(opts.logprobs.is_none_or(|n| n <= 20));
                 prop_assert!(opts.max_tokens.is_none_or(|m| m >= 1 && m as i64 <= hearth::api::MAX_TOKENS_LIMIT));
                 prop_assert!(opts.stop.len() <= MAX_STOP_SEQUENCES);
                 prop_assert!((0.0..=2.0).contains(&opts.sampling.temperature));
@@ -113,9 +120,9 @@ proptest! {
 
     #[test]
     fn anthropic_requests_parse_or_are_rejected_as_4xx(body in bodies(anthropic_base()), keep_billing in any::<bool>()) {
-        match ApiError::parse_json::<anthropic::MessagesRequest>(&body).and_then(|r| anthropic::convert(r, keep_billing)) {
-            Ok((messages, opts)) => {
-                prop_assert!(!messages.is_empty());
+        match ApiError::parse_json::<anthropic::MessagesRequest>(&body).and_then(|r| anthropic::convert(r, keep_billing, false)) {
+            Ok((chat, opts)) => {
+                prop_assert!(!chat.messages.is_empty());
                 prop_assert!(opts.max_tokens.is_some_and(|m| m >= 1));
                 prop_assert!(opts.stop.len() <= MAX_STOP_SEQUENCES);
                 prop_assert!((0.0..=1.0).contains(&opts.sampling.temperature));

@@ -19,15 +19,18 @@ use serde_json::{json, Value};
 use super::error::{AnthropicError, ApiError, ErrorKind};
 use super::error::Protocol;
 use super::sse::{self, StreamAdapter};
-use super::{check_max_tokens, check_range, collect, new_id, prepare, GenOptions};
-use crate::chat::{ChatMessage, Role};
+use super::{check_max_tokens, check_range, collect, new_id, openai, prepare, GenOptions};
+use crate::chat::output::{OutputEvent, OutputParser};
+use crate::chat::{ChatMessage, ChatRequest, Role, Thinking, ToolCall, ToolChoice};
 use crate::engine::{Event, FinishReason, SamplingParams, Usage};
 use crate::server::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct MessagesRequest {
     pub model: String,
-    pub max_tokens: i64,
+    /// Required by `/v1/messages`, not by `/v1/messages/count_tokens`.
+    #[serde(default)]
+    pub max_tokens: Option<i64>,
     pub messages: Vec<WireMessage>,
     #[serde(default)]
     pub system: Option<WireContent>,
@@ -43,6 +46,41 @@ pub struct MessagesRequest {
     pub stream: Option<bool>,
     #[serde(default)]
     pub metadata: Option<Value>,
+    #[serde(default)]
+    pub tools: Option<Vec<WireTool>>,
+    #[serde(default)]
+    pub tool_choice: Option<WireToolChoice>,
+    #[serde(default)]
+    pub thinking: Option<WireThinking>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireTool {
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub input_schema: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireToolChoice {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub disable_parallel_tool_use: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireThinking {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub budget_tokens: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +102,23 @@ pub struct WireBlock {
     pub kind: String,
     #[serde(default)]
     pub text: Option<String>,
+    /// `tool_use`
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub input: Option<Value>,
+    /// `tool_result`
+    #[serde(default)]
+    pub tool_use_id: Option<String>,
+    #[serde(default)]
+    pub content: Option<Value>,
+    #[serde(default)]
+    pub is_error: Option<bool>,
+    /// `thinking`
+    #[serde(default)]
+    pub thinking: Option<String>,
 }
 
 /// Flatten content blocks to text. Earlier thinking blocks are dropped, as
@@ -107,8 +162,14 @@ pub fn strip_billing_header(system: &str) -> String {
     kept.concat().trim_start_matches('\n').to_string()
 }
 
-pub fn convert(req: MessagesRequest, keep_billing_header: bool) -> Result<(Vec<ChatMessage>, GenOptions), ApiError> {
-    let max_tokens = check_max_tokens("max_tokens", req.max_tokens)?;
+/// Convert and validate a request. `count_only`: for
+/// `/v1/messages/count_tokens`, where `max_tokens` is not required.
+pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool) -> Result<(ChatRequest, GenOptions), ApiError> {
+    let max_tokens = match (req.max_tokens, count_only) {
+        (Some(v), _) => check_max_tokens("max_tokens", v)?,
+        (None, true) => 1,
+        (None, false) => return Err(ApiError::invalid("max_tokens: Field required")),
+    };
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages: at least one message is required"));
     }
@@ -139,13 +200,21 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool) -> Result<(Vec<C
         let role = match m.role.as_str() {
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            // Claude Code sends system messages between turns.
+            "system" => Role::System,
             other => {
                 return Err(ApiError::invalid(format!(
-                    "messages.{i}.role: Input should be 'user' or 'assistant', got '{other}'"
+                    "messages.{i}.role: Input should be 'user', 'assistant' or 'system', got '{other}'"
                 )))
             }
         };
-        messages.push(ChatMessage::new(role, blocks_text(&format!("messages.{i}.content"), m.content)?));
+        if role == Role::System {
+            let text = blocks_text(&format!("messages.{i}.content"), m.content)?;
+            let text = if keep_billing_header { text } else { strip_billing_header(&text) };
+            messages.push(ChatMessage::new(Role::System, text));
+            continue;
+        }
+        convert_message(i, role, m.content, &mut messages)?;
     }
     let defaults = SamplingParams::default();
     let sampling = SamplingParams {
@@ -162,11 +231,166 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool) -> Result<(Vec<C
         seed: None,
     };
     let stop = super::check_stop("stop_sequences", req.stop_sequences.unwrap_or_default())?;
-    Ok((messages, GenOptions { sampling, max_tokens: Some(max_tokens), stop }))
+    let mut tools = Vec::new();
+    for (i, t) in req.tools.unwrap_or_default().into_iter().enumerate() {
+        if let Some(kind) = t.kind.as_deref().filter(|k| *k != "custom") {
+            return Err(ApiError::invalid_param(
+                &format!("tools.{i}.type"),
+                format!("tools.{i}: server tools of type `{kind}` are not available on this server; define a custom tool with input_schema"),
+            ));
+        }
+        if t.input_schema.is_none() {
+            return Err(ApiError::invalid(format!("tools.{i}.input_schema: Field required")));
+        }
+        tools.push(openai::tool_spec(&format!("tools.{i}"), t.name, t.description, t.input_schema)?);
+    }
+    openai::check_unique_tools("tools", &tools)?;
+    let (tool_choice, parallel) = match req.tool_choice {
+        None => (ToolChoice::Auto, true),
+        Some(c) => {
+            let parallel = !c.disable_parallel_tool_use.unwrap_or(false);
+            let choice = match (c.kind.as_str(), c.name) {
+                ("auto", _) => ToolChoice::Auto,
+                ("any", _) => ToolChoice::Required,
+                ("none", _) => ToolChoice::None,
+                ("tool", Some(name)) => ToolChoice::Named(name),
+                ("tool", None) => return Err(ApiError::invalid("tool_choice.name: Field required")),
+                (other, _) => {
+                    return Err(ApiError::invalid(format!(
+                        "tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none', got '{other}'"
+                    )))
+                }
+            };
+            (choice, parallel)
+        }
+    };
+    let thinking = match req.thinking {
+        None => Thinking::Default,
+        Some(t) => match t.kind.as_str() {
+            "disabled" => Thinking::Off,
+            "enabled" => {
+                let budget = t.budget_tokens.ok_or_else(|| ApiError::invalid("thinking.enabled.budget_tokens: Field required"))?;
+                if budget < 1024 {
+                    return Err(ApiError::invalid("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"));
+                }
+                if budget >= max_tokens as i64 && !count_only {
+                    return Err(ApiError::invalid("`max_tokens` must be greater than `thinking.budget_tokens`"));
+                }
+                Thinking::On { budget: Some(budget.min(u32::MAX as i64) as u32) }
+            }
+            "adaptive" => Thinking::On { budget: None },
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "thinking.type: Input should be 'enabled', 'disabled' or 'adaptive', got '{other}'"
+                )))
+            }
+        },
+    };
+    let chat = ChatRequest { messages, tools, tool_choice, parallel_tool_calls: parallel, response_format: None, thinking };
+    Ok((chat, GenOptions { sampling, max_tokens: Some(max_tokens), stop, logprobs: None }))
 }
 
-fn stop_reason(reason: &FinishReason) -> (&'static str, Option<&str>) {
+/// The text of a `tool_result`'s content: a string, or text blocks.
+fn tool_result_text(field: &str, content: Option<Value>) -> Result<String, ApiError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s),
+        Some(Value::Array(blocks)) => {
+            let mut parts = Vec::new();
+            for (k, b) in blocks.iter().enumerate() {
+                match (b.get("type").and_then(Value::as_str), b.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => parts.push(t.to_string()),
+                    (Some("text"), None) => return Err(ApiError::invalid(format!("{field}.{k}.text: Field required"))),
+                    (Some(other), _) => {
+                        return Err(ApiError::invalid(format!("{field}.{k}: content blocks of type `{other}` are not supported in tool results on this server")))
+                    }
+                    (None, _) => return Err(ApiError::invalid(format!("{field}.{k}.type: Field required"))),
+                }
+            }
+            Ok(parts.join("\n"))
+        }
+        Some(_) => Err(ApiError::invalid(format!("{field}: Input should be a valid string or a list of content blocks"))),
+    }
+}
+
+/// One wire message to conversation messages: a user turn's `tool_result`
+/// blocks become tool messages (in order, around its text); an assistant
+/// turn's `thinking` becomes its reasoning and `tool_use` its calls.
+fn convert_message(i: usize, role: Role, content: WireContent, out: &mut Vec<ChatMessage>) -> Result<(), ApiError> {
+    let blocks = match content {
+        WireContent::Text(t) => {
+            out.push(ChatMessage::new(role, t));
+            return Ok(());
+        }
+        WireContent::Blocks(b) => b,
+    };
+    let field = format!("messages.{i}.content");
+    let mut msg = ChatMessage::new(role, "");
+    let mut has_text = false;
+    for (j, b) in blocks.into_iter().enumerate() {
+        match (role, b.kind.as_str()) {
+            (_, "text") => match b.text {
+                Some(t) => {
+                    msg.content.push_str(&t);
+                    has_text = true;
+                }
+                None => return Err(ApiError::invalid(format!("{field}.{j}.text: Field required"))),
+            },
+            (Role::Assistant, "thinking") => {
+                let t = b.thinking.unwrap_or_default();
+                if !t.is_empty() {
+                    msg.reasoning.get_or_insert_with(String::new).push_str(&t);
+                }
+            }
+            (_, "thinking") | (_, "redacted_thinking") => {}
+            (Role::Assistant, "tool_use") => {
+                let id = b.id.filter(|s| !s.is_empty()).ok_or_else(|| ApiError::invalid(format!("{field}.{j}.id: Field required")))?;
+                let name = b.name.filter(|s| !s.is_empty()).ok_or_else(|| ApiError::invalid(format!("{field}.{j}.name: Field required")))?;
+                let input = match b.input {
+                    Some(v @ Value::Object(_)) => v,
+                    Some(_) => return Err(ApiError::invalid(format!("{field}.{j}.input: Input should be a valid dictionary"))),
+                    None => return Err(ApiError::invalid(format!("{field}.{j}.input: Field required"))),
+                };
+                msg.tool_calls.push(ToolCall { id, name, arguments: input.to_string() });
+            }
+            (Role::User, "tool_result") => {
+                let id = b
+                    .tool_use_id
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| ApiError::invalid(format!("{field}.{j}.tool_use_id: Field required")))?;
+                // Text written before the result stays before it.
+                if has_text {
+                    out.push(std::mem::replace(&mut msg, ChatMessage::new(role, "")));
+                    has_text = false;
+                }
+                let mut text = tool_result_text(&format!("{field}.{j}.content"), b.content)?;
+                if b.is_error.unwrap_or(false) {
+                    text = format!("Error: {text}");
+                }
+                let mut result = ChatMessage::tool_result(id, None, text);
+                result.is_error = b.is_error.unwrap_or(false);
+                out.push(result);
+            }
+            (_, "tool_use") | (_, "tool_result") => {
+                let want = if role == Role::User { "assistant" } else { "user" };
+                return Err(ApiError::invalid(format!("{field}.{j}: `{}` blocks belong in {want} messages", b.kind)));
+            }
+            (_, other) => {
+                return Err(ApiError::invalid(format!(
+                    "{field}.{j}: content blocks of type `{other}` are not supported by this server yet"
+                )))
+            }
+        }
+    }
+    if has_text || !msg.tool_calls.is_empty() || msg.reasoning.is_some() || !out.last().is_some_and(|m| m.role == Role::Tool) {
+        out.push(msg);
+    }
+    Ok(())
+}
+
+fn stop_reason(reason: &FinishReason, calls: bool) -> (&'static str, Option<&str>) {
     match reason {
+        FinishReason::EndOfTurn | FinishReason::StopSequence(_) if calls => ("tool_use", None),
         FinishReason::EndOfTurn => ("end_turn", None),
         FinishReason::StopSequence(s) => ("stop_sequence", Some(s.as_str())),
         FinishReason::MaxTokens | FinishReason::ContextFull => ("max_tokens", None),
@@ -183,28 +407,64 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
+/// A thinking block's signature. The real API signs thinking so it can be
+/// sent back untampered; hearth has nothing to verify, so the signature is
+/// a digest of the text (stable, and obviously not Anthropic's).
+fn signature(thinking: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!("hearth-{}", hex::encode(Sha256::digest(thinking.as_bytes())))
+}
+
+/// A call's arguments as the `input` object.
+fn input_object(arguments: &str) -> Value {
+    match serde_json::from_str::<Value>(arguments) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => json!({}),
+    }
+}
+
 /// `POST /v1/messages`
 pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, AnthropicError> {
     let req: MessagesRequest = ApiError::parse_json(&body)?;
     let model = req.model.clone();
     let stream = req.stream.unwrap_or(false);
-    let (messages, opts) = convert(req, state.keep_billing_header)?;
-    let gen = prepare(&state, messages, opts).await?;
-    let input_tokens = gen.prompt.len() as u32;
-    let job = state.submit("messages", &body, gen);
+    let (chat, opts) = convert(req, state.keep_billing_header, false)?;
+    let prepared = prepare(&state, chat, opts, "messages").await?;
+    let input_tokens = prepared.request.prompt.len() as u32;
+    let job = state.submit("messages", &body, prepared.request);
     let id = new_id("msg_");
     if stream {
-        let adapter = EventAdapter { id, model, input_tokens, block_open: false, blocks: 0 };
+        let adapter = EventAdapter {
+            id,
+            model,
+            input_tokens,
+            open: None,
+            blocks: 0,
+            thinking: String::new(),
+            parser: OutputParser::new(&prepared.output, "toolu_"),
+            state: state.clone(),
+        };
         return Ok(state.stream_job(job, adapter, Protocol::Anthropic));
     }
-    let done = collect(job).await?;
-    let (reason, stop_sequence) = stop_reason(&done.reason);
+    let done = collect(&state, job, &prepared.output, "toolu_").await?;
+    let out = &done.output;
+    let mut content = Vec::new();
+    if !out.reasoning.is_empty() {
+        content.push(json!({ "type": "thinking", "thinking": out.reasoning, "signature": signature(&out.reasoning) }));
+    }
+    if !out.text.is_empty() || out.calls.is_empty() {
+        content.push(json!({ "type": "text", "text": out.text }));
+    }
+    for c in &out.calls {
+        content.push(json!({ "type": "tool_use", "id": c.id, "name": c.name, "input": input_object(&c.arguments) }));
+    }
+    let (reason, stop_sequence) = stop_reason(&done.reason, !out.calls.is_empty());
     Ok(Json(json!({
         "id": id,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{ "type": "text", "text": done.text }],
+        "content": content,
         "stop_reason": reason,
         "stop_sequence": stop_sequence,
         "usage": usage_json(&done.usage),
@@ -212,32 +472,88 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result
     .into_response())
 }
 
+/// `POST /v1/messages/count_tokens`: the prompt tokens `/v1/messages` would
+/// send the model for the same request, from the same rendering.
+pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, AnthropicError> {
+    let req: MessagesRequest = ApiError::parse_json(&body)?;
+    let (chat, opts) = convert(req, state.keep_billing_header, true)?;
+    let prepared = prepare(&state, chat, opts, "messages").await?;
+    Ok(Json(json!({ "input_tokens": prepared.request.prompt.len() })).into_response())
+}
+
+/// The kind of content block being streamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Block {
+    Thinking,
+    Text,
+    /// A tool call: its index among the reply's calls.
+    ToolUse(usize),
+}
+
 /// Streams the Messages event sequence.
 struct EventAdapter {
     id: String,
     model: String,
     input_tokens: u32,
-    block_open: bool,
+    /// The block being streamed.
+    open: Option<Block>,
     /// Content blocks started so far (the next block's index).
     blocks: u32,
+    /// The open thinking block's text, for its signature.
+    thinking: String,
+    parser: OutputParser,
+    state: Arc<AppState>,
 }
 
 impl EventAdapter {
-    fn open_text_block(&mut self, out: &mut Vec<SseEvent>) {
-        if !self.block_open {
-            out.push(sse::named(
-                "content_block_start",
-                &json!({ "type": "content_block_start", "index": self.blocks, "content_block": { "type": "text", "text": "" } }),
-            ));
-            self.block_open = true;
-        }
+    fn start(&mut self, block: Block, content_block: Value, out: &mut Vec<SseEvent>) {
+        self.close_block(out);
+        out.push(sse::named(
+            "content_block_start",
+            &json!({ "type": "content_block_start", "index": self.blocks, "content_block": content_block }),
+        ));
+        self.open = Some(block);
+    }
+
+    fn delta(&self, delta: Value, out: &mut Vec<SseEvent>) {
+        out.push(sse::named("content_block_delta", &json!({ "type": "content_block_delta", "index": self.blocks, "delta": delta })));
     }
 
     fn close_block(&mut self, out: &mut Vec<SseEvent>) {
-        if self.block_open {
+        if let Some(block) = self.open.take() {
+            if block == Block::Thinking {
+                let sig = signature(&std::mem::take(&mut self.thinking));
+                self.delta(json!({ "type": "signature_delta", "signature": sig }), out);
+            }
             out.push(sse::named("content_block_stop", &json!({ "type": "content_block_stop", "index": self.blocks })));
-            self.block_open = false;
             self.blocks += 1;
+        }
+    }
+
+    fn output_events(&mut self, events: Vec<OutputEvent>, out: &mut Vec<SseEvent>) {
+        for ev in events {
+            match ev {
+                OutputEvent::Reasoning(r) => {
+                    if self.open != Some(Block::Thinking) {
+                        self.start(Block::Thinking, json!({ "type": "thinking", "thinking": "", "signature": "" }), out);
+                    }
+                    self.thinking.push_str(&r);
+                    self.delta(json!({ "type": "thinking_delta", "thinking": r }), out);
+                }
+                OutputEvent::Text(t) => {
+                    if self.open != Some(Block::Text) {
+                        self.start(Block::Text, json!({ "type": "text", "text": "" }), out);
+                    }
+                    self.delta(json!({ "type": "text_delta", "text": t }), out);
+                }
+                OutputEvent::CallStart { index, id, name } => {
+                    self.start(Block::ToolUse(index), json!({ "type": "tool_use", "id": id, "name": name, "input": {} }), out);
+                }
+                OutputEvent::CallArgs { fragment, .. } => {
+                    self.delta(json!({ "type": "input_json_delta", "partial_json": fragment }), out);
+                }
+                OutputEvent::CallEnd { .. } => self.close_block(out),
+            }
         }
     }
 }
@@ -262,19 +578,20 @@ impl StreamAdapter for EventAdapter {
         let mut out = Vec::new();
         match event {
             Event::Text(text) => {
-                self.open_text_block(&mut out);
-                out.push(sse::named(
-                    "content_block_delta",
-                    &json!({ "type": "content_block_delta", "index": self.blocks, "delta": { "type": "text_delta", "text": text } }),
-                ));
+                let events = self.parser.push(&text);
+                self.output_events(events, &mut out);
             }
             Event::Finished { reason, usage, .. } => {
-                // A reply with no text still carries one (empty) text block.
-                if self.blocks == 0 {
-                    self.open_text_block(&mut out);
+                let events = self.parser.finish();
+                self.output_events(events, &mut out);
+                // A reply with nothing in it still carries one (empty) text block.
+                if self.blocks == 0 && self.open.is_none() {
+                    self.start(Block::Text, json!({ "type": "text", "text": "" }), &mut out);
                 }
                 self.close_block(&mut out);
-                let (reason, stop_sequence) = stop_reason(&reason);
+                let calls = !self.parser.output().calls.is_empty();
+                self.state.remember_calls(self.parser.output());
+                let (reason, stop_sequence) = stop_reason(&reason, calls);
                 out.push(sse::named(
                     "message_delta",
                     &json!({
@@ -292,7 +609,7 @@ impl StreamAdapter for EventAdapter {
                 }
                 out.push(sse::named("error", &api.anthropic_body()));
             }
-            Event::Started { .. } | Event::PrefillProgress { .. } => {}
+            Event::Started { .. } | Event::PrefillProgress { .. } | Event::Logprobs(_) => {}
         }
         out
     }
@@ -304,7 +621,7 @@ mod tests {
 
     fn parse(v: Value) -> Result<(Vec<ChatMessage>, GenOptions), ApiError> {
         let req: MessagesRequest = ApiError::parse_json(v.to_string().as_bytes())?;
-        convert(req, false)
+        convert(req, false, false).map(|(c, o)| (c.messages, o))
     }
 
     #[test]
@@ -341,7 +658,7 @@ mod tests {
             json!({"max_tokens": 5, "messages": user}),
             json!({"model": "m", "max_tokens": 0, "messages": user}),
             json!({"model": "m", "max_tokens": 5, "messages": []}),
-            json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}),
+            json!({"model": "m", "max_tokens": 5, "messages": [{"role": "tool", "content": "x"}]}),
             json!({"model": "m", "max_tokens": 5, "messages": user, "temperature": 1.5}),
             json!({"model": "m", "max_tokens": "5", "messages": user}),
             json!({"model": "m", "max_tokens": 5, "messages": user, "stop_sequences": vec!["x"; 17]}),

@@ -1,23 +1,28 @@
 //! The HTTP side: one module per protocol, all feeding the one engine API.
 //!
 //! Each protocol module parses its wire request, converts it into
-//! [`ChatMessage`]s and [`GenOptions`], calls [`prepare`] (render, tokenize,
+//! a [`ChatRequest`] and [`GenOptions`], calls [`prepare`] (render, tokenize,
 //! check the context), submits the job and adapts the engine's events back
 //! into its own wire format, streamed through [`sse`] or collected.
 
 pub mod anthropic;
 pub mod auth;
+pub mod completions;
 pub mod error;
 pub mod guard;
 pub mod models;
 pub mod openai;
+pub mod responses;
 pub mod sse;
+pub mod tokenize;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::chat::ChatMessage;
-use crate::engine::{CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams, Usage};
+use crate::chat::output::{Output, OutputParser, OutputSpec};
+use crate::chat::prompt::{self, PromptError};
+use crate::chat::ChatRequest;
+use crate::engine::{CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams, TokenLogprob, Usage};
 use crate::server::AppState;
 use error::ApiError;
 
@@ -28,6 +33,8 @@ pub struct GenOptions {
     /// None: as many as the context allows.
     pub max_tokens: Option<u32>,
     pub stop: Vec<String>,
+    /// Log-probabilities with this many alternatives per token.
+    pub logprobs: Option<u32>,
 }
 
 /// Largest `max_tokens` accepted; beyond it a request is a mistake.
@@ -71,21 +78,72 @@ pub fn check_range(param: &str, value: f32, lo: f32, hi: f32) -> Result<f32, Api
     Ok(value)
 }
 
+/// A job ready to submit, and how to read its reply.
+#[derive(Debug, Clone)]
+pub struct PreparedJob {
+    pub request: GenerateRequest,
+    pub output: OutputSpec,
+}
+
+/// Map a prompt builder's complaint to a 400 naming the field. `messages`
+/// is the protocol's name for the history (`messages`, `input`).
+pub(crate) fn prompt_error(err: PromptError, messages: &str) -> ApiError {
+    match err {
+        PromptError::History { index, message } => ApiError::invalid_param(&format!("{messages}[{index}]"), message),
+        PromptError::ToolChoice(message) => ApiError::invalid_param("tool_choice", message),
+        PromptError::Schema(e) => ApiError::invalid_param("tools", e.0),
+        PromptError::Template(e) => e.into(),
+    }
+}
+
+/// OpenAI's sampling fields (chat, completions, responses), validated.
+pub fn openai_sampling(
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i32>,
+    min_p: Option<f32>,
+    seed: Option<i64>,
+) -> Result<SamplingParams, ApiError> {
+    let defaults = SamplingParams::default();
+    Ok(SamplingParams {
+        temperature: temperature.map(|t| check_range("temperature", t, 0.0, 2.0)).transpose()?.unwrap_or(defaults.temperature),
+        top_p: top_p.map(|p| check_range("top_p", p, 0.0, 1.0)).transpose()?.unwrap_or(defaults.top_p),
+        top_k: match top_k {
+            Some(k) if k < 0 => return Err(ApiError::invalid_param("top_k", "top_k must be 0 or more")),
+            Some(k) => k,
+            None => defaults.top_k,
+        },
+        min_p: min_p.map(|p| check_range("min_p", p, 0.0, 1.0)).transpose()?.unwrap_or(defaults.min_p),
+        seed: seed.map(|s| s as u64),
+    })
+}
+
 /// Render the conversation, tokenize it and check it fits. Runs on the
 /// blocking pool: a 100k-token prompt takes a while to tokenize and must
 /// not hold up the async threads (which keep heartbeats flowing).
-pub async fn prepare(state: &Arc<AppState>, messages: Vec<ChatMessage>, opts: GenOptions) -> Result<GenerateRequest, ApiError> {
+/// `messages` names the history field in errors.
+pub async fn prepare(state: &Arc<AppState>, chat: ChatRequest, opts: GenOptions, messages: &'static str) -> Result<PreparedJob, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
+        let has_format = chat.response_format.is_some();
+        let prepared = prompt::prepare(&state.prompt_setup(), chat).map_err(|e| {
+            let mut api = prompt_error(e, messages);
+            if has_format && api.param.as_deref() == Some("tools") {
+                api.param = Some("response_format".into());
+            }
+            api
+        })?;
+        if let Some(g) = &prepared.grammar {
+            crate::engine::grammar::validate(state.engine.model(), g)
+                .map_err(|e| ApiError::invalid_param(if has_format { "response_format" } else { "tools" }, format!("the schema gives a grammar llama.cpp rejects: {e}")))?;
+        }
         let mut stop = opts.stop;
-        let template = &state.template;
-        let text = template.render(&messages, true)?;
-        stop.extend(template.fallback_stops().iter().cloned());
-        let prompt = state.tokenize_prompt(&text);
+        stop.extend(prepared.stops.iter().cloned());
+        let prompt = prepared.tokens;
         let n_ctx = state.engine.n_ctx() as usize;
         if prompt.len() >= n_ctx {
             return Err(ApiError::invalid_param(
-                "messages",
+                messages,
                 format!(
                     "the prompt is {} tokens long, but the context holds only {n_ctx} tokens (prompt and output together)",
                     prompt.len()
@@ -93,18 +151,14 @@ pub async fn prepare(state: &Arc<AppState>, messages: Vec<ChatMessage>, opts: Ge
             )
             .with_code("context_length_exceeded"));
         }
-        let room = (n_ctx - prompt.len()) as u32;
-        // The server's own cap (`--max-tokens`): asking for more is a mistake;
-        // asking for nothing gets the cap.
-        let cap = state.service.limits.max_tokens;
-        if let (Some(cap), Some(asked)) = (cap, opts.max_tokens) {
-            if asked > cap {
-                return Err(ApiError::invalid_param("max_tokens", format!("max_tokens must be at most {cap} on this server, got {asked}")));
-            }
-        }
-        let room = cap.map_or(room, |c| c.min(room));
-        let max_tokens = opts.max_tokens.map_or(room, |m| m.min(room));
-        Ok(GenerateRequest { prompt, sampling: opts.sampling, max_tokens, stop, ignore_eos: false, prompt_text: Some(text) })
+        let max_tokens = state.output_room(prompt.len(), opts.max_tokens)?;
+        let mut req = GenerateRequest::new(prompt, opts.sampling, max_tokens);
+        req.stop = stop;
+        req.prompt_text = prepared.text_exact.then_some(prepared.text);
+        req.grammar = prepared.grammar;
+        req.logprobs = opts.logprobs;
+        req.reasoning_budget = prepared.reasoning_budget;
+        Ok(PreparedJob { request: req, output: prepared.output })
     })
     .await
     .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
@@ -113,21 +167,32 @@ pub async fn prepare(state: &Arc<AppState>, messages: Vec<ChatMessage>, opts: Ge
 /// A finished non-streaming generation.
 #[derive(Debug)]
 pub struct Collected {
-    pub text: String,
+    pub output: Output,
     pub reason: FinishReason,
     pub usage: Usage,
+    pub logprobs: Vec<TokenLogprob>,
 }
 
-/// Wait for a job to finish and gather its text. Dropping the future (the
-/// client went away) cancels the job.
-pub async fn collect(job: JobHandle) -> Result<Collected, EngineError> {
+/// Wait for a job to finish and gather its reply, read as `spec` says.
+/// Dropping the future (the client went away) cancels the job. A reply
+/// with tool calls is remembered for exact replay.
+pub async fn collect(state: &AppState, job: JobHandle, spec: &OutputSpec, id_prefix: &'static str) -> Result<Collected, EngineError> {
     let JobHandle { mut events, cancel } = job;
     let _guard = CancelOnDrop(cancel);
-    let mut text = String::new();
+    let mut parser = OutputParser::new(spec, id_prefix);
+    let mut logprobs = Vec::new();
     while let Some(event) = events.recv().await {
         match event {
-            Event::Text(t) => text.push_str(&t),
-            Event::Finished { reason, usage, .. } => return Ok(Collected { text, reason, usage }),
+            Event::Text(t) => {
+                parser.push(&t);
+            }
+            Event::Logprobs(lp) => logprobs.extend(lp),
+            Event::Finished { reason, usage, .. } => {
+                parser.finish();
+                let output = parser.into_output();
+                state.remember_calls(&output);
+                return Ok(Collected { output, reason, usage, logprobs });
+            }
             Event::Failed(err) => return Err(err),
             Event::Started { .. } | Event::PrefillProgress { .. } => {}
         }

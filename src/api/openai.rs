@@ -16,9 +16,10 @@ use serde_json::{json, Value};
 use super::error::{ApiError, OpenAIError};
 use super::error::Protocol;
 use super::sse::{self, StreamAdapter};
-use super::{check_max_tokens, check_range, collect, new_id, prepare, unix_now, GenOptions};
-use crate::chat::{ChatMessage, Role};
-use crate::engine::{Event, FinishReason, SamplingParams, Usage};
+use super::{check_max_tokens, collect, new_id, prepare, unix_now, GenOptions};
+use crate::chat::output::{OutputEvent, OutputParser};
+use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice, ToolSpec};
+use crate::engine::{Event, FinishReason, TokenLogprob, Usage};
 use crate::server::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +49,53 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub n: Option<u32>,
+    #[serde(default)]
+    pub tools: Option<Vec<WireTool>>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
+    #[serde(default)]
+    pub reasoning_effort: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireTool {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub function: Option<WireFunction>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireFunction {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireToolCall {
+    pub id: String,
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    pub function: WireCallFunction,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireCallFunction {
+    pub name: String,
+    pub arguments: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +116,16 @@ pub struct WireMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<WireContent>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<WireToolCall>>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Reasoning of an earlier assistant turn, as hearth (and DeepSeek,
+    /// vLLM, llama-server) return it.
+    #[serde(default)]
+    pub reasoning_content: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,8 +172,93 @@ fn content_text(i: usize, content: Option<WireContent>) -> Result<String, ApiErr
     }
 }
 
-/// Convert and validate a request into messages and options.
-pub fn convert(req: ChatCompletionRequest) -> Result<(Vec<ChatMessage>, GenOptions), ApiError> {
+/// A tool offered to the model, validated.
+pub fn tool_spec(param: &str, name: String, description: Option<String>, parameters: Option<Value>) -> Result<ToolSpec, ApiError> {
+    if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')) {
+        return Err(ApiError::invalid_param(
+            &format!("{param}.name"),
+            format!("invalid function name {name:?}: use letters, digits, underscores, dashes, dots or colons, at most 128 characters"),
+        ));
+    }
+    let parameters = parameters.unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+    if !parameters.is_object() {
+        return Err(ApiError::invalid_param(&format!("{param}.parameters"), "parameters must be a JSON Schema object"));
+    }
+    Ok(ToolSpec { name, description: description.unwrap_or_default(), parameters })
+}
+
+/// Check that no two tools share a name.
+pub fn check_unique_tools(param: &str, tools: &[ToolSpec]) -> Result<(), ApiError> {
+    for (i, t) in tools.iter().enumerate() {
+        if tools[..i].iter().any(|u| u.name == t.name) {
+            return Err(ApiError::invalid_param(&format!("{param}[{i}]"), format!("tool name `{}` is used twice", t.name)));
+        }
+    }
+    Ok(())
+}
+
+/// OpenAI `tool_choice`: `"auto" | "none" | "required"` or
+/// `{"type": "function", "function": {"name": ...}}`.
+pub fn tool_choice(value: Option<Value>) -> Result<ToolChoice, ApiError> {
+    let bad = || ApiError::invalid_param("tool_choice", "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}");
+    match value {
+        None | Some(Value::Null) => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "none" => Ok(ToolChoice::None),
+            "required" => Ok(ToolChoice::Required),
+            _ => Err(bad()),
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .or_else(|| o.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(bad)?;
+            Ok(ToolChoice::Named(name.to_string()))
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
+/// OpenAI `response_format`.
+fn response_format(value: Option<Value>) -> Result<Option<ResponseFormat>, ApiError> {
+    let Some(v) = value else { return Ok(None) };
+    let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(ResponseFormat::JsonObject)),
+        "json_schema" => {
+            let schema = v
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .cloned()
+                .ok_or_else(|| ApiError::invalid_param("response_format.json_schema.schema", "a json_schema response format needs json_schema.schema"))?;
+            if !schema.is_object() {
+                return Err(ApiError::invalid_param("response_format.json_schema.schema", "the schema must be a JSON object"));
+            }
+            Ok(Some(ResponseFormat::JsonSchema(schema)))
+        }
+        other => Err(ApiError::invalid_param(
+            "response_format.type",
+            format!("unsupported response_format type `{other}`; expected text, json_object or json_schema"),
+        )),
+    }
+}
+
+/// OpenAI `reasoning_effort`: `none` (or `minimal`) turns thinking off.
+pub fn thinking_from_effort(effort: Option<&str>) -> Result<Thinking, ApiError> {
+    match effort {
+        None => Ok(Thinking::Default),
+        Some("none") | Some("minimal") => Ok(Thinking::Off),
+        Some("low") | Some("medium") | Some("high") | Some("xhigh") => Ok(Thinking::On { budget: None }),
+        Some(other) => Err(ApiError::invalid_param("reasoning_effort", format!("reasoning_effort must be none, minimal, low, medium or high, got `{other}`"))),
+    }
+}
+
+/// Convert and validate a request into a conversation and options.
+pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
     }
@@ -128,45 +271,95 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(Vec<ChatMessage>, GenOptio
             "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            "tool" | "function" => Role::Tool,
             other => {
                 return Err(ApiError::invalid_param(
                     &format!("messages[{i}].role"),
-                    format!("unsupported role `{other}`; expected system, developer, user or assistant"),
+                    format!("unsupported role `{other}`; expected system, developer, user, assistant or tool"),
                 ))
             }
         };
-        messages.push(ChatMessage::new(role, content_text(i, m.content)?));
+        let mut msg = ChatMessage::new(role, content_text(i, m.content)?);
+        match role {
+            Role::Assistant => {
+                msg.reasoning = m.reasoning_content.filter(|r| !r.is_empty());
+                for (j, c) in m.tool_calls.unwrap_or_default().into_iter().enumerate() {
+                    if c.kind.as_deref().is_some_and(|k| k != "function") {
+                        return Err(ApiError::invalid_param(&format!("messages[{i}].tool_calls[{j}].type"), "only function tool calls are supported"));
+                    }
+                    if serde_json::from_str::<Value>(&c.function.arguments).map(|v| !v.is_object()).unwrap_or(true) {
+                        return Err(ApiError::invalid_param(
+                            &format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                            "function.arguments must be a JSON object serialized as a string",
+                        ));
+                    }
+                    msg.tool_calls.push(ToolCall { id: c.id, name: c.function.name, arguments: c.function.arguments });
+                }
+            }
+            Role::Tool => {
+                let Some(id) = m.tool_call_id.filter(|id| !id.is_empty()) else {
+                    return Err(ApiError::invalid_param(&format!("messages[{i}].tool_call_id"), "a tool message needs the tool_call_id it answers"));
+                };
+                msg.tool_call_id = Some(id);
+                msg.name = m.name;
+            }
+            _ => {}
+        }
+        messages.push(msg);
     }
     let max_tokens = match (req.max_completion_tokens, req.max_tokens) {
         (Some(v), _) => Some(check_max_tokens("max_completion_tokens", v)?),
         (None, Some(v)) => Some(check_max_tokens("max_tokens", v)?),
         (None, None) => None,
     };
-    let defaults = SamplingParams::default();
-    let sampling = SamplingParams {
-        temperature: req.temperature.map(|t| check_range("temperature", t, 0.0, 2.0)).transpose()?.unwrap_or(defaults.temperature),
-        top_p: req.top_p.map(|p| check_range("top_p", p, 0.0, 1.0)).transpose()?.unwrap_or(defaults.top_p),
-        top_k: match req.top_k {
-            Some(k) if k < 0 => return Err(ApiError::invalid_param("top_k", "top_k must be 0 or more")),
-            Some(k) => k,
-            None => defaults.top_k,
-        },
-        min_p: req.min_p.map(|p| check_range("min_p", p, 0.0, 1.0)).transpose()?.unwrap_or(defaults.min_p),
-        seed: req.seed.map(|s| s as u64),
-    };
+    let sampling = super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
     let stop = match req.stop {
         None => vec![],
         Some(StopField::One(s)) => vec![s],
         Some(StopField::Many(v)) => v,
     };
     let stop = super::check_stop("stop", stop)?;
-    Ok((messages, GenOptions { sampling, max_tokens, stop }))
+    let mut tools = Vec::new();
+    for (i, t) in req.tools.unwrap_or_default().into_iter().enumerate() {
+        if t.kind != "function" {
+            return Err(ApiError::invalid_param(&format!("tools[{i}].type"), format!("tools of type `{}` are not supported; use function", t.kind)));
+        }
+        let Some(f) = t.function else {
+            return Err(ApiError::invalid_param(&format!("tools[{i}].function"), "a function tool needs `function`"));
+        };
+        let _ = f.strict;
+        tools.push(tool_spec(&format!("tools[{i}].function"), f.name, f.description, f.parameters)?);
+    }
+    check_unique_tools("tools", &tools)?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (_, Some(n)) if !(0..=20).contains(&n) => return Err(ApiError::invalid_param("top_logprobs", format!("top_logprobs must be between 0 and 20, got {n}"))),
+        (false, Some(n)) if n > 0 => return Err(ApiError::invalid_param("logprobs", "top_logprobs needs logprobs: true")),
+        (true, n) => Some(n.unwrap_or(0) as u32),
+        (false, _) => None,
+    };
+    let chat = ChatRequest {
+        messages,
+        tools,
+        tool_choice: tool_choice(req.tool_choice)?,
+        parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
+        response_format: response_format(req.response_format)?,
+        thinking: thinking_from_effort(req.reasoning_effort.as_deref())?,
+    };
+    Ok((chat, GenOptions { sampling, max_tokens, stop, logprobs }))
 }
 
 pub fn finish_reason(reason: &FinishReason) -> &'static str {
     match reason {
         FinishReason::EndOfTurn | FinishReason::StopSequence(_) => "stop",
         FinishReason::MaxTokens | FinishReason::ContextFull => "length",
+    }
+}
+
+/// A reply that made calls finished to have them run, unless it was cut short.
+fn chat_finish_reason(reason: &FinishReason, calls: bool) -> &'static str {
+    match (reason, calls) {
+        (FinishReason::EndOfTurn | FinishReason::StopSequence(_), true) => "tool_calls",
+        _ => finish_reason(reason),
     }
 }
 
@@ -179,22 +372,71 @@ pub fn usage_json(u: &Usage) -> Value {
     })
 }
 
+/// Chat logprobs entries: `{token, logprob, bytes, top_logprobs}`.
+pub fn logprobs_content(lps: &[TokenLogprob]) -> Value {
+    Value::Array(
+        lps.iter()
+            .map(|t| {
+                json!({
+                    "token": t.token,
+                    "logprob": t.logprob,
+                    "bytes": t.bytes,
+                    "top_logprobs": t.top.iter().map(|a| json!({"token": a.token, "logprob": a.logprob, "bytes": a.bytes})).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A reply's calls in OpenAI's message shape.
+pub fn tool_calls_json(calls: &[ToolCall]) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+            .collect(),
+    )
+}
+
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
     let req: ChatCompletionRequest = ApiError::parse_json(&body)?;
     let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| state.model_id.clone());
     let stream = req.stream.unwrap_or(false);
     let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
-    let (messages, opts) = convert(req)?;
-    let gen = prepare(&state, messages, opts).await?;
-    let job = state.submit("chat_completions", &body, gen);
+    let (chat, opts) = convert(req)?;
+    let want_logprobs = opts.logprobs.is_some();
+    let prepared = prepare(&state, chat, opts, "messages").await?;
+    let job = state.submit("chat_completions", &body, prepared.request);
     let id = new_id("chatcmpl-");
     let created = unix_now();
     if stream {
-        let adapter = ChunkAdapter { id, created, model, include_usage };
+        let adapter = ChunkAdapter {
+            id,
+            created,
+            model,
+            include_usage,
+            want_logprobs,
+            parser: OutputParser::new(&prepared.output, "call_"),
+            pending_logprobs: Vec::new(),
+            state: state.clone(),
+        };
         return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
     }
-    let done = collect(job).await?;
+    let done = collect(&state, job, &prepared.output, "call_").await?;
+    let out = &done.output;
+    let mut message = json!({
+        "role": "assistant",
+        "content": if out.text.is_empty() && !out.calls.is_empty() { Value::Null } else { Value::String(out.text.clone()) },
+        "refusal": null,
+    });
+    if !out.reasoning.is_empty() {
+        message["reasoning_content"] = Value::String(out.reasoning.clone());
+    }
+    if !out.calls.is_empty() {
+        message["tool_calls"] = tool_calls_json(&out.calls);
+    }
+    let logprobs = if want_logprobs { json!({ "content": logprobs_content(&done.logprobs), "refusal": null }) } else { Value::Null };
     Ok(Json(json!({
         "id": id,
         "object": "chat.completion",
@@ -203,9 +445,9 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         "system_fingerprint": state.fingerprint,
         "choices": [{
             "index": 0,
-            "message": { "role": "assistant", "content": done.text, "refusal": null },
-            "logprobs": null,
-            "finish_reason": finish_reason(&done.reason),
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": chat_finish_reason(&done.reason, !out.calls.is_empty()),
         }],
         "usage": usage_json(&done.usage),
     }))
@@ -218,34 +460,76 @@ struct ChunkAdapter {
     created: u64,
     model: String,
     include_usage: bool,
+    want_logprobs: bool,
+    parser: OutputParser,
+    /// Logprobs of tokens whose text has not been sent yet.
+    pending_logprobs: Vec<TokenLogprob>,
+    state: Arc<AppState>,
 }
 
 impl ChunkAdapter {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+    fn chunk(&mut self, delta: Value, finish: Option<&str>) -> Value {
+        let logprobs = if self.want_logprobs && !self.pending_logprobs.is_empty() {
+            json!({ "content": logprobs_content(&std::mem::take(&mut self.pending_logprobs)), "refusal": null })
+        } else {
+            Value::Null
+        };
         let mut c = json!({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
+            "system_fingerprint": self.state.fingerprint,
+            "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
         });
         if self.include_usage {
             c["usage"] = Value::Null;
         }
         c
     }
+
+    fn output_events(&mut self, events: Vec<OutputEvent>) -> Vec<axum::response::sse::Event> {
+        let mut out = Vec::new();
+        for ev in events {
+            let delta = match ev {
+                OutputEvent::Text(t) => json!({ "content": t }),
+                OutputEvent::Reasoning(r) => json!({ "reasoning_content": r }),
+                OutputEvent::CallStart { index, id, name } => json!({ "tool_calls": [{
+                    "index": index, "id": id, "type": "function", "function": { "name": name, "arguments": "" },
+                }]}),
+                OutputEvent::CallArgs { index, fragment } => json!({ "tool_calls": [{ "index": index, "function": { "arguments": fragment } }]}),
+                OutputEvent::CallEnd { .. } => continue,
+            };
+            let chunk = self.chunk(delta, None);
+            out.push(sse::data(&chunk));
+        }
+        out
+    }
 }
 
 impl StreamAdapter for ChunkAdapter {
     fn opening(&mut self) -> Vec<axum::response::sse::Event> {
-        vec![sse::data(&self.chunk(json!({ "role": "assistant", "content": "" }), None))]
+        let chunk = self.chunk(json!({ "role": "assistant", "content": "" }), None);
+        vec![sse::data(&chunk)]
     }
 
     fn on_event(&mut self, event: Event) -> Vec<axum::response::sse::Event> {
         match event {
-            Event::Text(text) => vec![sse::data(&self.chunk(json!({ "content": text }), None))],
+            Event::Text(text) => {
+                let events = self.parser.push(&text);
+                self.output_events(events)
+            }
+            Event::Logprobs(lps) => {
+                self.pending_logprobs.extend(lps);
+                vec![]
+            }
             Event::Finished { reason, usage, .. } => {
-                let mut out = vec![sse::data(&self.chunk(json!({}), Some(finish_reason(&reason))))];
+                let events = self.parser.finish();
+                let mut out = self.output_events(events);
+                let calls = !self.parser.output().calls.is_empty();
+                self.state.remember_calls(self.parser.output());
+                let fin = self.chunk(json!({}), Some(chat_finish_reason(&reason, calls)));
+                out.push(sse::data(&fin));
                 if self.include_usage {
                     let mut last = self.chunk(json!({}), None);
                     last["choices"] = json!([]);
@@ -275,7 +559,7 @@ mod tests {
     use super::*;
 
     fn parse(v: Value) -> Result<(Vec<ChatMessage>, GenOptions), ApiError> {
-        convert(serde_json::from_value(v).unwrap())
+        convert(serde_json::from_value(v).unwrap()).map(|(c, o)| (c.messages, o))
     }
 
     #[test]

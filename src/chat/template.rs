@@ -124,26 +124,60 @@ impl ChatTemplate {
     /// turn. The variables are the ones transformers passes when there are
     /// no tools: `tools` and `documents` are defined but none.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.render_with(messages, &RenderOptions { add_generation_prompt, ..Default::default() })
+    }
+
+    /// Render with tools and template switches, the variables transformers
+    /// passes to `apply_chat_template`: `tools` (OpenAI function objects) and
+    /// extra keyword arguments such as `enable_thinking`.
+    pub fn render_with(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<String, TemplateError> {
         #[derive(Serialize)]
         struct Ctx<'a> {
             messages: &'a [ChatMessage],
             add_generation_prompt: bool,
             bos_token: &'a str,
             eos_token: &'a str,
-            tools: Option<()>,
+            tools: Option<&'a [serde_json::Value]>,
             documents: Option<()>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            enable_thinking: Option<bool>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            thinking: Option<bool>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reasoning_effort: Option<&'a str>,
         }
         let ctx = Ctx {
             messages,
-            add_generation_prompt,
+            add_generation_prompt: opts.add_generation_prompt,
             bos_token: &self.bos_token,
             eos_token: &self.eos_token,
-            tools: None,
+            tools: opts.tools.as_deref().filter(|t| !t.is_empty()),
             documents: None,
+            enable_thinking: opts.enable_thinking,
+            // DeepSeek V3.1+ spells the switch `thinking`.
+            thinking: opts.enable_thinking,
+            reasoning_effort: opts.reasoning_effort.as_deref(),
         };
         let tmpl = self.env.get_template("chat").map_err(|e| TemplateError::Syntax(describe(&e)))?;
         tmpl.render(ctx).map_err(|e| TemplateError::Render(describe(&e)))
     }
+
+    /// Whether the template renders a `tools` list itself.
+    pub fn handles_tools(&self) -> bool {
+        !self.fallback && self.source.contains("tools")
+    }
+}
+
+/// What [`ChatTemplate::render_with`] passes besides the messages.
+#[derive(Debug, Clone, Default)]
+pub struct RenderOptions {
+    pub add_generation_prompt: bool,
+    /// OpenAI-style tool objects: `{"type": "function", "function": {...}}`.
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// `enable_thinking` (Qwen 3, SmolLM3...) and `thinking` (DeepSeek).
+    pub enable_thinking: Option<bool>,
+    /// `reasoning_effort` (gpt-oss style templates).
+    pub reasoning_effort: Option<String>,
 }
 
 /// Marks an error as the template's own `raise_exception`, whose message is

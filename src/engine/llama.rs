@@ -7,6 +7,7 @@
 //! control of the KV memory. So this module owns those pointers itself and
 //! exposes only what the worker needs.
 
+use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
 use std::ptr::NonNull;
@@ -46,6 +47,42 @@ fn init_backend() {
     });
 }
 
+thread_local! {
+    /// llama.cpp's warnings and errors on this thread, while `capture_log`
+    /// collects them.
+    static CAPTURED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Run `f`, collecting the warnings and errors llama.cpp logs on this
+/// thread meanwhile (they are logged at debug level instead): the reason
+/// a client's grammar was refused, for its error message.
+pub(crate) fn capture_log<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let prev = CAPTURED.with(|c| c.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let lines = CAPTURED.with(|c| std::mem::replace(&mut *c.borrow_mut(), prev)).unwrap_or_default();
+    (out, lines)
+}
+
+/// Keep a log line for `capture_log` if one is running on this thread.
+fn capture_line(level: sys::ggml_log_level, msg: &str) -> bool {
+    CAPTURED
+        .try_with(|c| {
+            let Ok(mut c) = c.try_borrow_mut() else { return false };
+            let Some(lines) = c.as_mut() else { return false };
+            match level {
+                sys::GGML_LOG_LEVEL_ERROR | sys::GGML_LOG_LEVEL_WARN => lines.push(msg.to_string()),
+                sys::GGML_LOG_LEVEL_CONT => {
+                    if let Some(last) = lines.last_mut() {
+                        last.push_str(msg);
+                    }
+                }
+                _ => {}
+            }
+            true
+        })
+        .unwrap_or(false)
+}
+
 unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
     if text.is_null() {
         return;
@@ -53,6 +90,10 @@ unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_c
     let msg = CStr::from_ptr(text).to_string_lossy();
     let msg = msg.trim_end();
     if msg.is_empty() {
+        return;
+    }
+    if capture_line(level, msg) {
+        tracing::debug!(target: "llama.cpp", "{msg}");
         return;
     }
     match level {
@@ -109,6 +150,11 @@ impl Model {
         self.vocab.as_ptr()
     }
 
+    /// The vocabulary, for samplers that read it (grammar). Read-only.
+    pub(crate) fn vocab_ptr(&self) -> *const sys::llama_vocab {
+        self.vocab.as_ptr()
+    }
+
     /// Tokenize text. `parse_special` lets the text's special-token markup
     /// (`<|im_start|>`) become control tokens; it must only be set for text
     /// the template produced, never for raw client text.
@@ -138,8 +184,9 @@ impl Model {
         }
     }
 
-    /// The bytes a token stands for in generated text. Control tokens give
-    /// nothing: they are markup, not text.
+    /// The bytes a token stands for as plain text. Control tokens give
+    /// nothing. (Generated text uses [`Model::token_text`] instead, so
+    /// control tokens that mark tool calls reach the tool parsers.)
     pub fn token_bytes(&self, token: Token) -> Vec<u8> {
         self.piece(token, false)
     }
@@ -386,10 +433,6 @@ impl Context {
         }
     }
 
-    pub(crate) fn raw(&self) -> *mut sys::llama_context {
-        self.ptr.as_ptr()
-    }
-
     fn memory(&self) -> sys::llama_memory_t {
         unsafe { sys::llama_get_memory(self.ptr.as_ptr()) }
     }
@@ -441,5 +484,26 @@ impl Drop for Context {
             sys::llama_batch_free(self.batch);
             sys::llama_free(self.ptr.as_ptr());
         }
+    }
+}
+
+impl Model {
+    /// The texts of the vocabulary's control tokens (`<|im_end|>`,
+    /// `<｜end▁of▁sentence｜>`): the markup that tokenizing with
+    /// `parse_special` turns into control tokens. Client text containing
+    /// one must be tokenized as plain text (see `chat::prompt`).
+    pub fn control_token_texts(&self) -> Vec<String> {
+        let n = self.n_vocab();
+        let mut out = Vec::new();
+        for id in 0..n {
+            let attr = unsafe { sys::llama_vocab_get_attr(self.vocab(), id) };
+            if attr & (sys::LLAMA_TOKEN_ATTR_CONTROL | sys::LLAMA_TOKEN_ATTR_UNKNOWN) as sys::llama_token_attr != 0 {
+                let text = String::from_utf8_lossy(&self.piece(id, true)).into_owned();
+                if !text.is_empty() {
+                    out.push(text);
+                }
+            }
+        }
+        out
     }
 }

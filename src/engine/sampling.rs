@@ -1,10 +1,13 @@
-//! Sampling parameters and the llama.cpp sampler chain built from them.
+//! Sampling parameters, the sampler (an optional grammar, then llama.cpp's
+//! chain) and log-probabilities over the raw logits.
 
 use std::ptr::NonNull;
 
 use llama_cpp_sys_2 as sys;
 
-use super::llama::{Context, Token};
+use super::grammar::GrammarError;
+use super::llama::{Context, Model, Token};
+use super::Grammar;
 
 /// How to pick each next token. Defaults are the official APIs' own
 /// (temperature 1, no truncation).
@@ -34,16 +37,33 @@ impl SamplingParams {
     }
 }
 
-/// An owned llama.cpp sampler chain.
-pub struct Sampler(NonNull<sys::llama_sampler>);
+/// The sampler of one job: an optional grammar, then llama.cpp's chain.
+///
+/// The token is picked here rather than by `llama_sampler_sample`: that
+/// call accepts the token into every sampler, and a grammar that refuses
+/// it throws a C++ exception, which must not unwind through Rust. Here the
+/// grammar is asked first and fed only tokens it allows, through the
+/// wrapper that catches exceptions.
+pub struct Sampler {
+    chain: NonNull<sys::llama_sampler>,
+    grammar: Option<NonNull<sys::llama_sampler>>,
+    /// The grammar refused a token it had allowed (a llama.cpp bug): its
+    /// state is gone, so nothing more is sampled.
+    broken: bool,
+    /// Candidate buffer, one entry per vocabulary token, reused.
+    cur: Vec<sys::llama_token_data>,
+}
 
-// SAFETY: a sampler is plain data used by one thread at a time.
+// SAFETY: samplers are plain data used by one thread at a time.
 unsafe impl Send for Sampler {}
 
 impl Sampler {
-    /// The chain in llama.cpp's usual order: truncation (top-k, top-p,
-    /// min-p), then temperature, then a seeded draw. Greedy skips it all.
-    pub fn new(params: &SamplingParams) -> Sampler {
+    /// The grammar (when given) first, then the chain in llama.cpp's usual
+    /// order: truncation (top-k, top-p, min-p), then temperature, then a
+    /// seeded draw. Greedy replaces the chain with an argmax, still under
+    /// the grammar.
+    pub fn new(params: &SamplingParams, model: &Model, grammar: Option<&Grammar>) -> Result<Sampler, GrammarError> {
+        let grammar = grammar.map(|g| super::grammar::init_sampler(model, g)).transpose()?;
         unsafe {
             let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
             let add = |s: *mut sys::llama_sampler| sys::llama_sampler_chain_add(chain, s);
@@ -63,24 +83,214 @@ impl Sampler {
                 let seed = params.seed.map(|s| s as u32).unwrap_or_else(rand_seed);
                 add(sys::llama_sampler_init_dist(seed));
             }
-            Sampler(NonNull::new(chain).expect("llama_sampler_chain_init returned null"))
+            let chain = NonNull::new(chain).expect("llama_sampler_chain_init returned null");
+            Ok(Sampler { chain, grammar, broken: false, cur: Vec::new() })
         }
     }
 
-    /// Pick the next token from the context's last logits (and record it
-    /// in the chain's state).
-    pub fn sample(&mut self, ctx: &Context) -> Token {
-        unsafe { sys::llama_sampler_sample(self.0.as_ptr(), ctx.raw(), -1) }
+    /// Pick the next token from the context's last logits and record it in
+    /// the samplers' state. None when nothing can follow: the grammar
+    /// allows no token (not even end-of-generation), or its state broke.
+    ///
+    /// As llama.cpp's common sampler does, the chain samples freely first
+    /// and the grammar only checks the pick; only when it refuses is the
+    /// grammar applied to the whole vocabulary and the chain run again.
+    /// Greedy gets exactly the grammar-constrained argmax either way.
+    pub fn sample(&mut self, ctx: &Context) -> Option<Token> {
+        if self.broken {
+            return None;
+        }
+        let logits = ctx.last_logits();
+        if logits.is_empty() {
+            return None;
+        }
+        let mut token = self.run_chain(logits, false)?;
+        if self.grammar.is_some() && !self.allows(token) {
+            token = self.run_chain(logits, true)?;
+        }
+        self.accept(token);
+        (!self.broken).then_some(token)
+    }
+
+    /// Record a token the engine inserted itself (a forced end of
+    /// reasoning). The grammar takes it only if it allows it: a lazy
+    /// grammar still waiting for its trigger takes anything (and may be
+    /// triggered by it); an active grammar is not put in a state it
+    /// cannot continue from.
+    pub fn accept_forced(&mut self, token: Token) {
+        if self.broken {
+            return;
+        }
+        if self.grammar.is_some() && !self.allows(token) {
+            tracing::debug!(token, "forced token outside the grammar; the grammar does not see it");
+            unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
+            return;
+        }
+        self.accept(token);
+    }
+
+    /// Fill the candidates from `logits`, apply the grammar when asked,
+    /// then the chain; the picked token. None when the grammar leaves no
+    /// candidate.
+    fn run_chain(&mut self, logits: &[f32], with_grammar: bool) -> Option<Token> {
+        self.cur.clear();
+        self.cur.extend(logits.iter().enumerate().map(|(i, &logit)| sys::llama_token_data { id: i as Token, logit, p: 0.0 }));
+        let mut arr = sys::llama_token_data_array { data: self.cur.as_mut_ptr(), size: self.cur.len(), selected: -1, sorted: false };
+        if let (true, Some(g)) = (with_grammar, self.grammar) {
+            unsafe { sys::llama_sampler_apply(g.as_ptr(), &mut arr) };
+            // SAFETY: apply may shrink or reorder the array, within `cur`.
+            let cands = unsafe { std::slice::from_raw_parts(arr.data, arr.size) };
+            if !cands.iter().any(|c| c.logit > f32::NEG_INFINITY) {
+                tracing::warn!("the grammar allows no token here; generation ends");
+                return None;
+            }
+        }
+        unsafe { sys::llama_sampler_apply(self.chain.as_ptr(), &mut arr) };
+        if arr.selected < 0 || arr.selected as usize >= arr.size {
+            return None;
+        }
+        let picked = unsafe { *arr.data.add(arr.selected as usize) };
+        if with_grammar && picked.logit == f32::NEG_INFINITY {
+            return None;
+        }
+        Some(picked.id)
+    }
+
+    /// Whether the grammar allows `token` next.
+    fn allows(&mut self, token: Token) -> bool {
+        let Some(g) = self.grammar else { return true };
+        let mut one = sys::llama_token_data { id: token, logit: 1.0, p: 0.0 };
+        let mut arr = sys::llama_token_data_array { data: &mut one, size: 1, selected: -1, sorted: false };
+        unsafe { sys::llama_sampler_apply(g.as_ptr(), &mut arr) };
+        one.logit != f32::NEG_INFINITY
+    }
+
+    fn accept(&mut self, token: Token) {
+        if let Some(g) = self.grammar {
+            let status = unsafe { sys::llama_rs_sampler_accept(g.as_ptr(), token) };
+            if status != sys::LLAMA_RS_STATUS_OK {
+                tracing::warn!(token, status, "the grammar refused a token it allowed; generation ends");
+                self.broken = true;
+            }
+        }
+        unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
     }
 }
 
 impl Drop for Sampler {
     fn drop(&mut self) {
-        unsafe { sys::llama_sampler_free(self.0.as_ptr()) }
+        unsafe {
+            sys::llama_sampler_free(self.chain.as_ptr());
+            if let Some(g) = self.grammar {
+                sys::llama_sampler_free(g.as_ptr());
+            }
+        }
     }
+}
+
+/// The log-probability (natural log, under the softmax of the raw
+/// `logits`) of `chosen`, and the `n` most likely tokens with theirs, best
+/// first (ties: lower id first, as greedy sampling picks). NaN logits count
+/// as impossible.
+pub fn logprobs(logits: &[f32], chosen: Token, n: usize) -> (f32, Vec<(Token, f32)>) {
+    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let n_inf = if max == f32::INFINITY { logits.iter().filter(|&&l| l == f32::INFINITY).count() } else { 0 };
+    let lse = if max.is_finite() {
+        let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| ((l - max) as f64).exp()).sum();
+        max as f64 + sum.ln()
+    } else {
+        0.0
+    };
+    let lp = |l: f32| -> f32 {
+        if l.is_nan() || l == f32::NEG_INFINITY {
+            f32::NEG_INFINITY
+        } else if n_inf > 0 {
+            // Infinite logits share all the probability.
+            if l == f32::INFINITY { -(n_inf as f32).ln() } else { f32::NEG_INFINITY }
+        } else {
+            ((l as f64 - lse) as f32).min(0.0)
+        }
+    };
+    let chosen_lp = logits.get(chosen as usize).copied().map_or(f32::NEG_INFINITY, lp);
+    let top = top_n(logits, n).into_iter().map(|(t, l)| (t, lp(l))).collect();
+    (chosen_lp, top)
+}
+
+/// The `n` largest logits with their token ids, largest first, lower id
+/// first among equals. One pass over the vocabulary, no allocation beyond
+/// the result.
+fn top_n(logits: &[f32], n: usize) -> Vec<(Token, f32)> {
+    let mut best: Vec<(Token, f32)> = Vec::with_capacity(n + 1);
+    if n == 0 {
+        return best;
+    }
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() || (best.len() == n && l <= best[n - 1].1) {
+            continue;
+        }
+        // Insert after every entry >= l: equal logits keep id order.
+        let at = best.partition_point(|&(_, b)| b >= l);
+        best.insert(at, (i as Token, l));
+        best.truncate(n);
+    }
+    best
 }
 
 fn rand_seed() -> u32 {
     // The low bits of a v4 UUID are uniformly random; no extra crate needed.
     (uuid::Uuid::new_v4().as_u128() & 0xffff_ffff) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f32, b: f32) -> bool {
+        (a - b).abs() < 1e-5
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax() {
+        let logits = [1.0f32, 2.0, 3.0, 0.5];
+        let (lp, top) = logprobs(&logits, 1, 3);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!(close(lp, (2.0f32.exp() / z).ln()));
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1, 0]);
+        assert!(close(top[0].1, (3.0f32.exp() / z).ln()));
+        assert!(close(top[1].1, lp));
+        let total: f32 = logits.iter().enumerate().map(|(i, _)| logprobs(&logits, i as Token, 0).0.exp()).sum();
+        assert!(close(total, 1.0));
+    }
+
+    #[test]
+    fn top_n_is_sorted_and_capped() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 10.0).collect();
+        let (_, top) = logprobs(&logits, 0, 20);
+        assert_eq!(top.len(), 20);
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
+        let mut sorted = logits.clone();
+        sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        assert_eq!(logits[top[0].0 as usize], sorted[0]);
+        assert_eq!(logits[top[19].0 as usize], sorted[19]);
+        // Fewer tokens than asked for.
+        assert_eq!(logprobs(&[0.0, 1.0], 0, 5).1.len(), 2);
+        assert!(logprobs(&[0.0, 1.0], 0, 0).1.is_empty());
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_id_as_greedy_does() {
+        let (_, top) = logprobs(&[1.0, 5.0, 5.0, 5.0, 0.0], 1, 2);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn large_and_odd_logits_stay_finite_and_non_positive() {
+        let (lp, top) = logprobs(&[1000.0, 999.0, f32::NEG_INFINITY, f32::NAN], 1, 4);
+        assert!(close(lp, -(1.0 + (-1.0f32).exp()).ln() - 1.0));
+        assert_eq!(top.len(), 3, "NaN is left out");
+        assert_eq!(top[2].1, f32::NEG_INFINITY);
+        assert!(top.iter().all(|t| t.1 <= 0.0));
+        let (lp, _) = logprobs(&[f32::NEG_INFINITY; 3], 0, 1);
+        assert_eq!(lp, f32::NEG_INFINITY);
+    }
 }

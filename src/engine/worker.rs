@@ -6,6 +6,7 @@
 //! waits on a client. Cancellation is checked between chunks and tokens, and
 //! inside llama.cpp's compute through the abort callback.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,9 +19,12 @@ use super::cache::sequence::Sequence;
 use super::cache::{match_prompt, Match, RamStore};
 use super::fault::{FaultKind, FaultPlan};
 use super::llama::{Context, ContextParams, DecodeError, LlamaError, Model, Token};
-use super::sampling::Sampler;
+use super::sampling::{logprobs, Sampler};
 use super::text::StopScanner;
-use super::{CancelFlag, EngineConfig, EngineError, Command, EngineStats, Event, FinishReason, GenerateRequest, Job, PrefixSource, Timings, Usage};
+use super::{
+    CancelFlag, Command, EngineConfig, EngineError, EngineStats, Event, FinishReason, GenerateRequest, Job, PrefixSource, ReasoningBudget,
+    Timings, TokenLogprob, TopLogprob, Usage,
+};
 
 /// State the abort callback reads from inside llama.cpp's compute. Plain
 /// std mutexes: the callback runs on a compute thread, never in async code,
@@ -541,9 +545,22 @@ impl Worker {
         // Decode.
         let decode_fault = self.fault_for(job, FaultKind::DecodeStall);
         let decode_error = self.fault_for(job, FaultKind::DecodeError).is_some();
-        let mut sampler = Sampler::new(&req.sampling);
-        let mut scanner = StopScanner::new(req.stop.clone());
         let model = self.ctx.model().clone();
+        let mut sampler = match Sampler::new(&req.sampling, &model, req.grammar.as_ref()) {
+            Ok(s) => s,
+            Err(err) => {
+                // The HTTP side validates grammars (`grammar::validate`)
+                // before queueing, with the same call: not reached.
+                warn!(cause = %err, "grammar refused; generating without it");
+                Sampler::new(&req.sampling, &model, None).unwrap_or_else(|_| unreachable!("no grammar, no error"))
+            }
+        };
+        let mut out = Output::new(&job.events, req.stop.clone());
+        let top_n = req.logprobs.map(|n| n.min(MAX_TOP_LOGPROBS) as usize);
+        let mut budget = req.reasoning_budget.as_ref().map(|b| Budget::new(&model, b));
+        // Tokens the engine writes itself (the end of an over-long
+        // reasoning section), fed one per step as if sampled.
+        let mut forced: VecDeque<Token> = VecDeque::new();
         let t1 = Instant::now();
         let mut last_log = t1;
         let mut generated = 0u32;
@@ -555,16 +572,34 @@ impl Worker {
                 break FinishReason::ContextFull;
             }
             self.check(job)?;
-            let token = sampler.sample(&self.ctx);
+            if let Some(tokens) = budget.as_mut().and_then(|b| b.due(generated)) {
+                debug!(generated, "reasoning budget spent: closing the reasoning");
+                forced.extend(tokens);
+            }
+            let (token, was_forced) = match forced.pop_front() {
+                Some(t) => {
+                    sampler.accept_forced(t);
+                    (t, true)
+                }
+                None => match sampler.sample(&self.ctx) {
+                    Some(t) => (t, false),
+                    // The grammar allows nothing more: treat it as the end.
+                    None => break FinishReason::EndOfTurn,
+                },
+            };
             generated += 1;
-            if model.is_eog(token) && !req.ignore_eos {
+            let eog = model.is_eog(token);
+            if eog && !was_forced && !req.ignore_eos {
                 break FinishReason::EndOfTurn;
             }
-            let out = scanner.push(&model.token_bytes(token));
-            if !out.text.is_empty() {
-                let _ = job.events.send(Event::Text(out.text));
+            // Special tokens keep their text (tool-call markers must reach
+            // the tool parsers); end-of-generation tokens are never text.
+            let bytes = if eog { Vec::new() } else { model.token_text(token) };
+            let logprob = top_n.map(|n| token_logprob(&model, self.ctx.last_logits(), token, &bytes, n));
+            if let Some(b) = budget.as_mut() {
+                b.observe(&bytes);
             }
-            if let Some(stop) = out.stop {
+            if let Some(stop) = out.push(&bytes, logprob) {
                 break FinishReason::StopSequence(stop);
             }
             if generated >= req.max_tokens {
@@ -587,10 +622,7 @@ impl Worker {
                 info!("decode {generated} tokens, {:.1} t/s", generated as f64 / t1.elapsed().as_secs_f64().max(1e-9));
             }
         };
-        let tail = scanner.finish();
-        if !tail.is_empty() && !matches!(reason, FinishReason::StopSequence(_)) {
-            let _ = job.events.send(Event::Text(tail));
-        }
+        out.finish(matches!(reason, FinishReason::StopSequence(_)));
         let usage = Usage { prompt_tokens: total as u32, cached_tokens: cached as u32, completion_tokens: generated };
         let decode_secs = t1.elapsed().as_secs_f64();
         info!(
@@ -611,6 +643,138 @@ impl Worker {
     }
 }
 
+/// At most this many alternatives per token are reported (OpenAI's cap).
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Generated tokens to a job's events: their text through the stop
+/// scanner, and their logprobs (when asked for) just before the `Text`
+/// that first holds some of their text.
+struct Output<'a> {
+    events: &'a mpsc::UnboundedSender<Event>,
+    scanner: StopScanner,
+    /// Logprobs of tokens none of whose text is released yet, each with the
+    /// offset of its text in the generated bytes.
+    pending: VecDeque<(usize, TokenLogprob)>,
+    /// Generated bytes pushed so far.
+    pushed: usize,
+    /// Text bytes released so far (equal to the bytes pushed and released,
+    /// except where invalid UTF-8 became U+FFFD).
+    released: usize,
+}
+
+impl<'a> Output<'a> {
+    fn new(events: &'a mpsc::UnboundedSender<Event>, stops: Vec<String>) -> Self {
+        Output { events, scanner: StopScanner::new(stops), pending: VecDeque::new(), pushed: 0, released: 0 }
+    }
+
+    /// One generated token's text and logprob. Returns the stop sequence
+    /// when one matched: generation ends, and the tokens inside or after
+    /// it are dropped.
+    fn push(&mut self, bytes: &[u8], logprob: Option<TokenLogprob>) -> Option<String> {
+        if let Some(lp) = logprob {
+            self.pending.push_back((self.pushed, lp));
+        }
+        self.pushed += bytes.len();
+        let out = self.scanner.push(bytes);
+        if !out.text.is_empty() {
+            self.released += out.text.len();
+            let released = self.released;
+            self.send_logprobs(|start| start < released);
+            let _ = self.events.send(Event::Text(out.text));
+        }
+        if out.stop.is_some() {
+            self.pending.clear();
+        }
+        out.stop
+    }
+
+    /// Generation ended: release what the scanner held (unless a stop
+    /// sequence ended it), preceded by the logprobs still pending.
+    fn finish(&mut self, stopped: bool) {
+        let tail = self.scanner.finish();
+        if stopped {
+            self.pending.clear();
+            return;
+        }
+        self.send_logprobs(|_| true);
+        if !tail.is_empty() {
+            self.released += tail.len();
+            let _ = self.events.send(Event::Text(tail));
+        }
+    }
+
+    /// Send the pending logprobs whose text starts where `released` says.
+    fn send_logprobs(&mut self, released: impl Fn(usize) -> bool) {
+        let n = self.pending.iter().take_while(|(start, _)| released(*start)).count();
+        if n > 0 {
+            let batch = self.pending.drain(..n).map(|(_, lp)| lp).collect();
+            let _ = self.events.send(Event::Logprobs(batch));
+        }
+    }
+}
+
+/// A chosen token's logprob and the `n` most likely alternatives, from the
+/// raw logits it was sampled from.
+fn token_logprob(model: &Model, logits: &[f32], token: Token, bytes: &[u8], n: usize) -> TokenLogprob {
+    let (logprob, top) = logprobs(logits, token, n);
+    let top = top
+        .into_iter()
+        .map(|(t, logprob)| {
+            let bytes = model.token_text(t);
+            TopLogprob { token: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob }
+        })
+        .collect();
+    TokenLogprob { token: String::from_utf8_lossy(bytes).into_owned(), bytes: bytes.to_vec(), logprob, top }
+}
+
+/// A reasoning budget being spent.
+struct Budget {
+    max_tokens: u32,
+    close: Vec<u8>,
+    /// `close` tokenized with its markup as special tokens.
+    tokens: Vec<Token>,
+    /// The last generated bytes, enough to see `close` arrive split over
+    /// tokens.
+    window: Vec<u8>,
+    /// The reasoning is closed (by the model or by us): nothing more to do.
+    done: bool,
+}
+
+impl Budget {
+    fn new(model: &Model, b: &ReasoningBudget) -> Budget {
+        let tokens = model.tokenize(&b.close, false, true);
+        let done = b.close.is_empty() || tokens.is_empty();
+        Budget { max_tokens: b.max_tokens, close: b.close.as_bytes().to_vec(), tokens, window: Vec::new(), done }
+    }
+
+    /// The close marker's tokens, once, when `generated` tokens spend the
+    /// budget before the model closed its reasoning itself.
+    fn due(&mut self, generated: u32) -> Option<Vec<Token>> {
+        if self.done || generated < self.max_tokens {
+            return None;
+        }
+        self.done = true;
+        Some(self.tokens.clone())
+    }
+
+    /// A generated token's text: the model may close its reasoning itself.
+    fn observe(&mut self, bytes: &[u8]) {
+        if self.done {
+            return;
+        }
+        self.window.extend_from_slice(bytes);
+        if self.window.windows(self.close.len()).any(|w| w == self.close.as_slice()) {
+            self.done = true;
+            self.window = Vec::new();
+            return;
+        }
+        let keep = self.close.len() - 1;
+        if self.window.len() > keep {
+            self.window.drain(..self.window.len() - keep);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::usable_prefix;
@@ -627,5 +791,97 @@ mod tests {
     fn a_partial_match_is_used_whole() {
         assert_eq!(usable_prefix(1416, 1439, 512), 1416);
         assert_eq!(usable_prefix(0, 10, 512), 0);
+    }
+
+    use super::{Budget, Output, TokenLogprob};
+    use crate::engine::Event;
+    use tokio::sync::mpsc;
+
+    fn lp(t: &str) -> Option<TokenLogprob> {
+        Some(TokenLogprob { token: t.into(), bytes: t.as_bytes().to_vec(), logprob: -1.0, top: vec![] })
+    }
+
+    fn drain(rx: &mut mpsc::UnboundedReceiver<Event>) -> Vec<String> {
+        let mut v = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            v.push(match e {
+                Event::Text(t) => format!("T:{t}"),
+                Event::Logprobs(l) => format!("L:{}", l.iter().map(|x| x.token.as_str()).collect::<Vec<_>>().join("|")),
+                _ => "?".into(),
+            });
+        }
+        v
+    }
+
+    #[test]
+    fn logprobs_come_just_before_the_text_that_holds_them() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut out = Output::new(&tx, vec!["STOP".into()]);
+        assert_eq!(out.push(b"Hi", lp("Hi")), None);
+        assert_eq!(out.push(b" S", lp(" S")), None);
+        assert_eq!(out.push(b"T", lp("T")), None);
+        assert_eq!(out.push(b"ar", lp("ar")), None);
+        out.finish(false);
+        assert_eq!(drain(&mut rx), vec!["L:Hi", "T:Hi", "L: S", "T: ", "L:T|ar", "T:STar"]);
+    }
+
+    #[test]
+    fn tokens_in_a_stop_sequence_are_dropped() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut out = Output::new(&tx, vec!["STOP".into()]);
+        assert_eq!(out.push(b"ab S", lp("ab S")), None);
+        assert_eq!(out.push(b"TO", lp("TO")), None);
+        assert_eq!(out.push(b"Pzz", lp("Pzz")).as_deref(), Some("STOP"));
+        out.finish(true);
+        assert_eq!(drain(&mut rx), vec!["L:ab S", "T:ab "]);
+    }
+
+    #[test]
+    fn split_characters_and_leftovers_are_flushed_at_the_end() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut out = Output::new(&tx, vec![]);
+        let euro = "€".as_bytes();
+        out.push(&euro[..2], lp("a"));
+        out.push(&euro[2..], lp("b"));
+        out.push(&[0xE2], lp("c"));
+        out.finish(false);
+        assert_eq!(drain(&mut rx), vec!["L:a|b", "T:€", "L:c", "T:\u{FFFD}"]);
+    }
+
+    #[test]
+    fn no_logprobs_means_text_only() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut out = Output::new(&tx, vec![]);
+        out.push(b"x", None);
+        out.finish(false);
+        assert_eq!(drain(&mut rx), vec!["T:x"]);
+    }
+
+    fn budget(max: u32) -> Budget {
+        Budget { max_tokens: max, close: b"</think>".to_vec(), tokens: vec![7, 8], window: vec![], done: false }
+    }
+
+    #[test]
+    fn a_budget_closes_once_when_spent() {
+        let mut b = budget(2);
+        assert_eq!(b.due(0), None);
+        b.observe(b"hmm");
+        assert_eq!(b.due(2), Some(vec![7, 8]));
+        assert_eq!(b.due(3), None);
+        assert_eq!(budget(0).due(0), Some(vec![7, 8]));
+    }
+
+    #[test]
+    fn a_budget_closed_by_the_model_does_nothing() {
+        let mut b = budget(5);
+        for piece in [&b"so </th"[..], b"in", b"k>", b" answer"] {
+            b.observe(piece);
+        }
+        assert!(b.done);
+        assert_eq!(b.due(10), None);
+        let mut b = budget(5);
+        b.observe(b"</thi");
+        b.observe(b"nk");
+        assert!(!b.done);
     }
 }

@@ -174,7 +174,6 @@ def test_unimplemented_fields_are_ignored(client: anthropic.Anthropic):
         service_tier="auto",
         extra_body={
             **GREEDY,
-            "thinking": {"type": "enabled", "budget_tokens": 1024},
             "output_config": {"effort": "low"},
             "cache_control": {"type": "ephemeral"},
             "some_future_field": {"nested": [1, 2, 3]},

@@ -232,3 +232,39 @@ def test_server_still_serves_after_bad_requests(base_url: str, client: openai.Op
     for body in BAD_REQUESTS.values():
         post(base_url + "/v1/chat/completions", body)
     assert chat(client, max_tokens=4).choices[0].message.content
+
+
+# --- logprobs ----------------------------------------------------------------
+
+def test_logprobs_match_the_text_streamed_or_not(client: openai.OpenAI):
+    whole = chat(client, max_tokens=12, logprobs=True, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    assert content, whole
+    assert "".join(t.token for t in content) == whole.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+        tops = [a.logprob for a in t.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True), tops
+        # Greedy: the chosen token is the most likely one.
+        assert t.top_logprobs[0].token == t.token
+        assert abs(t.top_logprobs[0].logprob - t.logprob) < 1e-4
+
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=STORY, max_tokens=12, temperature=0, stream=True, logprobs=True, top_logprobs=3))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    # Each chunk's logprobs are those of its own text.
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs and c.choices[0].delta.content:
+            assert "".join(t.token for t in c.choices[0].logprobs.content) == c.choices[0].delta.content
+
+
+def test_logprobs_bounds(client: openai.OpenAI):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, logprobs=True, top_logprobs=21)
+    assert e.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError):
+        chat(client, top_logprobs=2)
+    plain = chat(client, max_tokens=4)
+    assert plain.choices[0].logprobs is None

@@ -14,7 +14,6 @@
 
 use super::json::{Feed, JsonScan};
 use super::scan::{scan, Scan, Sink};
-use super::{ToolEvent, ToolParser};
 
 pub(crate) const CALLS_BEGIN: &str = "<｜tool▁calls▁begin｜>";
 const CALLS_END: &str = "<｜tool▁calls▁end｜>";
@@ -261,22 +260,12 @@ impl DeepSeekV3Parser {
     }
 }
 
-impl ToolParser for DeepSeekV3Parser {
-    fn push(&mut self, text: &str) -> Vec<ToolEvent> {
-        self.buf.push_str(text);
-        self.run(false);
-        self.sink.take()
-    }
-
-    fn finish(&mut self) -> Vec<ToolEvent> {
-        self.run(true);
-        self.sink.finish()
-    }
-}
+buffered_parser!(DeepSeekV3Parser);
 
 #[cfg(test)]
 mod tests {
     use super::super::testkit::{check, Item};
+    use super::super::ToolParser;
     use super::*;
     use serde_json::json;
 

@@ -17,7 +17,6 @@
 //! `<｜DSML｜function_calls>` wrapper is accepted too.
 
 use super::scan::{scan, Scan, Sink};
-use super::{ToolEvent, ToolParser};
 use serde_json::Value;
 
 pub(crate) const BLOCK_OPEN: &str = "<｜DSML｜tool_calls>";
@@ -277,18 +276,7 @@ impl DsmlParser {
     }
 }
 
-impl ToolParser for DsmlParser {
-    fn push(&mut self, text: &str) -> Vec<ToolEvent> {
-        self.buf.push_str(text);
-        self.run(false);
-        self.sink.take()
-    }
-
-    fn finish(&mut self) -> Vec<ToolEvent> {
-        self.run(true);
-        self.sink.finish()
-    }
-}
+buffered_parser!(DsmlParser);
 
 /// One call the way DeepSeek's encoder writes it: strings raw with
 /// `string="true"`, everything else as Python-style JSON (`", "` and `": "`

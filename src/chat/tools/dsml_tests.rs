@@ -1,6 +1,7 @@
 //! Golden tests for the DSML parser (kept apart so `dsml.rs` stays short).
 
 use super::super::testkit::{check, merge, Item};
+use super::super::{ToolEvent, ToolParser};
 use super::*;
 use crate::chat::reasoning::{ReasoningPiece, ReasoningSplitter};
 use serde_json::json;

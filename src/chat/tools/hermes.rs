@@ -17,7 +17,6 @@
 
 use super::json::{CallObject, Step};
 use super::scan::{expect_after_ws, scan, Expect, Scan, Sink};
-use super::{ToolEvent, ToolParser};
 
 pub(crate) const OPEN: &str = "<tool_call>";
 pub(crate) const CLOSE: &str = "</tool_call>";
@@ -123,22 +122,12 @@ impl HermesParser {
     }
 }
 
-impl ToolParser for HermesParser {
-    fn push(&mut self, text: &str) -> Vec<ToolEvent> {
-        self.buf.push_str(text);
-        self.run(false);
-        self.sink.take()
-    }
-
-    fn finish(&mut self) -> Vec<ToolEvent> {
-        self.run(true);
-        self.sink.finish()
-    }
-}
+buffered_parser!(HermesParser);
 
 #[cfg(test)]
 mod tests {
     use super::super::testkit::{check, Item};
+    use super::super::{ToolEvent, ToolParser};
     use super::*;
     use serde_json::json;
 

@@ -14,7 +14,6 @@
 
 use super::json::{CallObject, Step};
 use super::scan::Sink;
-use super::{ToolEvent, ToolParser};
 
 const PYTHON_TAG: &str = "<|python_tag|>";
 
@@ -164,22 +163,12 @@ impl Llama3Parser {
     }
 }
 
-impl ToolParser for Llama3Parser {
-    fn push(&mut self, text: &str) -> Vec<ToolEvent> {
-        self.buf.push_str(text);
-        self.run(false);
-        self.sink.take()
-    }
-
-    fn finish(&mut self) -> Vec<ToolEvent> {
-        self.run(true);
-        self.sink.finish()
-    }
-}
+buffered_parser!(Llama3Parser);
 
 #[cfg(test)]
 mod tests {
     use super::super::testkit::{check, Item};
+    use super::super::ToolParser;
     use super::*;
     use serde_json::json;
 

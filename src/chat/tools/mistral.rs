@@ -12,7 +12,6 @@
 
 use super::json::{CallObject, Feed, JsonScan, Step};
 use super::scan::{scan, Scan, Sink};
-use super::{ToolEvent, ToolParser};
 
 pub(crate) const TAG: &str = "[TOOL_CALLS]";
 const ARGS: &str = "[ARGS]";
@@ -243,22 +242,12 @@ impl MistralParser {
     }
 }
 
-impl ToolParser for MistralParser {
-    fn push(&mut self, text: &str) -> Vec<ToolEvent> {
-        self.buf.push_str(text);
-        self.run(false);
-        self.sink.take()
-    }
-
-    fn finish(&mut self) -> Vec<ToolEvent> {
-        self.run(true);
-        self.sink.finish()
-    }
-}
+buffered_parser!(MistralParser);
 
 #[cfg(test)]
 mod tests {
     use super::super::testkit::{check, Item};
+    use super::super::ToolParser;
     use super::*;
     use serde_json::json;
 

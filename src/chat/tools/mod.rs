@@ -20,6 +20,25 @@
 //! [`ToolFormat::call_opener`] is where a lazy grammar starts, and
 //! [`ToolFormat::render_call`] writes a past call back into a prompt.
 
+/// The `ToolParser` of a parser that keeps its input in `buf`, scans it
+/// with `run(eof)` and collects events in `sink` (every format here).
+macro_rules! buffered_parser {
+    ($parser:ty) => {
+        impl $crate::chat::tools::ToolParser for $parser {
+            fn push(&mut self, text: &str) -> Vec<$crate::chat::tools::ToolEvent> {
+                self.buf.push_str(text);
+                self.run(false);
+                self.sink.take()
+            }
+
+            fn finish(&mut self) -> Vec<$crate::chat::tools::ToolEvent> {
+                self.run(true);
+                self.sink.finish()
+            }
+        }
+    };
+}
+
 mod deepseek_v3;
 mod dsml;
 mod fallback;

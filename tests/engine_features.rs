@@ -1,0 +1,225 @@
+//! The engine's grammar, logprobs and reasoning-budget support against the
+//! real default model, through the library API (no server). Skipped, with
+//! a note, when no model is found (`HEARTH_MODEL`, or the default model
+//! under `$HEARTH_HOME` or `~/.cache/hearth`).
+//!
+//! Kept cheap: short prompts, a few dozen tokens each, greedy sampling.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use hearth::engine::grammar::{self, GrammarError};
+use hearth::engine::{
+    self, EngineConfig, EngineHandle, Event, FinishReason, GenerateRequest, Grammar, Model, ReasoningBudget, SamplingParams,
+    TokenLogprob,
+};
+
+fn model_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HEARTH_MODEL").map(PathBuf::from).filter(|p| p.is_file()) {
+        return Some(p);
+    }
+    let home = std::env::var_os("HEARTH_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("hearth"));
+    Some(home.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")).filter(|p| p.is_file())
+}
+
+/// One engine for every test in this file (jobs run one at a time).
+fn engine() -> Option<&'static EngineHandle> {
+    static ENGINE: OnceLock<Option<EngineHandle>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let Some(path) = model_path() else {
+                eprintln!("note: no model (HEARTH_MODEL or the default SmolLM2 file); engine feature tests skipped");
+                return None;
+            };
+            let model = Model::load(&path, 0).expect("load the model");
+            let config = EngineConfig {
+                n_ctx: 1024,
+                n_batch: 256,
+                n_threads: 0,
+                n_gpu_layers: 0,
+                fault: None,
+                cache_ram_bytes: 0,
+                kv_disk_dir: None,
+                kv_disk_bytes: 0,
+            };
+            Some(engine::start(model, config).expect("start the engine"))
+        })
+        .as_ref()
+}
+
+fn model() -> &'static Arc<Model> {
+    engine().unwrap().model()
+}
+
+/// A one-turn chat prompt (ChatML when the model's template uses it).
+fn chat(user: &str) -> Vec<i32> {
+    let m = model();
+    let chatml = m.chat_template().is_some_and(|t| t.contains("<|im_start|>"));
+    let text = if chatml {
+        format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    } else {
+        format!("User: {user}\nAssistant:")
+    };
+    m.tokenize(&text, m.adds_bos(), true)
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams { temperature: 0.0, ..Default::default() }
+}
+
+struct Run {
+    text: String,
+    /// Every event's kind in order: 'L' logprobs, 'T' text.
+    order: String,
+    logprobs: Vec<TokenLogprob>,
+    reason: FinishReason,
+    completion_tokens: u32,
+}
+
+fn run(req: GenerateRequest) -> Run {
+    let mut job = engine().unwrap().submit(req);
+    let mut r = Run { text: String::new(), order: String::new(), logprobs: vec![], reason: FinishReason::MaxTokens, completion_tokens: 0 };
+    while let Some(ev) = job.events.blocking_recv() {
+        match ev {
+            Event::Text(t) => {
+                r.order.push('T');
+                r.text.push_str(&t);
+            }
+            Event::Logprobs(l) => {
+                r.order.push('L');
+                r.logprobs.extend(l);
+            }
+            Event::Finished { reason, usage, .. } => {
+                r.reason = reason;
+                r.completion_tokens = usage.completion_tokens;
+                return r;
+            }
+            Event::Failed(e) => panic!("job failed: {e}"),
+            _ => {}
+        }
+    }
+    panic!("the engine dropped the job");
+}
+
+#[test]
+fn json_schema_grammar_gives_json_and_ends_the_turn() {
+    if engine().is_none() {
+        return;
+    }
+    let schema = serde_json::json!({"type":"object","properties":{"city":{"type":"string"}},"required":["city"]});
+    let gbnf = grammar::json_schema_to_grammar(&schema).unwrap();
+    let g = Grammar { gbnf, triggers: vec![] };
+    grammar::validate(model(), &g).unwrap();
+    let mut req = GenerateRequest::new(chat("What is the capital of France? Answer in JSON."), greedy(), 48);
+    req.grammar = Some(g);
+    let r = run(req);
+    assert_eq!(r.reason, FinishReason::EndOfTurn, "text: {:?}", r.text);
+    let v: serde_json::Value = serde_json::from_str(&r.text).unwrap_or_else(|e| panic!("{e}: {:?}", r.text));
+    assert!(v["city"].is_string(), "{v}");
+}
+
+#[test]
+fn a_lazy_grammar_leaves_text_before_its_trigger_alone() {
+    if engine().is_none() {
+        return;
+    }
+    let prompt = chat("Write one short sentence about cats.");
+    let free = run(GenerateRequest::new(prompt.clone(), greedy(), 24));
+    let mut req = GenerateRequest::new(prompt, greedy(), 24);
+    req.grammar = Some(Grammar { gbnf: r#"root ::= "<tool_call>" [a-z]+ "</tool_call>""#.into(), triggers: vec!["<tool_call>".into()] });
+    let lazy = run(req);
+    assert!(!lazy.text.is_empty());
+    assert!(!lazy.text.contains("<tool_call>"));
+    assert_eq!(lazy.text, free.text, "an untriggered lazy grammar must not change greedy output");
+    assert_eq!(lazy.reason, free.reason);
+}
+
+#[test]
+fn a_forced_trigger_switches_a_lazy_grammar_on() {
+    if engine().is_none() {
+        return;
+    }
+    // The reasoning budget writes the trigger itself after 3 tokens; from
+    // there the grammar holds and, once complete, lets the turn end.
+    let mut req = GenerateRequest::new(chat("Tell me a long story about a dragon."), greedy(), 40);
+    req.grammar = Some(Grammar { gbnf: r#"root ::= "<tool_call>" "{\"n\": " [0-9] "}""#.into(), triggers: vec!["<tool_call>".into()] });
+    req.reasoning_budget = Some(ReasoningBudget { max_tokens: 3, close: "<tool_call>".into() });
+    let r = run(req);
+    let (_, after) = r.text.split_once("<tool_call>").unwrap_or_else(|| panic!("no trigger in {:?}", r.text));
+    assert!(after.starts_with("{\"n\": ") && after.len() == 8 && after.ends_with('}'), "after the trigger: {after:?}");
+    assert_eq!(r.reason, FinishReason::EndOfTurn);
+}
+
+#[test]
+fn logprobs_cover_the_text_in_order() {
+    if engine().is_none() {
+        return;
+    }
+    let mut req = GenerateRequest::new(chat("Name three colors."), greedy(), 16);
+    req.logprobs = Some(3);
+    let r = run(req);
+    assert!(!r.logprobs.is_empty());
+    // Each Logprobs event comes just before a Text event.
+    assert!(r.order.starts_with('L') && !r.order.contains("LL"), "{}", r.order);
+    let bytes: Vec<u8> = r.logprobs.iter().flat_map(|l| l.bytes.clone()).collect();
+    assert_eq!(String::from_utf8_lossy(&bytes), r.text);
+    let eot = usize::from(r.reason == FinishReason::EndOfTurn);
+    assert_eq!(r.logprobs.len() + eot, r.completion_tokens as usize);
+    for l in &r.logprobs {
+        assert_eq!(l.top.len(), 3);
+        assert!(l.logprob <= 0.0 && l.logprob.is_finite(), "{l:?}");
+        assert!(l.top.windows(2).all(|w| w[0].logprob >= w[1].logprob), "{l:?}");
+        // Greedy picks the most likely token.
+        assert_eq!((&l.bytes, l.logprob), (&l.top[0].bytes, l.top[0].logprob), "{l:?}");
+    }
+    // None: no Logprobs events at all.
+    let plain = run(GenerateRequest::new(chat("Name three colors."), greedy(), 16));
+    assert!(!plain.order.contains('L'));
+    assert_eq!(plain.text, r.text);
+}
+
+#[test]
+fn a_reasoning_budget_closes_the_reasoning() {
+    if engine().is_none() {
+        return;
+    }
+    let close_tokens = model().tokenize("</think>", false, true).len();
+    let mut req = GenerateRequest::new(chat("Tell me a long story about a dragon."), greedy(), 5 + close_tokens as u32 + 4);
+    req.reasoning_budget = Some(ReasoningBudget { max_tokens: 5, close: "</think>".into() });
+    req.logprobs = Some(0);
+    let r = run(req);
+    assert!(r.text.contains("</think>"), "{:?}", r.text);
+    let text_of = |ls: &[TokenLogprob]| String::from_utf8_lossy(&ls.iter().flat_map(|l| l.bytes.clone()).collect::<Vec<_>>()).into_owned();
+    assert!(!text_of(&r.logprobs[..5]).contains("</think>"));
+    assert_eq!(text_of(&r.logprobs[5..5 + close_tokens]), "</think>");
+    assert!(r.logprobs.len() > 5 + close_tokens, "generation goes on after the close");
+    assert!(r.logprobs.iter().all(|l| l.top.is_empty()));
+
+    // A zero budget closes before the first sampled token.
+    let mut req = GenerateRequest::new(chat("Hi"), greedy(), close_tokens as u32 + 2);
+    req.reasoning_budget = Some(ReasoningBudget { max_tokens: 0, close: "</think>".into() });
+    let r = run(req);
+    assert!(r.text.starts_with("</think>"), "{:?}", r.text);
+}
+
+#[test]
+fn bad_grammars_are_refused_with_a_reason() {
+    if engine().is_none() {
+        return;
+    }
+    let m = model();
+    assert_eq!(grammar::validate(m, &Grammar { gbnf: r#"root ::= "a" | "b""#.into(), triggers: vec![] }), Ok(()));
+    let err = grammar::validate(m, &Grammar { gbnf: r#"root ::= ("a""#.into(), triggers: vec![] }).unwrap_err();
+    assert!(matches!(err, GrammarError::Grammar(_)), "{err}");
+    let err = grammar::validate(m, &Grammar { gbnf: r#"start ::= "a""#.into(), triggers: vec![] }).unwrap_err();
+    assert!(err.to_string().contains("root"), "{err}");
+    let err = grammar::validate(m, &Grammar { gbnf: r#"root ::= "a""#.into(), triggers: vec![String::new()] }).unwrap_err();
+    assert!(matches!(err, GrammarError::Trigger(_)), "{err}");
+    // From another thread too.
+    let m2 = m.clone();
+    std::thread::spawn(move || grammar::validate(&m2, &Grammar { gbnf: "root ::= [a-z]+".into(), triggers: vec!["[x]".into()] }).unwrap())
+        .join()
+        .unwrap();
+}

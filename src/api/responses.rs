@@ -1050,6 +1050,19 @@ struct ResponseEvents {
 }
 
 impl ResponseEvents {
+    /// End the response as failed, with the error in the Responses shape.
+    fn fail(&mut self, api: ApiError) {
+        self.items.close("incomplete");
+        let code = api.code.unwrap_or(match api.kind {
+            ErrorKind::InvalidRequest => "invalid_prompt",
+            ErrorKind::Overloaded => "rate_limit_exceeded",
+            _ => "server_error",
+        });
+        let error = json!({ "code": code, "message": api.message });
+        let object = self.echo.object(&self.id, self.created_at, "failed", self.items.done.clone(), Value::Null, Value::Null, error);
+        self.items.emit("response.failed", json!({ "response": object }));
+    }
+
     fn feed(&mut self, events: Vec<OutputEvent>) {
         for ev in events {
             self.items.feed(ev);
@@ -1062,6 +1075,11 @@ impl StreamAdapter for ResponseEvents {
         let object = self.echo.object(&self.id, self.created_at, "in_progress", vec![], Value::Null, Value::Null, Value::Null);
         self.items.emit("response.created", json!({ "response": object }));
         self.items.emit("response.in_progress", json!({ "response": object }));
+        self.items.take()
+    }
+
+    fn on_abort(&mut self, err: &ApiError, _protocol: Protocol) -> Vec<SseEvent> {
+        self.fail(err.clone());
         self.items.take()
     }
 
@@ -1090,15 +1108,7 @@ impl StreamAdapter for ResponseEvents {
                 if api.kind == ErrorKind::Internal {
                     tracing::error!(cause = %api.message, "stream failed");
                 }
-                self.items.close("incomplete");
-                let code = api.code.unwrap_or(match api.kind {
-                    ErrorKind::InvalidRequest => "invalid_prompt",
-                    ErrorKind::Overloaded => "rate_limit_exceeded",
-                    _ => "server_error",
-                });
-                let error = json!({ "code": code, "message": api.message });
-                let object = self.echo.object(&self.id, self.created_at, "failed", self.items.done.clone(), Value::Null, Value::Null, error);
-                self.items.emit("response.failed", json!({ "response": object }));
+                self.fail(api);
             }
             Event::Started { .. } | Event::PrefillProgress { .. } | Event::Logprobs(_) => {}
         }

@@ -40,6 +40,12 @@ pub trait StreamAdapter: Send + 'static {
     /// Events for one engine event. `Finished` and `Failed` are the last
     /// event of a job: their output must end the protocol's stream properly.
     fn on_event(&mut self, event: Event) -> Vec<SseEvent>;
+    /// The events that end the stream when the server shuts down under it:
+    /// the protocol's error events unless the adapter has its own
+    /// (Responses ends with `response.failed`).
+    fn on_abort(&mut self, err: &ApiError, protocol: Protocol) -> Vec<SseEvent> {
+        protocol.error_events(err)
+    }
 }
 
 impl Protocol {
@@ -119,7 +125,8 @@ pub fn job_events<A: StreamAdapter>(job: JobHandle, mut adapter: A, opts: Stream
                 // Shutdown first: a fast decode must not keep it waiting.
                 biased;
                 _ = aborted => {
-                    p.pending.extend(p.opts.protocol.error_events(&ApiError::unavailable(SHUTDOWN_MESSAGE)));
+                    let out = p.adapter.on_abort(&ApiError::unavailable(SHUTDOWN_MESSAGE), p.opts.protocol);
+                    p.pending.extend(out);
                     p.done = true;
                 }
                 event = p.events.recv() => {

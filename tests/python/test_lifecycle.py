@@ -83,3 +83,28 @@ def test_help_lists_the_serve_flags():
     for flag in ("--model", "--host", "--port", "--ctx", "--threads", "--batch",
                  "--heartbeat-secs", "--model-alias", "--chat-template", "--cors"):
         assert flag in out.stdout, f"{flag} missing from `hearth serve --help`"
+
+
+def test_shutdown_ends_a_responses_stream_with_response_failed(start_hearth):
+    """A Responses stream cut by shutdown ends with `response.failed`, the
+    event its clients (Codex) read, not chat completions' error chunk."""
+    srv: HearthServer = start_hearth("--heartbeat-secs", "0.5", "--shutdown-grace-secs", "1",
+                                     env={"HEARTH_FAULT": "decode_stall:60"})
+    parts = urlsplit(srv.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    body = {"model": "m", "input": "Tell me a long story.", "max_output_tokens": 16, "stream": True}
+    conn.request("POST", "/v1/responses", json.dumps(body), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    raw = b""
+    while b"response.in_progress" not in raw:
+        raw += resp.read1(4096)
+    srv.proc.send_signal(signal.SIGTERM)
+    while chunk := resp.read1(4096):
+        raw += chunk
+    conn.close()
+    events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "response.failed", events[-3:]
+    assert events[-1]["response"]["status"] == "failed"
+    assert events[-1]["response"]["error"]["message"]
+    assert srv.proc.wait(timeout=15) == 0

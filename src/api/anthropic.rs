@@ -452,7 +452,9 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result
     if !out.reasoning.is_empty() {
         content.push(json!({ "type": "thinking", "thinking": out.reasoning, "signature": signature(&out.reasoning) }));
     }
-    if !out.text.is_empty() || out.calls.is_empty() {
+    // A reply with nothing else still has one (empty) text block; reasoning
+    // alone (cut short by max_tokens) is a thinking block alone, as streamed.
+    if !out.text.is_empty() || (out.calls.is_empty() && out.reasoning.is_empty()) {
         content.push(json!({ "type": "text", "text": out.text }));
     }
     for c in &out.calls {

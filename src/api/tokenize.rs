@@ -17,7 +17,6 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, OpenAIError};
 use super::openai::{convert, ChatCompletionRequest};
-use super::prepare;
 use crate::engine::Token;
 use crate::server::AppState;
 
@@ -60,10 +59,12 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result
     let value: Value = ApiError::parse_json(&body)?;
     let with_pieces = value.get("with_pieces").and_then(Value::as_bool).unwrap_or(false);
     if value.get("messages").is_some() {
+        // The prompt as a chat completion renders it; not held to the
+        // context size (measuring a prompt that is too long is a use).
         let req: ChatCompletionRequest = ApiError::parse_json(&body)?;
-        let (chat, opts) = convert(req)?;
-        let prepared = prepare(&state, chat, opts, "messages").await?;
-        return Ok(Json(tokens_json(&state, &prepared.request.prompt, with_pieces)).into_response());
+        let (chat, _) = convert(req)?;
+        let tokens = prepared_prompt(&state, chat).await?.tokens;
+        return Ok(Json(tokens_json(&state, &tokens, with_pieces)).into_response());
     }
     let req: TokenizeRequest = ApiError::parse_json(&body)?;
     let Some(content) = req.content else {
@@ -96,10 +97,16 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Resu
 pub async fn apply_template(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
     let req: ChatCompletionRequest = ApiError::parse_json(&body)?;
     let (chat, _) = convert(req)?;
+    let prepared = prepared_prompt(&state, chat).await?;
+    Ok(Json(json!({ "prompt": prepared.text })).into_response())
+}
+
+/// Render and tokenize a chat as `/v1/chat/completions` would, on the
+/// blocking pool.
+async fn prepared_prompt(state: &Arc<AppState>, chat: crate::chat::ChatRequest) -> Result<crate::chat::prompt::Prepared, ApiError> {
     let st = state.clone();
-    let prepared = tokio::task::spawn_blocking(move || crate::chat::prompt::prepare(&st.prompt_setup(), chat))
+    tokio::task::spawn_blocking(move || crate::chat::prompt::prepare(&st.prompt_setup(), chat))
         .await
         .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
-        .map_err(|e| super::prompt_error(e, "messages"))?;
-    Ok(Json(json!({ "prompt": prepared.text })).into_response())
+        .map_err(|e| super::prompt_error(e, "messages"))
 }

@@ -86,6 +86,82 @@ pub fn after_marker(gbnf: &str, marker: &str) -> String {
     out
 }
 
+/// A grammar that may start with a reasoning block (`open`, any text
+/// without `close`, `close`) before what `gbnf` holds: a forced grammar
+/// for a model asked to think whose prompt does not open the reasoning.
+pub fn optional_reasoning_first(gbnf: &str, open: &str, close: &str) -> String {
+    let mut out = prefix_rules(gbnf, "g-");
+    out.push('\n');
+    out.push_str(&text_without("think-text", close));
+    out.push_str(&format!("root ::= ({} think-text {} [ \\t\\n]*)? g-root\n", literal(open), literal(close)));
+    out
+}
+
+/// The lazy grammar of `auto` tool calls for a model that may reason
+/// first. A plain lazy grammar starts at the call opener wherever it shows
+/// up, inside the reasoning too: a model that writes `<tool_call>` while
+/// thinking would be held to a call there, its call read as reasoning and
+/// the reply ended. Here the grammar starts where the reasoning does (the
+/// opening marker, or the closing one when the prompt opened the
+/// reasoning): the reasoning is any text up to the closing marker, the
+/// answer any text without the opener, then the calls (`calls_gbnf`, as
+/// [`tool_calls`] builds it). A call made before any reasoning still
+/// starts at the opener. The triggers to use come back with the grammar.
+pub fn calls_after_reasoning(calls_gbnf: &str, opener: &str, open: &str, close: &str, prompt_opened: bool) -> (String, Vec<String>) {
+    let mut out = prefix_rules(calls_gbnf, "g-");
+    out.push('\n');
+    out.push_str(&text_without("answer-text", opener));
+    out.push_str("answer ::= answer-text g-root?\n");
+    if prompt_opened {
+        out.push_str(&format!("root ::= {} answer\n", literal(close)));
+        return (out, vec![close.to_string()]);
+    }
+    out.push_str(&text_without("think-text", close));
+    out.push_str(&format!("root ::= {} think-text ({} answer)? | g-root\n", literal(open), literal(close)));
+    (out, vec![open.to_string(), opener.to_string()])
+}
+
+/// Rules for `name`: any text (the empty text too) in which `word` does
+/// not occur. One rule per matched prefix of `word`, following the
+/// Knuth-Morris-Pratt automaton; each may end the text.
+pub fn text_without(name: &str, word: &str) -> String {
+    let w: Vec<char> = word.chars().collect();
+    if w.is_empty() {
+        return format!("{name} ::= [^\\x00]*\n");
+    }
+    let mut chars: Vec<char> = w.clone();
+    chars.sort_unstable();
+    chars.dedup();
+    // The longest prefix of `word` that ends `seen`.
+    let longest = |seen: &[char]| (0..=seen.len().min(w.len() - 1)).rev().find(|&k| seen.ends_with(&w[..k])).unwrap_or(0);
+    let class: String = chars.iter().map(|&c| class_char(c)).collect();
+    let mut out = format!("{name} ::= {name}-0\n");
+    for state in 0..w.len() {
+        let mut alts = vec![format!("[^{class}] {name}-0")];
+        for &c in &chars {
+            let mut seen = w[..state].to_vec();
+            seen.push(c);
+            if seen.len() == w.len() && seen == w {
+                continue; // the word itself: not allowed
+            }
+            alts.push(format!("{} {name}-{}", literal(&c.to_string()), longest(&seen)));
+        }
+        out.push_str(&format!("{name}-{state} ::= ( {} )?\n", alts.join(" | ")));
+    }
+    out
+}
+
+/// One character inside a GBNF character class.
+fn class_char(c: char) -> String {
+    match c {
+        ']' | '[' | '\\' | '^' | '-' => format!("\\{c}"),
+        '\n' => "\\n".into(),
+        '\r' => "\\r".into(),
+        '\t' => "\\t".into(),
+        c => c.to_string(),
+    }
+}
+
 /// A GBNF string literal for `s`.
 pub fn literal(s: &str) -> String {
     let mut out = String::from("\"");
@@ -174,6 +250,74 @@ mod tests {
             p,
             "t0-root ::= \"{\" t0-space t0-item \"root\" [a-z\\]root] # root\nt0-space ::= \" \"?\nt0-item ::= [0-9]+"
         );
+    }
+
+    /// Run the rules `text_without` writes over `s`, as a grammar engine
+    /// would: true when `s` is a text the rules allow.
+    fn allows(rules: &str, name: &str, s: &str) -> bool {
+        let mut table: Vec<(Vec<(char, usize)>, usize)> = Vec::new();
+        for line in rules.lines().skip(1) {
+            let body = line.split_once("::= ( ").unwrap().1.trim_end_matches(" )?");
+            let mut lits = Vec::new();
+            let mut other = usize::MAX;
+            for alt in body.split(" | ") {
+                let (sym, next) = alt.rsplit_once(' ').unwrap();
+                let next: usize = next.strip_prefix(&format!("{name}-")).unwrap().parse().unwrap();
+                if sym.starts_with("[^") {
+                    other = next;
+                } else {
+                    let c: String = serde_json::from_str(sym).unwrap();
+                    lits.push((c.chars().next().unwrap(), next));
+                }
+            }
+            table.push((lits, other));
+        }
+        let word_chars: HashSet<char> = rules.lines().nth(1).unwrap().split("[^").nth(1).unwrap().chars().collect();
+        let mut state = 0;
+        for c in s.chars() {
+            let (lits, other) = &table[state];
+            state = match lits.iter().find(|(l, _)| *l == c) {
+                Some((_, n)) => *n,
+                None if !word_chars.contains(&c) => *other,
+                None => return false,
+            };
+        }
+        true
+    }
+
+    #[test]
+    fn text_without_a_word_allows_everything_else() {
+        for word in ["<tool_call>", "</think>", "aab", "abab", "[TOOL_CALLS]"] {
+            let rules = text_without("t", word);
+            let alphabet: Vec<char> = word.chars().chain(['x']).collect();
+            let mut seed = 7u64;
+            for _ in 0..3000 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let len = (seed >> 60) as usize + word.len();
+                let s: String = (0..len)
+                    .map(|i| alphabet[((seed >> (i % 50)) as usize ^ i * 31) % alphabet.len()])
+                    .collect();
+                // Also the word itself, at a random place.
+                let with = format!("{}{word}{}", &s[..s.len() / 2], &s[s.len() / 2..]);
+                for t in [&s, &with] {
+                    assert_eq!(allows(&rules, "t", t), !t.contains(word), "{word:?} in {t:?}\n{rules}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn calls_wait_for_the_end_of_the_reasoning() {
+        let calls = "root ::= \"<tool_call>\" x\nx ::= \"{}\"\n";
+        let (g, triggers) = calls_after_reasoning(calls, "<tool_call>", "<think>", "</think>", true);
+        assert_eq!(triggers, vec!["</think>"]);
+        assert!(g.contains("root ::= \"</think>\" answer\n"), "{g}");
+        assert!(g.contains("answer ::= answer-text g-root?\n"), "{g}");
+        assert!(g.contains("g-root ::= \"<tool_call>\" g-x"), "{g}");
+        let (g, triggers) = calls_after_reasoning(calls, "<tool_call>", "<think>", "</think>", false);
+        assert_eq!(triggers, vec!["<think>", "<tool_call>"]);
+        assert!(g.contains("root ::= \"<think>\" think-text (\"</think>\" answer)? | g-root\n"), "{g}");
+        assert!(g.contains("think-text-0 ::="), "{g}");
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub struct OutputSpec {
     pub reasoning: Option<(String, String, bool)>,
     /// Parse tool calls in this format (tools offered, choice not `none`).
     pub tools: Option<ToolFormat>,
+    /// What the prompt wrote of the reply before generation began (the
+    /// opened reasoning, `<think>\n`): part of the reply when it is
+    /// replayed, though not generated.
+    pub replay_prefix: String,
 }
 
 /// Everything one reply said, gathered.
@@ -40,7 +44,8 @@ pub struct Output {
     pub text: String,
     pub reasoning: String,
     pub calls: Vec<ToolCall>,
-    /// The generated text exactly as the model wrote it (for replay).
+    /// The reply exactly as the prompt and the model wrote it, for exact
+    /// replay: [`OutputSpec::replay_prefix`], then the generated text.
     pub raw: String,
 }
 
@@ -60,7 +65,7 @@ impl OutputParser {
             splitter: spec.reasoning.as_ref().map(|(o, c, opened)| ReasoningSplitter::new(o.clone(), c.clone(), *opened)),
             tools: spec.tools.map(ToolFormat::parser),
             id_prefix,
-            out: Output::default(),
+            out: Output { raw: spec.replay_prefix.clone(), ..Output::default() },
         }
     }
 
@@ -176,6 +181,7 @@ mod tests {
         let spec = OutputSpec {
             reasoning: Some(("<think>".into(), "</think>".into(), false)),
             tools: Some(ToolFormat::Hermes),
+            replay_prefix: String::new(),
         };
         let raw = "<think>\nneed weather\n</think>\n\n<tool_call>\n{\"name\": \"get\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
         let chars: Vec<String> = raw.chars().map(String::from).collect();
@@ -190,5 +196,19 @@ mod tests {
         assert_eq!(args, serde_json::json!({"city": "Paris"}));
         assert_eq!(out.raw, raw);
         assert!(matches!(ev.last(), Some(OutputEvent::CallEnd { index: 0 })));
+    }
+
+    #[test]
+    fn a_prompt_opened_reasoning_is_part_of_the_replayed_reply() {
+        let spec = OutputSpec {
+            reasoning: Some(("<think>".into(), "</think>".into(), true)),
+            tools: Some(ToolFormat::Hermes),
+            replay_prefix: "<think>\n".into(),
+        };
+        let raw = "hmm\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>";
+        let (_, out) = run(&spec, &[raw]);
+        assert_eq!(out.reasoning, "hmm");
+        assert_eq!(out.calls.len(), 1);
+        assert_eq!(out.raw, format!("<think>\n{raw}"));
     }
 }

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use serde_json::{json, Value};
 
 use super::grammar::{self, SchemaError};
-use super::output::OutputSpec;
+use super::output::{OutputParser, OutputSpec};
 use super::reasoning::{detect_markers, prompt_opens_reasoning};
 use super::replay::ReplayStore;
 use super::template::{ChatTemplate, RenderOptions, TemplateError};
@@ -112,7 +112,17 @@ impl Protector<'_> {
         match v {
             Value::String(s) => *s = self.protect(s),
             Value::Array(a) => a.iter_mut().for_each(|x| self.protect_value(x)),
-            Value::Object(o) => o.values_mut().for_each(|x| self.protect_value(x)),
+            // Keys too: a schema's property names are rendered with it.
+            Value::Object(o) => {
+                *o = std::mem::take(o)
+                    .into_iter()
+                    .map(|(k, mut x)| {
+                        let k = self.protect(&k);
+                        self.protect_value(&mut x);
+                        (k, x)
+                    })
+                    .collect();
+            }
             _ => {}
         }
     }
@@ -141,6 +151,24 @@ pub struct Prepared {
     pub reasoning_budget: Option<ReasoningBudget>,
     /// Stop sequences the format needs (the fallback template's `\nUser:`).
     pub stops: Vec<String>,
+}
+
+/// Whether `raw`, a reply the model wrote, makes exactly `calls` (names and
+/// arguments as JSON values, in order): only then may it stand for them.
+fn replay_matches(raw: &str, calls: &[super::ToolCall], format: ToolFormat, markers: Option<&(String, String, bool)>) -> bool {
+    // A reply replays from the reasoning marker on when the prompt opened it.
+    let spec = OutputSpec {
+        reasoning: markers.map(|(open, close, _)| (open.clone(), close.clone(), false)),
+        tools: Some(format),
+        replay_prefix: String::new(),
+    };
+    let mut parser = OutputParser::new(&spec, "call_");
+    parser.push(raw);
+    parser.finish();
+    let made = parser.into_output().calls;
+    let value = |s: &str| serde_json::from_str::<Value>(s).ok();
+    made.len() == calls.len()
+        && made.iter().zip(calls).all(|(a, b)| a.name == b.name && value(&a.arguments).is_some() && value(&a.arguments) == value(&b.arguments))
 }
 
 /// Check the history's tool calls and results; fill in each result's
@@ -317,10 +345,16 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
     let markers = if template.is_fallback() { None } else { detect_markers(template.source()) };
 
     // Safe text: protect client strings before anything is added around them.
+    // Every client string a template may write: names and ids too.
+    let has = |s: &Option<String>| s.as_deref().is_some_and(|s| setup.specials.contains_any(s));
     let needs_protection = messages.iter().any(|m| {
         setup.specials.contains_any(&m.content)
-            || m.reasoning.as_deref().is_some_and(|r| setup.specials.contains_any(r))
-            || m.tool_calls.iter().any(|c| setup.specials.contains_any(&c.arguments) || setup.specials.contains_any(&c.name))
+            || has(&m.reasoning)
+            || has(&m.name)
+            || has(&m.tool_call_id)
+            || m.tool_calls.iter().any(|c| {
+                setup.specials.contains_any(&c.arguments) || setup.specials.contains_any(&c.name) || setup.specials.contains_any(&c.id)
+            })
     }) || tools.iter().any(|t| {
         setup.specials.contains_any(&t.name)
             || setup.specials.contains_any(&t.description)
@@ -333,15 +367,29 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
     for mut m in messages {
         if m.role == Role::Assistant && !m.tool_calls.is_empty() {
             if let Some(raw) = setup.replay.lookup(m.tool_calls.iter().map(|c| c.id.as_str())) {
-                // The model's own bytes: trusted, never protected.
-                rendered_msgs.push(ChatMessage { content: raw.to_string(), tool_calls: vec![], reasoning: None, ..m });
-                continue;
+                // The model's own bytes, rendered as they are. Not when they
+                // spell a control token: the text alone cannot tell a
+                // generated control token from the same characters
+                // generated as text (a call's arguments copying what a
+                // client wrote), and tokenized with markup parsing on they
+                // would become control tokens. Those replies are
+                // re-rendered from their structure, and protected below.
+                // And only when the reply made the very calls the client
+                // sends back: a client may have changed them.
+                if !setup.specials.contains_any(&raw) && replay_matches(&raw, &m.tool_calls, format, markers.as_ref()) {
+                    rendered_msgs.push(ChatMessage { content: raw.to_string(), tool_calls: vec![], reasoning: None, ..m });
+                    continue;
+                }
             }
         }
         if needs_protection {
             m.content = protector.protect(&m.content);
             m.reasoning = m.reasoning.map(|r| protector.protect(&r));
+            m.name = m.name.map(|n| protector.protect(&n));
+            m.tool_call_id = m.tool_call_id.map(|id| protector.protect(&id));
             for c in &mut m.tool_calls {
+                c.id = protector.protect(&c.id);
+                c.name = protector.protect(&c.name);
                 c.arguments = protector.protect(&c.arguments);
             }
         }
@@ -397,7 +445,13 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
         (open.clone(), close.clone(), opened)
     });
     let parse_tools = !tools.is_empty() && tool_choice != ToolChoice::None;
-    let output = OutputSpec { reasoning: reasoning.clone(), tools: parse_tools.then_some(format) };
+    // A reply that starts inside reasoning the prompt opened is replayed
+    // with the prompt's opening (`<think>\n`): the bytes the KV cache holds.
+    let replay_prefix = match &reasoning {
+        Some((open, _, true)) => text.rfind(open.as_str()).map(|at| text[at..].to_string()).unwrap_or_default(),
+        _ => String::new(),
+    };
+    let output = OutputSpec { reasoning: reasoning.clone(), tools: parse_tools.then_some(format), replay_prefix };
 
     // How to constrain it.
     let mut grammar = None;
@@ -412,21 +466,31 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
         // many as `parallel_tool_calls` allows.
         let parallel = parallel_tool_calls && !forced;
         if let Some(gbnf) = grammar::tool_calls(format, &offered, parallel)? {
-            grammar = Some(if forced {
-                Grammar { gbnf, triggers: vec![] }
-            } else {
-                Grammar { gbnf, triggers: vec![format.call_opener().to_string()] }
+            grammar = Some(match &reasoning {
+                _ if forced => Grammar { gbnf, triggers: vec![] },
+                // The model may reason first: calls only after the reasoning.
+                Some((open, close, opened)) if enable_thinking != Some(false) || *opened => {
+                    let (gbnf, triggers) = grammar::calls_after_reasoning(&gbnf, format.call_opener(), open, close, *opened);
+                    Grammar { gbnf, triggers }
+                }
+                _ => Grammar { gbnf, triggers: vec![format.call_opener().to_string()] },
             });
         }
     } else if let Some(rf) = &response_format {
         grammar = Some(Grammar { gbnf: grammar::response(rf)?, triggers: vec![] });
     }
     // A prompt that ends inside reasoning: the constraint starts after it.
-    if let (Some(g), Some((_, close, true))) = (&mut grammar, &reasoning) {
-        if g.triggers.is_empty() {
+    // Thinking asked for, and the model opens its reasoning itself: the
+    // constraint allows a reasoning block first.
+    match (&mut grammar, &reasoning) {
+        (Some(g), Some((_, close, true))) if g.triggers.is_empty() => {
             g.gbnf = grammar::after_marker(&g.gbnf, close);
             g.triggers = vec![close.clone()];
         }
+        (Some(g), Some((open, close, false))) if g.triggers.is_empty() && enable_thinking == Some(true) => {
+            g.gbnf = grammar::optional_reasoning_first(&g.gbnf, open, close);
+        }
+        _ => {}
     }
 
     let reasoning_budget = match (thinking, &reasoning) {
@@ -452,44 +516,52 @@ pub fn tokenize_rendered(model: &Model, text: &str) -> Vec<Token> {
     model.tokenize(text, add_bos, true)
 }
 
-/// Tokenize a prompt holding sentinels: markup between them as usual, each
-/// sentinel as its literal text with special-token parsing off. Returns the
-/// text with the literals put back, and the tokens.
+/// Tokenize a prompt holding sentinels. Returns the text with the literals
+/// put back, and its tokens: the control-token texts the template wrote
+/// become control tokens; everything between them, the literals included,
+/// is tokenized as text in one piece, as it would be if the literals were
+/// ordinary words (so `hi <|im_end|>` splits as `hi`, ` <`, ... and not
+/// `hi`, ` `, `<`).
 fn resolve_sentinels(model: &Model, rendered: &str, p: &Protector<'_>) -> (String, Vec<Token>) {
     let head = format!("HEARTHLIT{}N", p.nonce);
     let mut text = String::with_capacity(rendered.len());
-    let mut tokens = Vec::new();
+    // Byte ranges of the literals in `text`.
+    let mut literals: Vec<(usize, usize)> = Vec::new();
     let mut rest = rendered;
-    let mut first = true;
-    let segment = |seg: &str, tokens: &mut Vec<Token>, first: &mut bool| {
-        if seg.is_empty() {
-            return;
-        }
-        if std::mem::replace(first, false) {
-            tokens.extend(tokenize_rendered(model, seg));
-        } else {
-            tokens.extend(model.tokenize(seg, false, true));
-        }
-    };
     while let Some(at) = rest.find(&head) {
         let after = &rest[at + head.len()..];
         let Some(z) = after.find('Z') else { break };
         let Ok(i) = after[..z].parse::<usize>() else { break };
         let Some(lit) = p.literals.get(i) else { break };
-        segment(&rest[..at], &mut tokens, &mut first);
         text.push_str(&rest[..at]);
-        if first {
-            first = false;
-            if model.adds_bos() {
-                tokens.extend(model.bos());
-            }
-        }
-        tokens.extend(model.tokenize(lit, false, false));
+        literals.push((text.len(), text.len() + lit.len()));
         text.push_str(lit);
         rest = &after[z + 1..];
     }
-    segment(rest, &mut tokens, &mut first);
     text.push_str(rest);
+
+    let mut tokens = Vec::new();
+    let bos = model.bos_text();
+    let template_wrote_bos = !bos.is_empty() && text.starts_with(&bos) && !literals.first().is_some_and(|&(s, _)| s == 0);
+    if model.adds_bos() && !template_wrote_bos {
+        tokens.extend(model.bos());
+    }
+    let (mut plain_from, mut from) = (0, 0);
+    while let Some((at, mark)) = p.specials.find(&text, from) {
+        let end = at + mark.len();
+        if literals.iter().any(|&(s, e)| at < e && s < end) {
+            from = at + 1;
+            continue;
+        }
+        if at > plain_from {
+            tokens.extend(model.tokenize(&text[plain_from..at], false, false));
+        }
+        tokens.extend(model.tokenize(mark, false, true));
+        (plain_from, from) = (end, end);
+    }
+    if plain_from < text.len() {
+        tokens.extend(model.tokenize(&text[plain_from..], false, false));
+    }
     (text, tokens)
 }
 
@@ -515,6 +587,12 @@ mod tests {
         assert_eq!(p.literals, vec!["<|im_end|>", "<|im_start|>", "<｜end▁of▁sentence｜>"]);
         assert_eq!(p.protect("plain"), "plain");
         assert!(!s.contains_any("<|im_en"));
+        // Schema property names are rendered too: keys are protected, in place.
+        let mut v = json!({"z": 1, "<|im_end|>": {"description": "<|im_start|>"}, "a": 2});
+        p.protect_value(&mut v);
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["z", "HEARTHLITXN3Z", "a"]);
+        assert_eq!(v["HEARTHLITXN3Z"]["description"], "HEARTHLITXN4Z");
     }
 
     #[test]
@@ -535,6 +613,19 @@ mod tests {
         assert_eq!(out[3].content, "<system>\nagents: a, b\n</system>\n\ngo");
         assert_eq!(out[4].content, "<system>\nlast\n</system>");
         assert!(!has_late_system(&out));
+    }
+
+    #[test]
+    fn a_reply_is_replayed_only_for_the_calls_it_made() {
+        let raw = "<think>\nhm\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1, \"b\": [2]}}\n</tool_call>";
+        let markers = ("<think>".to_string(), "</think>".to_string(), true);
+        let call = |name: &str, args: &str| ToolCall { id: "c".into(), name: name.into(), arguments: args.into() };
+        let m = |calls: &[ToolCall]| replay_matches(raw, calls, ToolFormat::Hermes, Some(&markers));
+        assert!(m(&[call("f", "{\"b\":[2],\"a\":1}")]), "the same call, spelled differently");
+        assert!(!m(&[call("f", "{\"a\": 2, \"b\": [2]}")]), "other arguments");
+        assert!(!m(&[call("g", "{\"a\": 1, \"b\": [2]}")]), "another function");
+        assert!(!m(&[call("f", "{\"a\": 1, \"b\": [2]}"), call("f", "{}")]), "more calls");
+        assert!(!m(&[]));
     }
 
     #[test]

@@ -94,3 +94,15 @@ def assert_client_error(reply: Reply, schema: dict, status: int | None = 400) ->
     body = reply.json()
     jsonschema.validate(body, schema)
     return body
+
+
+def openai_client(url: str, timeout: float = 120):
+    """The official OpenAI SDK pointed at a hearth URL, with no retries."""
+    import openai
+    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=timeout)
+
+
+def anthropic_client(url: str, timeout: float = 120):
+    """The official Anthropic SDK pointed at a hearth URL, with no retries."""
+    import anthropic
+    return anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=timeout)

@@ -7,7 +7,7 @@ import time
 import anthropic
 import pytest
 
-from hearth_http import ANTHROPIC_ERROR_SCHEMA, assert_client_error, post
+from hearth_http import ANTHROPIC_ERROR_SCHEMA, assert_client_error, post, anthropic_client
 
 MODEL = "any-model-name"
 STORY = [{"role": "user", "content": "Write a short story about a cat who learns to sail."}]
@@ -18,7 +18,7 @@ HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "x"}
 
 
 def make_client(url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=120)
+    return anthropic_client(url, 120)
 
 
 @pytest.fixture(scope="module")

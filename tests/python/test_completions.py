@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from hearth_http import OPENAI_ERROR_SCHEMA, assert_client_error, post
+from hearth_http import OPENAI_ERROR_SCHEMA, assert_client_error, post, openai_client
 
 MODEL = "any-model-name"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -15,7 +15,7 @@ LONG_TEXT = " ".join(f"Sentence number {i} describes the quiet harbour at dawn."
 
 @pytest.fixture(scope="module")
 def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    return openai_client(base_url, 120)
 
 
 def complete(client: openai.OpenAI, **kw):

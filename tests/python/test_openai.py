@@ -7,7 +7,7 @@ import time
 import openai
 import pytest
 
-from hearth_http import OPENAI_ERROR_SCHEMA, assert_client_error, post, request
+from hearth_http import OPENAI_ERROR_SCHEMA, assert_client_error, post, request, openai_client
 
 MODEL = "any-model-name"
 STORY = [{"role": "user", "content": "Write a short story about a cat who learns to sail."}]
@@ -15,7 +15,7 @@ LONG_TEXT = " ".join(f"Sentence number {i} describes the quiet harbour at dawn."
 
 
 def make_client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    return openai_client(url, 120)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from hearth_http import OPENAI_ERROR_SCHEMA, assert_client_error, post, request
+from hearth_http import OPENAI_ERROR_SCHEMA, assert_client_error, post, request, openai_client
 
 MODEL = "any-model-name"
 # SmolLM2 answers this in 10 tokens at temperature 0, so replies complete.
@@ -28,7 +28,7 @@ CALL_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    return openai_client(base_url, 120)
 
 
 def create(client: openai.OpenAI, **kw):

@@ -29,7 +29,7 @@ use crate::chat::prompt::{PromptSetup, SpecialTexts};
 use crate::chat::replay::ReplayStore;
 use crate::chat::template::ChatTemplate;
 use crate::chat::tools::ToolFormat;
-use crate::engine::{EngineHandle, GenerateRequest, JobHandle, Token};
+use crate::engine::{EngineHandle, GenerateRequest, JobHandle};
 use crate::metrics::Metrics;
 use crate::observe;
 use crate::shutdown::Shutdown;
@@ -140,16 +140,6 @@ impl AppState {
             specials: &self.specials,
             replay: &self.replay,
         }
-    }
-
-    /// Tokenize rendered prompt text. The template's markup becomes special
-    /// tokens; BOS is added only when the tokenizer wants one and the
-    /// template did not already write it.
-    pub fn tokenize_prompt(&self, text: &str) -> Vec<Token> {
-        let model = self.engine.model();
-        let bos = model.bos_text();
-        let add_bos = model.adds_bos() && (bos.is_empty() || !text.starts_with(&bos));
-        model.tokenize(text, add_bos, true)
     }
 
     /// Queue a prepared job, watched for the metrics and the trace. `route`

@@ -367,9 +367,7 @@ fn convert_message(i: usize, role: Role, content: WireContent, out: &mut Vec<Cha
                 if b.is_error.unwrap_or(false) {
                     text = format!("Error: {text}");
                 }
-                let mut result = ChatMessage::tool_result(id, None, text);
-                result.is_error = b.is_error.unwrap_or(false);
-                out.push(result);
+                out.push(ChatMessage::tool_result(id, None, text));
             }
             (_, "tool_use") | (_, "tool_result") => {
                 let want = if role == Role::User { "assistant" } else { "user" };

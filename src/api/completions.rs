@@ -243,7 +243,7 @@ async fn plan(state: &Arc<AppState>, parsed: Parsed) -> Result<Vec<Planned>, Api
             // wants, special-token markup parsed). Token prompts: as given.
             let (tokens, text, prompt_text) = match prompt {
                 PromptInput::Text(text) => {
-                    let mut tokens = state.tokenize_prompt(&text);
+                    let mut tokens = crate::chat::prompt::tokenize_rendered(state.engine.model(), &text);
                     if tokens.is_empty() {
                         // An empty prompt starts a new document, as in the
                         // official API.

@@ -80,6 +80,7 @@ pub struct WireFunction {
     pub description: Option<String>,
     #[serde(default)]
     pub parameters: Option<Value>,
+    /// Accepted; calls are always held to the schema when a grammar applies.
     #[serde(default)]
     pub strict: Option<bool>,
 }
@@ -327,7 +328,6 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), 
         let Some(f) = t.function else {
             return Err(ApiError::invalid_param(&format!("tools[{i}].function"), "a function tool needs `function`"));
         };
-        let _ = f.strict;
         tools.push(tool_spec(&format!("tools[{i}].function"), f.name, f.description, f.parameters)?);
     }
     check_unique_tools("tools", &tools)?;

@@ -23,10 +23,11 @@ pub use tools::ToolSpec;
 /// Who said a message. Protocol modules map their own role names onto these
 /// (OpenAI `developer` becomes `System`; Anthropic `tool_result` blocks and
 /// Responses `function_call_output` items become `Tool`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
+    #[default]
     User,
     Assistant,
     Tool,
@@ -54,14 +55,6 @@ pub struct ChatMessage {
     pub tool_call_id: Option<String>,
     /// A tool result: the function's name.
     pub name: Option<String>,
-    /// A tool result reported as a failure (Anthropic `is_error`).
-    pub is_error: bool,
-}
-
-impl Default for Role {
-    fn default() -> Self {
-        Role::User
-    }
 }
 
 impl ChatMessage {

@@ -58,8 +58,8 @@ pub struct OutputParser {
 }
 
 impl OutputParser {
-    /// `id_prefix` names the calls: `call_` (OpenAI), `toolu_` (Anthropic),
-    /// `fc_` is not used (Responses ids its items itself, calls keep `call_`).
+    /// `id_prefix` names the calls: `call_` (OpenAI chat and Responses),
+    /// `toolu_` (Anthropic).
     pub fn new(spec: &OutputSpec, id_prefix: &'static str) -> Self {
         OutputParser {
             splitter: spec.reasoning.as_ref().map(|(o, c, opened)| ReasoningSplitter::new(o.clone(), c.clone(), *opened)),

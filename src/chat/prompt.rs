@@ -315,9 +315,6 @@ fn fold_late_system(messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
                 out.push(m);
             }
         }
-        if out.last().is_some_and(|m| m.role != Role::System) {
-            started = true;
-        }
     }
     if !pending.is_empty() {
         let text: String = pending.drain(..).map(|p| format!("<system>\n{p}\n</system>")).collect::<Vec<_>>().join("\n\n");

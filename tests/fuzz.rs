@@ -55,7 +55,8 @@ fn key() -> impl Strategy<Value = String> {
             "tools", "tool_choice", "tool_calls", "tool_call_id", "function", "name", "arguments",
             "parameters", "input", "input_schema", "tool_use_id", "is_error", "response_format",
             "json_schema", "schema", "logprobs", "top_logprobs", "reasoning_effort", "budget_tokens",
-            "parallel_tool_calls", "disable_parallel_tool_use", "id",
+            "parallel_tool_calls", "disable_parallel_tool_use", "id", "output_config", "output_format",
+            "format", "effort",
         ])
         .prop_map(str::to_string),
         1 => "[a-z_]{1,8}",

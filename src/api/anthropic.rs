@@ -21,7 +21,7 @@ use super::error::Protocol;
 use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, check_range, collect, new_id, openai, prepare, GenOptions};
 use crate::chat::output::{OutputEvent, OutputParser};
-use crate::chat::{ChatMessage, ChatRequest, Role, Thinking, ToolCall, ToolChoice};
+use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice};
 use crate::engine::{Event, FinishReason, SamplingParams, Usage};
 use crate::server::AppState;
 
@@ -42,6 +42,9 @@ pub struct MessagesRequest {
     pub top_k: Option<i64>,
     #[serde(default)]
     pub stop_sequences: Option<Vec<String>>,
+    /// Not Anthropic's: a sampling seed, as on the OpenAI routes.
+    #[serde(default)]
+    pub seed: Option<u64>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
@@ -52,6 +55,20 @@ pub struct MessagesRequest {
     pub tool_choice: Option<WireToolChoice>,
     #[serde(default)]
     pub thinking: Option<WireThinking>,
+    /// `format` (structured output) and `effort`.
+    #[serde(default)]
+    pub output_config: Option<WireOutputConfig>,
+    /// The structured-outputs beta's spelling of `output_config.format`.
+    #[serde(default)]
+    pub output_format: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct WireOutputConfig {
+    #[serde(default)]
+    pub format: Option<Value>,
+    #[serde(default)]
+    pub effort: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,7 +245,7 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool
             None => defaults.top_k,
         },
         min_p: defaults.min_p,
-        seed: None,
+        seed: req.seed,
     };
     let stop = super::check_stop("stop_sequences", req.stop_sequences.unwrap_or_default())?;
     let mut tools = Vec::new();
@@ -286,8 +303,61 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool
             }
         },
     };
-    let chat = ChatRequest { messages, tools, tool_choice, parallel_tool_calls: parallel, response_format: None, thinking };
+    let response_format = output_format(req.output_config, req.output_format)?;
+    let chat = ChatRequest { messages, tools, tool_choice, parallel_tool_calls: parallel, response_format, thinking };
     Ok((chat, GenOptions { sampling, max_tokens: Some(max_tokens), stop, logprobs: None }))
+}
+
+/// Structured output: `output_config.format` (or the beta's top-level
+/// `output_format`), `{"type": "json_schema", "schema": {...}}`. The
+/// `effort` beside it is checked and otherwise has no effect here.
+fn output_format(config: Option<WireOutputConfig>, beta: Option<Value>) -> Result<Option<ResponseFormat>, ApiError> {
+    let (field, format) = match config {
+        Some(WireOutputConfig { effort, format }) => {
+            if let Some(e) = effort.as_deref() {
+                if !["low", "medium", "high", "xhigh", "max"].contains(&e) {
+                    return Err(ApiError::invalid(format!(
+                        "output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max', got '{e}'"
+                    )));
+                }
+            }
+            match (format, beta) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::invalid("output_format: give either output_config.format or output_format, not both"))
+                }
+                (Some(f), None) => ("output_config.format", f),
+                (None, Some(f)) => ("output_format", f),
+                (None, None) => return Ok(None),
+            }
+        }
+        None => match beta {
+            Some(f) => ("output_format", f),
+            None => return Ok(None),
+        },
+    };
+    if format.is_null() {
+        return Ok(None);
+    }
+    let kind = format.get("type").and_then(Value::as_str);
+    if kind != Some("json_schema") {
+        let got = kind.map_or_else(|| "nothing".to_string(), |k| format!("'{k}'"));
+        return Err(ApiError::invalid(format!("{field}.type: Input should be 'json_schema', got {got}")));
+    }
+    match format.get("schema") {
+        Some(schema) if schema.is_object() => Ok(Some(ResponseFormat::JsonSchema(schema.clone()))),
+        Some(_) => Err(ApiError::invalid(format!("{field}.schema: Input should be a valid dictionary"))),
+        None => Err(ApiError::invalid(format!("{field}.schema: Field required"))),
+    }
+}
+
+/// The shared preparation names a bad output schema `response_format`;
+/// Anthropic's errors name the field in the message.
+fn name_format_field(mut err: ApiError) -> ApiError {
+    if err.param.as_deref() == Some("response_format") {
+        err.param = Some("output_config.format".into());
+        err.message = format!("output_config.format.schema: {}", err.message);
+    }
+    err
 }
 
 /// The text of a `tool_result`'s content: a string, or text blocks.
@@ -427,7 +497,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result
     let model = req.model.clone();
     let stream = req.stream.unwrap_or(false);
     let (chat, opts) = convert(req, state.keep_billing_header, false)?;
-    let prepared = prepare(&state, chat, opts, "messages").await?;
+    let prepared = prepare(&state, chat, opts, "messages").await.map_err(name_format_field)?;
     let input_tokens = prepared.request.prompt.len() as u32;
     let job = state.submit("messages", &body, prepared.request);
     let id = new_id("msg_");
@@ -477,7 +547,7 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result
 pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, AnthropicError> {
     let req: MessagesRequest = ApiError::parse_json(&body)?;
     let (chat, opts) = convert(req, state.keep_billing_header, true)?;
-    let prepared = prepare(&state, chat, opts, "messages").await?;
+    let prepared = prepare(&state, chat, opts, "messages").await.map_err(name_format_field)?;
     Ok(Json(json!({ "input_tokens": prepared.request.prompt.len() })).into_response())
 }
 

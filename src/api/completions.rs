@@ -453,8 +453,7 @@ fn chain(state: Arc<AppState>, body: Bytes, jobs: Vec<Planned>, boundaries: Arc<
                             return;
                         }
                         boundaries.lock().unwrap_or_else(|e| e.into_inner()).push_back(reason);
-                        let marker = Event::PrefillProgress { done: 0, total: 0, elapsed: Duration::ZERO };
-                        if tx.send(marker).is_err() {
+                        if tx.send(choice_boundary()).is_err() {
                             return;
                         }
                         break;
@@ -476,6 +475,12 @@ fn chain(state: Arc<AppState>, body: Bytes, jobs: Vec<Planned>, boundaries: Arc<
     // The pump's own cancel guard sets this flag; the chain watches its
     // channel instead, which closes at the same moment.
     JobHandle { events: rx, cancel: CancelFlag::default() }
+}
+
+/// The chain's marker between two choices: a progress event no prefill
+/// sends (a real one has `total > 0`).
+fn choice_boundary() -> Event {
+    Event::PrefillProgress { done: 0, total: 0, elapsed: Duration::ZERO }
 }
 
 /// Streams `text_completion` chunks for the chained choices, in order.
@@ -556,13 +561,20 @@ impl StreamAdapter for CompletionChunks {
 
     fn on_event(&mut self, event: Event) -> Vec<axum::response::sse::Event> {
         let mut out = Vec::new();
-        let ended: Vec<FinishReason> = self.boundaries.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
-        for reason in ended {
-            out.push(self.end_choice(&reason));
-            self.current += 1;
-            out.extend(self.start_choice());
-        }
         match event {
+            // The chain's marker: the choice before it has ended. Its reason
+            // was queued before the marker was sent, and every event of that
+            // choice came before the marker, so closing it here (and not on
+            // whichever event happens to see the queue first) keeps each
+            // choice's text under its own index.
+            Event::PrefillProgress { total: 0, .. } => {
+                let reason = self.boundaries.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                if let Some(reason) = reason {
+                    out.push(self.end_choice(&reason));
+                    self.current += 1;
+                    out.extend(self.start_choice());
+                }
+            }
             Event::Logprobs(lp) => self.pending.extend(lp),
             Event::Text(text) => {
                 let logprobs = if self.want_logprobs {
@@ -683,9 +695,16 @@ mod tests {
         let frames = |evs: Vec<axum::response::sse::Event>| evs.len();
         assert_eq!(frames(a.opening()), 1);
         assert_eq!(frames(a.on_event(Event::Text("x".into()))), 1);
+        // The chain queues the reason before the adapter has read the
+        // choice's last text: that text still belongs to choice 0.
         boundaries.lock().unwrap().push_back(FinishReason::MaxTokens);
+        assert_eq!(frames(a.on_event(Event::Text("\n".into()))), 1);
+        assert_eq!(a.index(), 0);
+        // A real progress event of the next choice closes nothing.
+        assert_eq!(frames(a.on_event(Event::PrefillProgress { done: 4, total: 4, elapsed: Duration::ZERO })), 0);
+        assert_eq!(a.index(), 0);
         // Finish chunk of choice 0, echo chunk of choice 1.
-        assert_eq!(frames(a.on_event(Event::PrefillProgress { done: 0, total: 0, elapsed: Duration::ZERO })), 2);
+        assert_eq!(frames(a.on_event(choice_boundary())), 2);
         assert_eq!(a.index(), 1);
         let end = a.on_event(Event::Finished { reason: FinishReason::EndOfTurn, usage: Usage::default(), timings: Default::default() });
         // Finish chunk, usage chunk, [DONE].

@@ -137,6 +137,13 @@ pub struct ResponsesRequest {
     pub temperature: Option<f32>,
     #[serde(default)]
     pub top_p: Option<f32>,
+    /// Not OpenAI's (llama-server's): `top_k`, `min_p` and a sampling seed.
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<i64>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
@@ -621,7 +628,7 @@ pub fn convert(req: ResponsesRequest, previous: Option<&[ChatMessage]>, default_
         Some(_) => return Err(ApiError::invalid_param("metadata", "metadata must be an object of strings")),
     };
     let max_tokens = req.max_output_tokens.map(|v| check_max_tokens("max_output_tokens", v)).transpose()?;
-    let sampling = super::openai_sampling(req.temperature, req.top_p, None, None, None)?;
+    let sampling = super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
     let (mut specs, tools_echo) = tools(req.tools.unwrap_or_default())?;
     let (choice, choice_echo) = tool_choice(req.tool_choice, &mut specs)?;
     let (response_format, text_echo) = text_format(req.text)?;

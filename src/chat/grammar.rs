@@ -78,6 +78,17 @@ pub fn response(format: &ResponseFormat) -> Result<String, SchemaError> {
     json_schema_to_grammar(&schema).map_err(|e| SchemaError(format!("the JSON schema cannot be used: {e}")))
 }
 
+/// A grammar for a reply that is either tool calls (`calls_gbnf`, as
+/// [`tool_calls`] builds it) or a JSON answer (`answer_gbnf`, as
+/// [`response`] builds it): an `auto` tool choice with a response format.
+pub fn calls_or_answer(calls_gbnf: &str, answer_gbnf: &str) -> String {
+    let mut out = prefix_rules(calls_gbnf, "c-");
+    out.push('\n');
+    out.push_str(&prefix_rules(answer_gbnf, "a-"));
+    out.push_str("\nroot ::= c-root | a-root\n");
+    out
+}
+
 /// Wrap a grammar so it starts at a literal marker (a lazy grammar whose
 /// trigger is that marker): `root ::= "marker" space? old-root`.
 pub fn after_marker(gbnf: &str, marker: &str) -> String {
@@ -318,6 +329,18 @@ mod tests {
         assert_eq!(triggers, vec!["<think>", "<tool_call>"]);
         assert!(g.contains("root ::= \"<think>\" think-text (\"</think>\" answer)? | g-root\n"), "{g}");
         assert!(g.contains("think-text-0 ::="), "{g}");
+    }
+
+    #[test]
+    fn calls_or_answer_keeps_both_grammars_apart() {
+        let calls = "root ::= \"<tool_call>\" obj\nobj ::= \"{}\"\n";
+        let answer = "root ::= obj\nobj ::= \"{\" space \"}\"\nspace ::= \" \"?\n";
+        let g = calls_or_answer(calls, answer);
+        assert!(g.contains("c-root ::= \"<tool_call>\" c-obj\n"), "{g}");
+        assert!(g.contains("a-root ::= a-obj\n"), "{g}");
+        assert!(g.contains("a-obj ::= \"{\" a-space \"}\""), "{g}");
+        assert!(g.ends_with("root ::= c-root | a-root\n"), "{g}");
+        assert_eq!(g.lines().filter(|l| l.starts_with("root ::=")).count(), 1, "{g}");
     }
 
     #[test]

@@ -401,8 +401,12 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
     }
 
     let has_tool_turns = rendered_msgs.iter().any(|m| m.role == Role::Tool || !m.tool_calls.is_empty());
-    let forced = matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_))
-        || (response_format.is_some() && (tools.is_empty() || tool_choice == ToolChoice::None));
+    // A reply held to a grammar from its first token: a forced call, or an
+    // answer in the response format (which, with `auto` tools, may also be
+    // calls; a forced call leaves the format nothing to shape).
+    let forced_call = !tools.is_empty() && matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_));
+    let format_applies = response_format.is_some() && !forced_call;
+    let forced = forced_call || format_applies;
     // A forced grammar leaves no room for a thinking block: turn thinking
     // off unless the client asked for it.
     let enable_thinking = match thinking {
@@ -458,15 +462,17 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
             _ => tools.iter().collect(),
         };
         // A forced choice is met by one call, and a small model made to
-        // call may repeat it until `max_tokens`: forced grammars end after
-        // one call. When the model chose to call (`auto`), it may make as
-        // many as `parallel_tool_calls` allows.
+        // call may repeat it until `max_tokens`: grammars that hold the
+        // reply from its first token (a forced call, calls-or-answer) end
+        // after one call. When the model chose to call under the lazy
+        // grammar, it may make as many as `parallel_tool_calls` allows.
         let parallel = parallel_tool_calls && !forced;
         if let Some(gbnf) = grammar::tool_calls(format, &offered, parallel)? {
-            grammar = Some(match &reasoning {
-                _ if forced => Grammar { gbnf, triggers: vec![] },
+            grammar = Some(match (&reasoning, &response_format) {
+                _ if forced_call => Grammar { gbnf, triggers: vec![] },
+                (_, Some(rf)) => Grammar { gbnf: grammar::calls_or_answer(&gbnf, &grammar::response(rf)?), triggers: vec![] },
                 // The model may reason first: calls only after the reasoning.
-                Some((open, close, opened)) if enable_thinking != Some(false) || *opened => {
+                (Some((open, close, opened)), None) if enable_thinking != Some(false) || *opened => {
                     let (gbnf, triggers) = grammar::calls_after_reasoning(&gbnf, format.call_opener(), open, close, *opened);
                     Grammar { gbnf, triggers }
                 }

@@ -9,7 +9,8 @@
 //! response's conversation (without its instructions, as the official API
 //! does) before the new input. The reply comes back as output items
 //! (reasoning, message, function calls), whole or as the official stream of
-//! typed events with sequence numbers.
+//! typed events with sequence numbers. With `truncation: auto`, a
+//! conversation too long for the context loses its oldest whole turns.
 //!
 //! Hosted tools hearth cannot run (`web_search`, `local_shell`, `custom`,
 //! ...) are left out of the prompt with a log line instead of failing the
@@ -833,7 +834,11 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
     let converted = convert(req, previous.as_ref().map(|p| p.messages.as_slice()), &state.model_id)?;
     let Converted { chat, opts, conv_origins, stored_from, echo, stream } = converted;
     let conversation: Vec<ChatMessage> = if echo.store { chat.messages[stored_from..].to_vec() } else { Vec::new() };
-    let prepared = prepare(&state, chat, opts, "input").await.map_err(|e| rename_param(e, &conv_origins))?;
+    let prepared = if echo.truncation == "auto" {
+        prepare_truncated(&state, chat, opts, &conv_origins).await?
+    } else {
+        prepare(&state, chat, opts, "input").await.map_err(|e| rename_param(e, &conv_origins))?
+    };
     let job = state.submit("responses", &body, prepared.request);
     let id = new_id("resp_");
     let created_at = unix_now();
@@ -857,6 +862,62 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
     let object = echo.object(&id, created_at, status, output, usage, details, Value::Null);
     store(&state, &echo, &id, &object, conversation, &done.output);
     Ok(Json(object).into_response())
+}
+
+/// Where the conversation may be cut for `truncation: auto`: the start of
+/// each user turn after the first message that is not a system message
+/// (the instructions stay). Cutting at `cuts[k]` drops the `k + 1` oldest
+/// turns whole (a call's results go with it) and keeps the last user turn.
+fn turn_cuts(messages: &[ChatMessage]) -> (usize, Vec<usize>) {
+    let first = messages.iter().position(|m| m.role != Role::System).unwrap_or(messages.len());
+    let cuts = messages.iter().enumerate().skip(first + 1).filter(|(_, m)| m.role == Role::User).map(|(i, _)| i).collect();
+    (first, cuts)
+}
+
+/// `truncation: auto`: prepare the conversation as it is if it fits, else
+/// with the fewest oldest turns dropped that make it fit, leaving room for
+/// `max_output_tokens` (at most half the context). Found by bisection, so
+/// a long history costs a few renderings, not one per turn.
+async fn prepare_truncated(state: &Arc<AppState>, chat: ChatRequest, opts: GenOptions, origins: &[String]) -> Result<super::PreparedJob, ApiError> {
+    let n_ctx = state.engine.n_ctx() as usize;
+    let reserve = opts.max_tokens.map_or(0, |m| (m as usize).min(n_ctx / 2));
+    let (first, cuts) = turn_cuts(&chat.messages);
+    // Some(job) when the conversation cut before `cuts[k - 1]` (k = 0: whole) fits.
+    let last = cuts.len();
+    let attempt = |k: usize| {
+        let mut chat = chat.clone();
+        let mut origins = origins.to_vec();
+        if k > 0 {
+            chat.messages.drain(first..cuts[k - 1]);
+            origins.drain(first.min(origins.len())..cuts[k - 1].min(origins.len()));
+        }
+        let opts = opts.clone();
+        async move {
+            match prepare(state, chat, opts, "input").await {
+                Ok(job) if job.request.prompt.len() + reserve <= n_ctx || k == last => Ok(Some(job)),
+                Ok(_) => Ok(None),
+                Err(e) if e.code == Some("context_length_exceeded") && k < last => Ok(None),
+                Err(e) => Err(rename_param(e, &origins)),
+            }
+        }
+    };
+    if let Some(job) = attempt(0).await? {
+        return Ok(job);
+    }
+    // Dropping every turn but the last fits (or fails with the error a
+    // client must see); find the fewest that fit.
+    let (mut lo, mut hi) = (0, cuts.len());
+    let mut best = attempt(hi).await?.expect("the last attempt returns a job or an error");
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        match attempt(mid).await? {
+            Some(job) => (hi, best) = (mid, job),
+            None => lo = mid,
+        }
+    }
+    let dropped = if hi == 0 { 0 } else { cuts[hi - 1] - first };
+    tracing::info!(dropped, of = chat.messages.len(), prompt_tokens = best.request.prompt.len(), "truncation: dropped the oldest messages to fit the context");
+    Ok(best)
 }
 
 /// `GET /v1/responses/{id}`
@@ -1129,6 +1190,32 @@ mod tests {
 
     fn conv(input: Value) -> Result<Vec<ChatMessage>, ApiError> {
         conversation(None, None, Some(input)).map(|c| c.messages)
+    }
+
+    #[test]
+    fn truncation_cuts_only_at_user_turns_after_the_instructions() {
+        let input = json!([
+            {"role": "user", "content": "a"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "r"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+            {"role": "user", "content": "e"},
+        ]);
+        let messages = conversation(Some("be brief"), None, Some(input)).unwrap().messages;
+        let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
+        assert_eq!(roles[0], Role::System);
+        let (first, cuts) = turn_cuts(&messages);
+        assert_eq!(first, 1);
+        // Never before the first turn; each cut starts a user turn, and the
+        // call with its result falls wholly before the first cut.
+        assert_eq!(cuts.len(), 2);
+        assert!(cuts.iter().all(|&c| messages[c].role == Role::User));
+        assert!(messages[first..cuts[0]].iter().any(|m| m.role == Role::Tool));
+        assert_eq!(messages[*cuts.last().unwrap()].content, "e");
+        // A lone turn cannot be cut.
+        assert!(turn_cuts(&conv(json!("hi")).unwrap()).1.is_empty());
     }
 
     #[test]

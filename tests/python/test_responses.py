@@ -280,6 +280,65 @@ def test_json_schema_text_format(client: openai.OpenAI):
         assert isinstance(json.loads(r.output_text)["capital"], str)
 
 
+# --- truncation ----------------------------------------------------------------------
+
+def _long_history(turns: int) -> list:
+    items = []
+    for i in range(turns):
+        items.append({"role": "user", "content": f"Tell me fact number {i} about the sea, please."})
+        if i == 1:
+            # A call and its result travel with their turn.
+            items.append({"type": "function_call", "call_id": f"call_{i}", "name": "get_weather", "arguments": '{"city": "Brest"}'})
+            items.append({"type": "function_call_output", "call_id": f"call_{i}", "output": "Rain, 12 C"})
+        items.append({"role": "assistant", "content": f"Fact {i}: the sea covers most of the planet and is salty."})
+    items.append({"role": "user", "content": QUESTION})
+    return items
+
+
+def test_truncation_auto_drops_the_oldest_turns(small_ctx_url: str):
+    """256-token context: the history does not fit. `disabled` (the
+    default) is a 400; `auto` drops the fewest oldest whole turns that
+    leave room for `max_output_tokens`, and keeps the instructions."""
+    client = openai_client(small_ctx_url, 120)
+    history = _long_history(8)
+    args = {"instructions": "Be brief.", "max_output_tokens": 16}
+    with pytest.raises(openai.BadRequestError) as info:
+        create(client, input=history, **args)
+    assert info.value.code == "context_length_exceeded"
+    r = create(client, input=history, truncation="auto", **args)
+    assert r.truncation == "auto"
+    assert r.status in ("completed", "incomplete")
+    used = r.usage.input_tokens
+    assert used + 16 <= 256
+    # The same prompt as the kept turns sent whole: the cut is at a user
+    # turn, and the instructions stayed.
+    starts = [i for i, item in enumerate(history) if item.get("role") == "user"]
+    kept = None
+    for s in starts:
+        try:
+            whole = create(client, input=history[s:], **args)
+        except openai.BadRequestError:
+            continue
+        if whole.usage.input_tokens + 16 <= 256:
+            kept = s
+            assert whole.usage.input_tokens == used
+            break
+    assert kept is not None and kept > 0
+    # One more turn would not have left the room.
+    previous = starts[starts.index(kept) - 1]
+    try:
+        assert create(client, input=history[previous:], **args).usage.input_tokens + 16 > 256
+    except openai.BadRequestError as e:
+        assert e.code == "context_length_exceeded"
+
+
+def test_truncation_auto_that_cannot_fit_is_400(small_ctx_url: str):
+    client = openai_client(small_ctx_url, 120)
+    with pytest.raises(openai.BadRequestError) as info:
+        create(client, input="word " * 400, truncation="auto", max_output_tokens=16)
+    assert info.value.code == "context_length_exceeded"
+
+
 # --- engine failures ----------------------------------------------------------------
 
 def test_a_failure_mid_stream_is_response_failed(start_hearth):

@@ -618,6 +618,14 @@ pub fn convert(req: ResponsesRequest, previous: Option<&[ChatMessage]>, default_
     if req.prompt.as_ref().is_some_and(|p| !p.is_null()) {
         return Err(ApiError::invalid_param("prompt", "prompt templates are not supported; send instructions and input"));
     }
+    // Log-probabilities are given on chat completions and completions only;
+    // an empty list here would read as "no tokens", so asking is an error.
+    if req.top_logprobs.is_some_and(|n| n != 0) {
+        return Err(ApiError::invalid_param("top_logprobs", "logprobs are not available on /v1/responses; use /v1/chat/completions"));
+    }
+    if req.include.iter().flatten().any(|i| i == "message.output_text.logprobs") {
+        return Err(ApiError::invalid_param("include", "message.output_text.logprobs is not available on /v1/responses; use /v1/chat/completions"));
+    }
     let truncation = match req.truncation.as_deref() {
         None => "disabled",
         Some(t @ ("auto" | "disabled")) => t,

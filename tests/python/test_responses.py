@@ -390,6 +390,9 @@ BAD_REQUESTS = {
     "bad format type": ({**GOOD, "text": {"format": {"type": "yaml"}}}, "text.format.type"),
     "bad effort": ({**GOOD, "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
     "background": ({**GOOD, "background": True}, "background"),
+    "logprobs asked by include": ({**GOOD, "include": ["message.output_text.logprobs"]}, "include"),
+    "top_logprobs": ({**GOOD, "top_logprobs": 3}, "top_logprobs"),
+    "bad truncation": ({**GOOD, "truncation": "sometimes"}, "truncation"),
 }
 
 

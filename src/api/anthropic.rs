@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::error::{AnthropicError, ApiError, ErrorKind};
 use super::error::Protocol;
 use super::sse::{self, StreamAdapter};
-use super::{check_max_tokens, check_range, collect, new_id, openai, prepare, GenOptions};
+use super::{check_max_tokens, check_range, collect, count_prompt, new_id, openai, prepare, GenOptions};
 use crate::chat::output::{OutputEvent, OutputParser};
 use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice};
 use crate::engine::{Event, FinishReason, SamplingParams, Usage};
@@ -546,9 +546,9 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result
 /// send the model for the same request, from the same rendering.
 pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, AnthropicError> {
     let req: MessagesRequest = ApiError::parse_json(&body)?;
-    let (chat, opts) = convert(req, state.keep_billing_header, true)?;
-    let prepared = prepare(&state, chat, opts, "messages").await.map_err(name_format_field)?;
-    Ok(Json(json!({ "input_tokens": prepared.request.prompt.len() })).into_response())
+    let (chat, _) = convert(req, state.keep_billing_header, true)?;
+    let n = count_prompt(&state, chat, "messages").await.map_err(name_format_field)?;
+    Ok(Json(json!({ "input_tokens": n })).into_response())
 }
 
 /// The kind of content block being streamed.

@@ -118,6 +118,34 @@ pub fn openai_sampling(
     })
 }
 
+/// Render the conversation and tokenize it, checking its grammar (on the
+/// calling thread: callers run it on the blocking pool).
+fn render(state: &AppState, chat: ChatRequest, messages: &'static str) -> Result<prompt::Prepared, ApiError> {
+    let has_format = chat.response_format.is_some();
+    let prepared = prompt::prepare(&state.prompt_setup(), chat).map_err(|e| {
+        let mut api = prompt_error(e, messages);
+        if has_format && api.param.as_deref() == Some("tools") {
+            api.param = Some("response_format".into());
+        }
+        api
+    })?;
+    if let Some(g) = &prepared.grammar {
+        crate::engine::grammar::validate(state.engine.model(), g)
+            .map_err(|e| ApiError::invalid_param(if has_format { "response_format" } else { "tools" }, format!("the schema gives a grammar llama.cpp rejects: {e}")))?;
+    }
+    Ok(prepared)
+}
+
+/// The prompt's length in tokens, for the token-counting routes. No
+/// context check: a client counts to learn whether its conversation still
+/// fits, so a count past the context is an answer, not an error.
+pub async fn count_prompt(state: &Arc<AppState>, chat: ChatRequest, messages: &'static str) -> Result<usize, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || render(&state, chat, messages).map(|p| p.tokens.len()))
+        .await
+        .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
+}
+
 /// Render the conversation, tokenize it and check it fits. Runs on the
 /// blocking pool: a 100k-token prompt takes a while to tokenize and must
 /// not hold up the async threads (which keep heartbeats flowing).
@@ -125,18 +153,7 @@ pub fn openai_sampling(
 pub async fn prepare(state: &Arc<AppState>, chat: ChatRequest, opts: GenOptions, messages: &'static str) -> Result<PreparedJob, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
-        let has_format = chat.response_format.is_some();
-        let prepared = prompt::prepare(&state.prompt_setup(), chat).map_err(|e| {
-            let mut api = prompt_error(e, messages);
-            if has_format && api.param.as_deref() == Some("tools") {
-                api.param = Some("response_format".into());
-            }
-            api
-        })?;
-        if let Some(g) = &prepared.grammar {
-            crate::engine::grammar::validate(state.engine.model(), g)
-                .map_err(|e| ApiError::invalid_param(if has_format { "response_format" } else { "tools" }, format!("the schema gives a grammar llama.cpp rejects: {e}")))?;
-        }
+        let prepared = render(&state, chat, messages)?;
         let mut stop = opts.stop;
         stop.extend(prepared.stops.iter().cloned());
         let prompt = prepared.tokens;

@@ -30,7 +30,7 @@ use serde_json::{json, Map, Value};
 use super::error::{ApiError, ErrorKind, OpenAIError, Protocol};
 use super::openai::{check_unique_tools, thinking_from_effort, tool_spec};
 use super::sse::{self, StreamAdapter};
-use super::{check_max_tokens, collect, new_id, prepare, unix_now, GenOptions};
+use super::{check_max_tokens, collect, count_prompt, new_id, prepare, unix_now, GenOptions};
 use crate::chat::output::{Output, OutputEvent, OutputParser};
 use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec};
 use crate::engine::{Event, FinishReason, Usage};
@@ -98,6 +98,18 @@ impl ResponseStore {
         let entry = inner.map.get_mut(id)?;
         entry.2 = tick;
         Some(entry.0.clone())
+    }
+
+    /// Forget a response; whether it was there.
+    pub fn remove(&self, id: &str) -> bool {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match inner.map.remove(id) {
+            Some((_, size, _)) => {
+                inner.bytes -= size;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -832,13 +844,7 @@ fn store(state: &AppState, echo: &Echo, id: &str, object: &Value, mut conversati
 /// `POST /v1/responses`
 pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
     let req: ResponsesRequest = ApiError::parse_json(&body)?;
-    let previous = match req.previous_response_id.as_deref() {
-        None | Some("") => None,
-        Some(id) => Some(state.responses.get(id).ok_or_else(|| {
-            ApiError::invalid_param("previous_response_id", format!("Previous response with id '{id}' not found."))
-                .with_code("previous_response_not_found")
-        })?),
-    };
+    let previous = previous_response(&state, req.previous_response_id.as_deref())?;
     let converted = convert(req, previous.as_ref().map(|p| p.messages.as_slice()), &state.model_id)?;
     let Converted { chat, opts, conv_origins, stored_from, echo, stream } = converted;
     let conversation: Vec<ChatMessage> = if echo.store { chat.messages[stored_from..].to_vec() } else { Vec::new() };
@@ -928,11 +934,42 @@ async fn prepare_truncated(state: &Arc<AppState>, chat: ChatRequest, opts: GenOp
     Ok(best)
 }
 
+/// The stored response `previous_response_id` names.
+fn previous_response(state: &AppState, id: Option<&str>) -> Result<Option<Arc<StoredResponse>>, ApiError> {
+    match id {
+        None | Some("") => Ok(None),
+        Some(id) => state.responses.get(id).map(Some).ok_or_else(|| {
+            ApiError::invalid_param("previous_response_id", format!("Previous response with id '{id}' not found."))
+                .with_code("previous_response_not_found")
+        }),
+    }
+}
+
+/// `POST /v1/responses/input_tokens`: the input's length in tokens, from
+/// the same rendering as `POST /v1/responses` (whole: `truncation` is not
+/// applied, and a count past the context is still a count).
+pub async fn input_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
+    let req: ResponsesRequest = ApiError::parse_json(&body)?;
+    let previous = previous_response(&state, req.previous_response_id.as_deref())?;
+    let converted = convert(req, previous.as_ref().map(|p| p.messages.as_slice()), &state.model_id)?;
+    let n = count_prompt(&state, converted.chat, "input").await.map_err(|e| rename_param(e, &converted.conv_origins))?;
+    Ok(Json(json!({ "object": "response.input_tokens", "input_tokens": n })).into_response())
+}
+
 /// `GET /v1/responses/{id}`
 pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, OpenAIError> {
     match state.responses.get(&id) {
         Some(stored) => Ok(Json(stored.object.clone()).into_response()),
         None => Err(ApiError::not_found(format!("Response with id '{id}' not found.")).into()),
+    }
+}
+
+/// `DELETE /v1/responses/{id}`
+pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, OpenAIError> {
+    if state.responses.remove(&id) {
+        Ok(Json(json!({ "id": id, "object": "response.deleted", "deleted": true })).into_response())
+    } else {
+        Err(ApiError::not_found(format!("Response with id '{id}' not found.")).into())
     }
 }
 

@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from hearth_http import OPENAI_ERROR_SCHEMA, assert_client_error, post, request, openai_client
+from hearth_http import OPENAI_ERROR_SCHEMA, anthropic_client, assert_client_error, post, request, openai_client
 
 MODEL = "any-model-name"
 # SmolLM2 answers this in 10 tokens at temperature 0, so replies complete.
@@ -207,6 +207,48 @@ def test_retrieve_a_stored_response(client: openai.OpenAI, base_url: str):
         client.responses.retrieve("resp_doesnotexist")
     reply = request("GET", base_url + "/v1/responses/resp_doesnotexist")
     assert_client_error(reply, OPENAI_ERROR_SCHEMA, status=404)
+
+
+def test_delete_a_stored_response(client: openai.OpenAI, base_url: str):
+    r = create(client, max_output_tokens=4)
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(r.id)
+    with pytest.raises(openai.BadRequestError):
+        create(client, previous_response_id=r.id)
+    assert_client_error(request("DELETE", base_url + "/v1/responses/" + r.id), OPENAI_ERROR_SCHEMA, status=404)
+
+
+def test_input_tokens_count_equals_the_usage_of_create(client: openai.OpenAI):
+    args = {"input": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "instructions": "Be brief.", "tools": [WEATHER_TOOL]}
+    counted = client.responses.input_tokens.count(model=MODEL, **args)
+    assert counted.object == "response.input_tokens"
+    r = create(client, max_output_tokens=4, **args)
+    assert counted.input_tokens == r.usage.input_tokens
+    # A continuation counts the stored conversation too.
+    follow = {"previous_response_id": r.id, "input": "And in Rome?"}
+    counted = client.responses.input_tokens.count(model=MODEL, **follow)
+    assert counted.input_tokens == create(client, max_output_tokens=4, **follow).usage.input_tokens
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_tokens.count(model=MODEL, previous_response_id="resp_doesnotexist", input="x")
+
+
+def test_counts_past_the_context_are_counts(small_ctx_url: str):
+    """A client counts to learn whether its conversation still fits: past
+    the 256-token context the count is an answer (the request itself is a
+    400)."""
+    client = openai_client(small_ctx_url, 120)
+    long_input = "word " * 400
+    n = client.responses.input_tokens.count(model=MODEL, input=long_input).input_tokens
+    assert n > 256
+    with pytest.raises(openai.BadRequestError):
+        create(client, input=long_input)
+    claude = anthropic_client(small_ctx_url, 120)
+    counted = claude.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": long_input}])
+    assert counted.input_tokens > 256
 
 
 def test_store_false_keeps_nothing(client: openai.OpenAI):

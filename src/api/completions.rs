@@ -12,9 +12,7 @@
 //! penalties, `logit_bias`, `best_of` above `n`, `echo` with `logprobs`);
 //! other unknown fields are accepted and ignored, as on the chat route.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -22,15 +20,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
-use tracing::Instrument;
 
+use super::chain::{add_usage, chain, Boundaries, ChainJob};
 use super::error::{ApiError, OpenAIError, Protocol};
 use super::openai::{finish_reason, usage_json, StopField};
 use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, check_range, check_stop, new_id, unix_now};
 use crate::engine::{
-    CancelFlag, CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams, Token, TokenLogprob, Usage,
+    CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams, Token, TokenLogprob, Usage,
 };
 use crate::server::AppState;
 
@@ -295,16 +292,6 @@ async fn plan(state: &Arc<AppState>, parsed: Parsed) -> Result<Vec<Planned>, Api
     .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
 }
 
-/// Add one job's usage to a request's: a prompt counts once, however many
-/// choices it has; every choice's output counts.
-fn add_usage(total: &mut Usage, u: &Usage, first_of_prompt: bool) {
-    if first_of_prompt {
-        total.prompt_tokens += u.prompt_tokens;
-        total.cached_tokens += u.cached_tokens;
-    }
-    total.completion_tokens += u.completion_tokens;
-}
-
 /// A finished non-streaming job.
 struct Done {
     text: String,
@@ -390,10 +377,10 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let id = new_id("cmpl-");
     let created = unix_now();
     if stream {
-        let boundaries = Arc::new(Mutex::new(VecDeque::new()));
         let choices = jobs.iter().map(|j| (j.index, j.echo.clone())).collect();
-        let adapter = CompletionChunks::new(id, created, model, include_usage, want_logprobs, choices, boundaries.clone());
-        let job = chain(state.clone(), body, jobs, boundaries);
+        let jobs = jobs.into_iter().map(|j| ChainJob { request: j.request, first_of_prompt: j.first_of_prompt }).collect();
+        let (job, boundaries) = chain(state.clone(), ROUTE, body, jobs);
+        let adapter = CompletionChunks::new(id, created, model, include_usage, want_logprobs, choices, boundaries);
         return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
     }
     let mut choices = Vec::with_capacity(jobs.len());
@@ -424,65 +411,6 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     .into_response())
 }
 
-/// Run `jobs` one after another as one job, for one stream. Between two
-/// jobs, the finish reason of the one that ended goes on `boundaries` and
-/// a `PrefillProgress` marker on the event channel, so the adapter closes
-/// that choice at once; only the last job's `Finished` is forwarded, with
-/// the whole request's usage. A failure ends the chain. When the stream
-/// is dropped (client gone, shutdown), the task sees its receiver closed
-/// and drops the running job's guard, which cancels it.
-fn chain(state: Arc<AppState>, body: Bytes, jobs: Vec<Planned>, boundaries: Arc<Mutex<VecDeque<FinishReason>>>) -> JobHandle {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = async move {
-        let count = jobs.len();
-        let mut total = Usage::default();
-        for (k, job) in jobs.into_iter().enumerate() {
-            let JobHandle { mut events, cancel } = state.submit(ROUTE, &body, job.request);
-            let _guard = CancelOnDrop(cancel);
-            loop {
-                let event = tokio::select! {
-                    biased;
-                    _ = tx.closed() => return,
-                    event = events.recv() => event.unwrap_or(Event::Failed(EngineError::Stopped)),
-                };
-                match event {
-                    Event::Finished { reason, usage, timings } => {
-                        add_usage(&mut total, &usage, job.first_of_prompt);
-                        if k + 1 == count {
-                            let _ = tx.send(Event::Finished { reason, usage: total, timings });
-                            return;
-                        }
-                        boundaries.lock().unwrap_or_else(|e| e.into_inner()).push_back(reason);
-                        if tx.send(choice_boundary()).is_err() {
-                            return;
-                        }
-                        break;
-                    }
-                    Event::Failed(err) => {
-                        let _ = tx.send(Event::Failed(err));
-                        return;
-                    }
-                    other => {
-                        if tx.send(other).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    };
-    tokio::spawn(task.instrument(tracing::Span::current()));
-    // The pump's own cancel guard sets this flag; the chain watches its
-    // channel instead, which closes at the same moment.
-    JobHandle { events: rx, cancel: CancelFlag::default() }
-}
-
-/// The chain's marker between two choices: a progress event no prefill
-/// sends (a real one has `total > 0`).
-fn choice_boundary() -> Event {
-    Event::PrefillProgress { done: 0, total: 0, elapsed: Duration::ZERO }
-}
-
 /// Streams `text_completion` chunks for the chained choices, in order.
 struct CompletionChunks {
     id: String,
@@ -498,7 +426,7 @@ struct CompletionChunks {
     chars: usize,
     /// Logprobs waiting for the text that holds their tokens.
     pending: Vec<TokenLogprob>,
-    boundaries: Arc<Mutex<VecDeque<FinishReason>>>,
+    boundaries: Boundaries,
 }
 
 impl CompletionChunks {
@@ -509,7 +437,7 @@ impl CompletionChunks {
         include_usage: bool,
         want_logprobs: bool,
         choices: Vec<(u32, Option<String>)>,
-        boundaries: Arc<Mutex<VecDeque<FinishReason>>>,
+        boundaries: Boundaries,
     ) -> Self {
         Self { id, created, model, include_usage, want_logprobs, choices, current: 0, chars: 0, pending: Vec::new(), boundaries }
     }
@@ -561,20 +489,15 @@ impl StreamAdapter for CompletionChunks {
 
     fn on_event(&mut self, event: Event) -> Vec<axum::response::sse::Event> {
         let mut out = Vec::new();
+        // The chain's marker: the choice before it has ended.
+        if let Some(reason) = self.boundaries.ended(&event) {
+            out.push(self.end_choice(&reason));
+            self.current += 1;
+            out.extend(self.start_choice());
+            return out;
+        }
         match event {
-            // The chain's marker: the choice before it has ended. Its reason
-            // was queued before the marker was sent, and every event of that
-            // choice came before the marker, so closing it here (and not on
-            // whichever event happens to see the queue first) keeps each
-            // choice's text under its own index.
-            Event::PrefillProgress { total: 0, .. } => {
-                let reason = self.boundaries.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                if let Some(reason) = reason {
-                    out.push(self.end_choice(&reason));
-                    self.current += 1;
-                    out.extend(self.start_choice());
-                }
-            }
+
             Event::Logprobs(lp) => self.pending.extend(lp),
             Event::Text(text) => {
                 let logprobs = if self.want_logprobs {
@@ -689,7 +612,7 @@ mod tests {
 
     #[test]
     fn stream_adapter_closes_each_choice_in_order() {
-        let boundaries = Arc::new(Mutex::new(VecDeque::new()));
+        let boundaries = Boundaries::default();
         let choices = vec![(0, Some("P".to_string())), (1, Some("Q".to_string()))];
         let mut a = CompletionChunks::new("cmpl-1".into(), 0, "m".into(), true, false, choices, boundaries.clone());
         let frames = |evs: Vec<axum::response::sse::Event>| evs.len();
@@ -697,14 +620,14 @@ mod tests {
         assert_eq!(frames(a.on_event(Event::Text("x".into()))), 1);
         // The chain queues the reason before the adapter has read the
         // choice's last text: that text still belongs to choice 0.
-        boundaries.lock().unwrap().push_back(FinishReason::MaxTokens);
+        boundaries.push(FinishReason::MaxTokens);
         assert_eq!(frames(a.on_event(Event::Text("\n".into()))), 1);
         assert_eq!(a.index(), 0);
         // A real progress event of the next choice closes nothing.
-        assert_eq!(frames(a.on_event(Event::PrefillProgress { done: 4, total: 4, elapsed: Duration::ZERO })), 0);
+        assert_eq!(frames(a.on_event(Event::PrefillProgress { done: 4, total: 4, elapsed: std::time::Duration::ZERO })), 0);
         assert_eq!(a.index(), 0);
         // Finish chunk of choice 0, echo chunk of choice 1.
-        assert_eq!(frames(a.on_event(choice_boundary())), 2);
+        assert_eq!(frames(a.on_event(super::super::chain::marker())), 2);
         assert_eq!(a.index(), 1);
         let end = a.on_event(Event::Finished { reason: FinishReason::EndOfTurn, usage: Usage::default(), timings: Default::default() });
         // Finish chunk, usage chunk, [DONE].

@@ -13,13 +13,15 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::chain::{add_usage, chain, Boundaries, ChainJob};
+use super::completions::MAX_N;
 use super::error::{ApiError, OpenAIError};
 use super::error::Protocol;
 use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, collect, new_id, prepare, unix_now, GenOptions};
-use crate::chat::output::{OutputEvent, OutputParser};
+use crate::chat::output::{OutputEvent, OutputParser, OutputSpec};
 use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice, ToolSpec};
-use crate::engine::{Event, FinishReason, TokenLogprob, Usage};
+use crate::engine::{Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
 use crate::server::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -263,8 +265,8 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), 
     if req.messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
     }
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid_param("n", "only n = 1 is supported"));
+    if let Some(n) = req.n.filter(|n| !(1..=MAX_N as u32).contains(n)) {
+        return Err(ApiError::invalid_param("n", format!("n must be between 1 and {MAX_N}, got {n}")));
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
@@ -398,32 +400,73 @@ pub fn tool_calls_json(calls: &[ToolCall]) -> Value {
     )
 }
 
+const ROUTE: &str = "chat_completions";
+
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
     let req: ChatCompletionRequest = ApiError::parse_json(&body)?;
     let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| state.model_id.clone());
     let stream = req.stream.unwrap_or(false);
     let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let n = req.n.unwrap_or(1);
     let (chat, opts) = convert(req)?;
     let want_logprobs = opts.logprobs.is_some();
     let prepared = prepare(&state, chat, opts, "messages").await?;
-    let job = state.submit("chat_completions", &body, prepared.request);
+    // `n` choices are `n` jobs of one prompt, run in turn (the later ones
+    // find the prompt cached); with a seed, each its own.
+    let requests: Vec<GenerateRequest> = (0..n)
+        .map(|j| {
+            let mut r = prepared.request.clone();
+            r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(j as u64));
+            r
+        })
+        .collect();
     let id = new_id("chatcmpl-");
     let created = unix_now();
     if stream {
+        let (job, boundaries) = if n == 1 {
+            let request = requests.into_iter().next().expect("n is at least 1");
+            (state.submit(ROUTE, &body, request), Boundaries::default())
+        } else {
+            let jobs = requests.into_iter().enumerate().map(|(j, request)| ChainJob { request, first_of_prompt: j == 0 }).collect();
+            chain(state.clone(), ROUTE, body, jobs)
+        };
         let adapter = ChunkAdapter {
             id,
             created,
             model,
             include_usage,
             want_logprobs,
+            index: 0,
+            boundaries,
             parser: OutputParser::new(&prepared.output, "call_"),
+            spec: prepared.output,
             pending_logprobs: Vec::new(),
             state: state.clone(),
         };
         return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
     }
-    let done = collect(&state, job, &prepared.output, "call_").await?;
+    let mut choices = Vec::with_capacity(requests.len());
+    let mut usage = Usage::default();
+    for (j, request) in requests.into_iter().enumerate() {
+        let done = collect(&state, state.submit(ROUTE, &body, request), &prepared.output, "call_").await?;
+        add_usage(&mut usage, &done.usage, j == 0);
+        choices.push(choice_json(j, &done, want_logprobs));
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": state.fingerprint,
+        "choices": choices,
+        "usage": usage_json(&usage),
+    }))
+    .into_response())
+}
+
+/// One finished choice of a chat completion.
+fn choice_json(index: usize, done: &super::Collected, want_logprobs: bool) -> Value {
     let out = &done.output;
     let mut message = json!({
         "role": "assistant",
@@ -437,21 +480,12 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
         message["tool_calls"] = tool_calls_json(&out.calls);
     }
     let logprobs = if want_logprobs { json!({ "content": logprobs_content(&done.logprobs), "refusal": null }) } else { Value::Null };
-    Ok(Json(json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": state.fingerprint,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": logprobs,
-            "finish_reason": chat_finish_reason(&done.reason, !out.calls.is_empty()),
-        }],
-        "usage": usage_json(&done.usage),
-    }))
-    .into_response())
+    json!({
+        "index": index,
+        "message": message,
+        "logprobs": logprobs,
+        "finish_reason": chat_finish_reason(&done.reason, !out.calls.is_empty()),
+    })
 }
 
 /// Streams `chat.completion.chunk` objects.
@@ -461,7 +495,13 @@ struct ChunkAdapter {
     model: String,
     include_usage: bool,
     want_logprobs: bool,
+    /// The choice being streamed; with `n` above 1 the choices come in
+    /// turn, each closed at its chain marker.
+    index: u32,
+    boundaries: Boundaries,
     parser: OutputParser,
+    /// How to read each choice, for the next choice's parser.
+    spec: OutputSpec,
     /// Logprobs of tokens whose text has not been sent yet.
     pending_logprobs: Vec<TokenLogprob>,
     state: Arc<AppState>,
@@ -480,7 +520,7 @@ impl ChunkAdapter {
             "created": self.created,
             "model": self.model,
             "system_fingerprint": self.state.fingerprint,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
+            "choices": [{ "index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
         });
         if self.include_usage {
             c["usage"] = Value::Null;
@@ -507,6 +547,19 @@ impl ChunkAdapter {
     }
 }
 
+impl ChunkAdapter {
+    /// The rest of the current choice and its finish chunk.
+    fn end_choice(&mut self, reason: &FinishReason) -> Vec<axum::response::sse::Event> {
+        let events = self.parser.finish();
+        let mut out = self.output_events(events);
+        let calls = !self.parser.output().calls.is_empty();
+        self.state.remember_calls(self.parser.output());
+        let fin = self.chunk(json!({}), Some(chat_finish_reason(reason, calls)));
+        out.push(sse::data(&fin));
+        out
+    }
+}
+
 impl StreamAdapter for ChunkAdapter {
     fn opening(&mut self) -> Vec<axum::response::sse::Event> {
         let chunk = self.chunk(json!({ "role": "assistant", "content": "" }), None);
@@ -514,6 +567,14 @@ impl StreamAdapter for ChunkAdapter {
     }
 
     fn on_event(&mut self, event: Event) -> Vec<axum::response::sse::Event> {
+        if let Some(reason) = self.boundaries.ended(&event) {
+            let mut out = self.end_choice(&reason);
+            self.index += 1;
+            self.parser = OutputParser::new(&self.spec, "call_");
+            self.pending_logprobs.clear();
+            out.extend(self.opening());
+            return out;
+        }
         match event {
             Event::Text(text) => {
                 let events = self.parser.push(&text);
@@ -524,12 +585,7 @@ impl StreamAdapter for ChunkAdapter {
                 vec![]
             }
             Event::Finished { reason, usage, .. } => {
-                let events = self.parser.finish();
-                let mut out = self.output_events(events);
-                let calls = !self.parser.output().calls.is_empty();
-                self.state.remember_calls(self.parser.output());
-                let fin = self.chunk(json!({}), Some(chat_finish_reason(&reason, calls)));
-                out.push(sse::data(&fin));
+                let mut out = self.end_choice(&reason);
                 if self.include_usage {
                     let mut last = self.chunk(json!({}), None);
                     last["choices"] = json!([]);
@@ -589,7 +645,7 @@ mod tests {
             json!({"messages": [{"role": "user", "content": "x"}], "temperature": 3}),
             json!({"messages": [{"role": "user", "content": "x"}], "top_p": -1}),
             json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
-            json!({"messages": [{"role": "user", "content": "x"}], "n": 2}),
+            json!({"messages": [{"role": "user", "content": "x"}], "n": 9}),
         ];
         for c in cases {
             assert!(parse(c.clone()).is_err(), "{c}");

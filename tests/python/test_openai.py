@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import openai
@@ -184,6 +185,59 @@ def test_sdk_stream_survives_heartbeats_during_a_stall(start_hearth, client: ope
     assert text == expected
 
 
+# --- several choices ---------------------------------------------------------
+
+def test_n_choices_non_streamed(client: openai.OpenAI):
+    """`n` choices of one prompt: the prompt counts once in the usage, every
+    choice's output counts, and seeded choices differ from one another."""
+    one = chat(client, max_tokens=12, temperature=1.0, seed=11)
+    r = chat(client, max_tokens=12, temperature=1.0, seed=11, n=3, logprobs=True)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    # The first choice has the request's seed: the same text as n=1.
+    assert r.choices[0].message.content == one.choices[0].message.content
+    assert len({c.message.content for c in r.choices}) > 1
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+    assert all(c.finish_reason in ("stop", "length") for c in r.choices)
+
+
+def test_n_choices_streamed_equal_non_streamed(client: openai.OpenAI):
+    """Streamed, each choice's deltas stay under its own index, in turn."""
+    args = {"max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 3}
+    whole = chat(client, **args)
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}, **args))
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    order = []
+    for ch in chunks:
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+            if not order or order[-1] != c.index:
+                order.append(c.index)
+    assert order == [0, 1, 2]
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_n_forced_tool_calls(client: openai.OpenAI):
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    r = chat(client, n=2, tools=[tool], tool_choice="required",
+             messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=48)
+    assert len(r.choices) == 2
+    ids = set()
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls"
+        call = c.message.tool_calls[0]
+        assert "city" in json.loads(call.function.arguments)
+        ids.add(call.id)
+    assert len(ids) == 2, "each choice's call has its own id"
+
+
 # --- client mistakes ---------------------------------------------------------
 
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -204,6 +258,8 @@ BAD_REQUESTS = {
     "max_tokens negative": {**GOOD, "max_tokens": -5},
     "max_tokens absurd": {**GOOD, "max_tokens": 10**12},
     "stream a string": {**GOOD, "stream": "yes"},
+    "n zero": {**GOOD, "n": 0},
+    "n too large": {**GOOD, "n": 9},
 }
 
 

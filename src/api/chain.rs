@@ -1,0 +1,142 @@
+//! Several engine jobs run one after another as one job, for one stream:
+//! the `n` choices of a request (and the prompts of a legacy completion)
+//! share one SSE stream, one pump, one heartbeat timer and one cancel.
+//!
+//! Between two jobs the chain queues the finished job's reason on
+//! [`Boundaries`] and then sends a marker event on the channel. Every
+//! event of a job comes before its marker, so an adapter that closes a
+//! choice when it reads the marker ([`Boundaries::ended`]) keeps each
+//! choice's events under its own index. Only the last job's `Finished` is
+//! forwarded, with the whole request's usage; a failure ends the chain.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::engine::{CancelFlag, CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, Usage};
+use crate::server::AppState;
+
+/// One job of a chain.
+#[derive(Debug)]
+pub struct ChainJob {
+    pub request: GenerateRequest,
+    /// The first job of its prompt: its prompt counts in the usage.
+    pub first_of_prompt: bool,
+}
+
+/// The finish reasons of the chain's jobs that ended, in order, for the
+/// adapter to read at each marker.
+#[derive(Debug, Clone, Default)]
+pub struct Boundaries(Arc<Mutex<VecDeque<FinishReason>>>);
+
+impl Boundaries {
+    pub(super) fn push(&self, reason: FinishReason) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push_back(reason);
+    }
+
+    /// When `event` is the chain's marker: the reason the job before it
+    /// ended.
+    pub fn ended(&self, event: &Event) -> Option<FinishReason> {
+        match event {
+            Event::PrefillProgress { total: 0, .. } => self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front(),
+            _ => None,
+        }
+    }
+}
+
+/// The marker between two jobs: a progress event no prefill sends (a real
+/// one has `total > 0`).
+pub(super) fn marker() -> Event {
+    Event::PrefillProgress { done: 0, total: 0, elapsed: Duration::ZERO }
+}
+
+/// Add one job's usage to a request's: a prompt counts once, however many
+/// choices it has; every choice's output counts.
+pub fn add_usage(total: &mut Usage, u: &Usage, first_of_prompt: bool) {
+    if first_of_prompt {
+        total.prompt_tokens += u.prompt_tokens;
+        total.cached_tokens += u.cached_tokens;
+    }
+    total.completion_tokens += u.completion_tokens;
+}
+
+/// Run `jobs` in turn as one job. When the stream is dropped (client gone,
+/// shutdown), the task sees its receiver closed and drops the running
+/// job's guard, which cancels it.
+pub fn chain(state: Arc<AppState>, route: &'static str, body: Bytes, jobs: Vec<ChainJob>) -> (JobHandle, Boundaries) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let boundaries = Boundaries::default();
+    let ends = boundaries.clone();
+    let task = async move {
+        let count = jobs.len();
+        let mut total = Usage::default();
+        for (k, job) in jobs.into_iter().enumerate() {
+            let JobHandle { mut events, cancel } = state.submit(route, &body, job.request);
+            let _guard = CancelOnDrop(cancel);
+            loop {
+                let event = tokio::select! {
+                    biased;
+                    _ = tx.closed() => return,
+                    event = events.recv() => event.unwrap_or(Event::Failed(EngineError::Stopped)),
+                };
+                match event {
+                    Event::Finished { reason, usage, timings } => {
+                        add_usage(&mut total, &usage, job.first_of_prompt);
+                        if k + 1 == count {
+                            let _ = tx.send(Event::Finished { reason, usage: total, timings });
+                            return;
+                        }
+                        ends.push(reason);
+                        if tx.send(marker()).is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    Event::Failed(err) => {
+                        let _ = tx.send(Event::Failed(err));
+                        return;
+                    }
+                    other => {
+                        if tx.send(other).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tokio::spawn(task.instrument(tracing::Span::current()));
+    // The pump's own cancel guard sets this flag; the chain watches its
+    // channel instead, which closes at the same moment.
+    (JobHandle { events: rx, cancel: CancelFlag::default() }, boundaries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_marker_reads_a_boundary() {
+        let b = Boundaries::default();
+        b.push(FinishReason::MaxTokens);
+        // The ended job's last text, read after its reason was queued.
+        assert_eq!(b.ended(&Event::Text("\n".into())), None);
+        // A real progress event of the next job.
+        assert_eq!(b.ended(&Event::PrefillProgress { done: 4, total: 4, elapsed: Duration::ZERO }), None);
+        assert_eq!(b.ended(&marker()), Some(FinishReason::MaxTokens));
+        assert_eq!(b.ended(&marker()), None);
+    }
+
+    #[test]
+    fn a_prompt_counts_once_and_every_output_counts() {
+        let mut total = Usage::default();
+        let u = Usage { prompt_tokens: 10, cached_tokens: 4, completion_tokens: 3 };
+        add_usage(&mut total, &u, true);
+        add_usage(&mut total, &u, false);
+        assert_eq!((total.prompt_tokens, total.cached_tokens, total.completion_tokens), (10, 4, 6));
+    }
+}

@@ -121,27 +121,35 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLengt
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
 
 
+# SmolLM2 answers this instead of calling the tool about a third of the
+# time at temperature 1 (a bare "describe Ada" gets an answer about one
+# time in eight): over 24 seeds both kinds of reply show up, whatever the
+# cache held before (one kind only: under 1 in 5,000).
+ASK_AUTO = [{"role": "user", "content": "Describe a person called Ada, aged 36, as JSON. Do not call any tool."}]
+SEEDS = range(24)
+
+
 def test_json_schema_with_auto_tools_is_a_call_or_a_valid_answer(client: openai.OpenAI):
     """`auto`: the model may call a tool; if it answers, the answer follows
-    the schema. Sampled over seeds, SmolLM2 does both (about a third of its
-    replies answer), and every reply is valid either way."""
-    kinds = set()
-    for seed in range(16):
-        r = chat(client, response_format=STRICT, tools=TOOLS, tool_choice="auto", max_tokens=96,
-                 temperature=1.0, seed=seed)
+    the schema. Sampled over seeds, SmolLM2 does both, and every reply is
+    valid either way."""
+    kinds = []
+    for seed in SEEDS:
+        r = chat(client, response_format=STRICT, tools=TOOLS, tool_choice="auto", max_tokens=160,
+                 temperature=1.0, seed=seed, messages=ASK_AUTO)
         c = r.choices[0]
         if c.message.tool_calls:
-            kinds.add("call")
+            kinds.append("call")
             assert c.finish_reason == "tool_calls"
             assert len(c.message.tool_calls) == 1
             call = c.message.tool_calls[0]
             assert call.function.name == "get_weather"
             jsonschema.validate(json.loads(call.function.arguments), WEATHER)
         else:
-            kinds.add("answer")
+            kinds.append("answer")
             assert c.finish_reason == "stop", c.message.content
             jsonschema.validate(json.loads(c.message.content), PERSON)
-    assert kinds == {"call", "answer"}, kinds
+    assert set(kinds) == {"call", "answer"}, kinds
 
 
 # --- Anthropic output_config.format -----------------------------------------
@@ -205,21 +213,21 @@ def test_anthropic_sdk_parse_with_a_pydantic_model(claude: anthropic.Anthropic):
 
 def test_anthropic_format_with_auto_tools(claude: anthropic.Anthropic):
     tools = [{"name": "get_weather", "input_schema": WEATHER}]
-    kinds = set()
-    for seed in range(16):
-        r = message(claude, output_config={"format": ANTHROPIC_FORMAT}, tools=tools,
+    kinds = []
+    for seed in SEEDS:
+        r = message(claude, output_config={"format": ANTHROPIC_FORMAT}, tools=tools, max_tokens=160, messages=ASK_AUTO,
                     extra_body={"temperature": 1.0, "seed": seed})
         if r.stop_reason == "tool_use":
-            kinds.add("call")
+            kinds.append("call")
             uses = [b for b in r.content if b.type == "tool_use"]
             assert len(uses) == 1
             jsonschema.validate(uses[0].input, WEATHER)
         else:
-            kinds.add("answer")
+            kinds.append("answer")
             assert r.stop_reason == "end_turn", r.content
             text = "".join(b.text for b in r.content if b.type == "text")
             jsonschema.validate(json.loads(text), PERSON)
-    assert kinds == {"call", "answer"}, kinds
+    assert set(kinds) == {"call", "answer"}, kinds
 
 
 BAD_ANTHROPIC = {

@@ -202,3 +202,62 @@ fn bad_grammars_are_refused_with_a_reason() {
         .join()
         .unwrap();
 }
+
+#[test]
+fn a_dsml_grammar_gives_calls_the_dsml_parser_reads() {
+    use hearth::chat::grammar as chat_grammar;
+    use hearth::chat::output::{OutputParser, OutputSpec};
+    use hearth::chat::tools::{ToolFormat, ToolSpec};
+    let weather = ToolSpec {
+        name: "get_weather".into(),
+        description: "Weather for a city.".into(),
+        parameters: serde_json::json!({
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "detail": {"$ref": "#/$defs/detail"},
+            },
+            "required": ["city", "days", "unit"],
+            "$defs": {"detail": {"type": "object", "properties": {"hourly": {"type": "boolean"}}, "required": ["hourly"]}},
+        }),
+    };
+    let free = ToolSpec { name: "note".into(), description: String::new(), parameters: serde_json::json!({"type": "object"}) };
+    // Raw-text values (a plain string property, a schema without
+    // properties) make valid grammars too; they are not run here, as
+    // SmolLM2, which never saw DSML, fills raw text with look-alike markup
+    // until max_tokens.
+    let mut note = free.clone();
+    note.parameters = serde_json::json!({"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]});
+    // Parallel calls too: SmolLM2 made to call repeats its call until
+    // max_tokens, so only the single-call grammar is run.
+    let gbnf = chat_grammar::tool_calls(ToolFormat::DeepSeekV4Dsml, &[&weather, &free, &note], true).unwrap().unwrap();
+    grammar::validate(model(), &Grammar { gbnf, triggers: vec![] }).unwrap();
+    let gbnf = chat_grammar::tool_calls(ToolFormat::DeepSeekV4Dsml, &[&weather], false).unwrap().unwrap();
+    let g = Grammar { gbnf, triggers: vec![] };
+    grammar::validate(model(), &g).unwrap_or_else(|e| panic!("{e}\n{}", g.gbnf));
+    let mut req = GenerateRequest::new(chat("What is the weather in Paris for the next 3 days?"), greedy(), 512);
+    req.grammar = Some(g);
+    let r = run(req);
+    assert_eq!(r.reason, FinishReason::EndOfTurn, "text: {:?}", r.text);
+    assert!(r.text.starts_with("<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\""), "{:?}", r.text);
+    let spec = OutputSpec { tools: Some(ToolFormat::DeepSeekV4Dsml), ..Default::default() };
+    let mut parser = OutputParser::new(&spec, "call_");
+    parser.push(&r.text);
+    parser.finish();
+    let out = parser.into_output();
+    assert!(!out.calls.is_empty() && out.text.trim().is_empty(), "{:?} from {:?}", out, r.text);
+    assert_eq!(out.calls.len(), 1, "{:?}", r.text);
+    for call in &out.calls {
+        let args: serde_json::Value = serde_json::from_str(&call.arguments).unwrap_or_else(|e| panic!("{e}: {:?}", call.arguments));
+        assert_eq!(call.name, "get_weather");
+        assert!(["Paris", "London", "Tokyo"].contains(&args["city"].as_str().unwrap_or("")), "{args}");
+        let days = args["days"].as_i64().unwrap_or_else(|| panic!("{args}"));
+        assert!((1..=7).contains(&days), "{args}");
+        assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap_or("")), "{args}");
+        if let Some(d) = args.get("detail") {
+            assert!(d["hourly"].is_boolean(), "{args}");
+        }
+    }
+}

@@ -41,11 +41,13 @@ fn args_schema(tool: &ToolSpec) -> Value {
 
 /// A grammar for tool calls in `format`: one call of one of `tools` (several
 /// in a row when `parallel`, for formats that write calls one after
-/// another). None when the format has no JSON arguments to constrain
-/// (DeepSeek V4 DSML spells arguments as tags).
+/// another). None when there are no tools.
 pub fn tool_calls(format: ToolFormat, tools: &[&ToolSpec], parallel: bool) -> Result<Option<String>, SchemaError> {
-    if tools.is_empty() || format == ToolFormat::DeepSeekV4Dsml {
+    if tools.is_empty() {
         return Ok(None);
+    }
+    if format == ToolFormat::DeepSeekV4Dsml {
+        return dsml_calls(tools, parallel).map(Some);
     }
     let mut out = String::new();
     let mut alternatives = Vec::new();
@@ -67,6 +69,76 @@ pub fn tool_calls(format: ToolFormat, tools: &[&ToolSpec], parallel: bool) -> Re
         out.push_str("root ::= call\n");
     }
     Ok(Some(out))
+}
+
+/// DeepSeek V4 DSML calls, whose arguments are parameter tags rather than
+/// a JSON object: one tag per property, in the schema's order (required
+/// ones always, the others optionally). A string property's value is raw
+/// text without DSML markup, any other property's a JSON value matching its own schema (with
+/// the root's definitions, so references resolve). A schema without
+/// properties allows any parameters. The layout is `dsml::render_call`'s.
+fn dsml_calls(tools: &[&ToolSpec], parallel: bool) -> Result<String, SchemaError> {
+    use super::tools::dsml::{BLOCK_CLOSE, BLOCK_OPEN, INVOKE_CLOSE, INVOKE_OPEN, PARAM_CLOSE, PARAM_OPEN};
+    // Raw values hold no DSML markup: `｜DSML｜` is in every tag, the
+    // parameter's closing tag too.
+    let mut out = text_without("dsml-text", "｜DSML｜");
+    out.push_str(&format!(
+        "dsml-any ::= {} [^\"\n]+ {} ( \"true\" | \"false\" ) {} dsml-text {}\n",
+        literal(&format!("{PARAM_OPEN} name=\"")),
+        literal("\" string=\""),
+        literal("\">"),
+        literal(&format!("{PARAM_CLOSE}\n")),
+    ));
+    let mut alternatives = Vec::new();
+    for (i, tool) in tools.iter().enumerate() {
+        let schema = args_schema(tool);
+        let required: HashSet<&str> =
+            schema.get("required").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let mut params = Vec::new();
+        match schema.get("properties").and_then(Value::as_object) {
+            Some(props) if !props.is_empty() => {
+                for (k, (key, prop)) in props.iter().enumerate() {
+                    let rule = format!("t{i}-p{k}");
+                    let open = |string: bool| literal(&format!("{PARAM_OPEN} name=\"{key}\" string=\"{string}\">"));
+                    let string_enum = prop.get("enum").and_then(Value::as_array).filter(|v| v.iter().all(Value::is_string));
+                    let value = if let Some(values) = string_enum {
+                        // A string enum is still a string: raw text, one of the values.
+                        let alts: Vec<String> = values.iter().filter_map(Value::as_str).map(literal).collect();
+                        format!("{} ( {} )", open(true), alts.join(" | "))
+                    } else if prop.get("type").and_then(Value::as_str) == Some("string") {
+                        format!("{} dsml-text", open(true))
+                    } else {
+                        let mut own = prop.clone();
+                        for defs in ["$defs", "definitions"] {
+                            if let (Some(d), Some(o)) = (schema.get(defs), own.as_object_mut()) {
+                                o.entry(defs).or_insert_with(|| d.clone());
+                            }
+                        }
+                        let gbnf = json_schema_to_grammar(&own).map_err(|e| {
+                            SchemaError(format!("the parameters schema of tool `{}` cannot be used (property `{key}`): {e}", tool.name))
+                        })?;
+                        out.push_str(&prefix_rules(&gbnf, &format!("{rule}-")));
+                        out.push('\n');
+                        format!("{} {rule}-root", open(false))
+                    };
+                    out.push_str(&format!("{rule} ::= {value} {}\n", literal(&format!("{PARAM_CLOSE}\n"))));
+                    params.push(if required.contains(key.as_str()) { rule } else { format!("{rule}?") });
+                }
+            }
+            _ => params.push("dsml-any*".to_string()),
+        }
+        let head = literal(&format!("{INVOKE_OPEN} name=\"{}\">\n", tool.name));
+        out.push_str(&format!("t{i}-call ::= {head} {} {}\n", params.join(" "), literal(INVOKE_CLOSE)));
+        alternatives.push(format!("t{i}-call"));
+    }
+    out.push_str(&format!("call ::= {}\n", alternatives.join(" | ")));
+    let (open, close) = (literal(&format!("{BLOCK_OPEN}\n")), literal(&format!("\n{BLOCK_CLOSE}")));
+    if parallel {
+        out.push_str(&format!("root ::= {open} call (\"\\n\" call)* {close}\n"));
+    } else {
+        out.push_str(&format!("root ::= {open} call {close}\n"));
+    }
+    Ok(out)
 }
 
 /// A grammar for a JSON answer.
@@ -329,6 +401,31 @@ mod tests {
         assert_eq!(triggers, vec!["<think>", "<tool_call>"]);
         assert!(g.contains("root ::= \"<think>\" think-text (\"</think>\" answer)? | g-root\n"), "{g}");
         assert!(g.contains("think-text-0 ::="), "{g}");
+    }
+
+    #[test]
+    fn dsml_parameters_follow_the_schema() {
+        let tool = ToolSpec {
+            name: "f".into(),
+            description: String::new(),
+            parameters: json!({"type": "object", "properties": {
+                "path": {"type": "string"},
+                "mode": {"type": "string", "enum": ["r", "w"]},
+                "n": {"type": "integer"},
+            }, "required": ["path"]}),
+        };
+        let g = tool_calls(ToolFormat::DeepSeekV4Dsml, &[&tool], false).unwrap().unwrap();
+        // Required first and always, the others optional, in schema order.
+        assert!(g.contains("t0-call ::= \"<｜DSML｜invoke name=\\\"f\\\">\\n\" t0-p0 t0-p1? t0-p2? \"</｜DSML｜invoke>\"\n"), "{g}");
+        // Raw text for a string, the values for a string enum, JSON for the rest.
+        assert!(g.contains("t0-p0 ::= \"<｜DSML｜parameter name=\\\"path\\\" string=\\\"true\\\">\" dsml-text "), "{g}");
+        assert!(g.contains("string=\\\"true\\\">\" ( \"r\" | \"w\" )"), "{g}");
+        assert!(g.contains("t0-p2 ::= \"<｜DSML｜parameter name=\\\"n\\\" string=\\\"false\\\">\" t0-p2-root "), "{g}");
+        assert!(g.contains("root ::= \"<｜DSML｜tool_calls>\\n\" call \"\\n</｜DSML｜tool_calls>\"\n"), "{g}");
+        let free = ToolSpec { name: "g".into(), description: String::new(), parameters: json!({}) };
+        let g = tool_calls(ToolFormat::DeepSeekV4Dsml, &[&free], true).unwrap().unwrap();
+        assert!(g.contains("t0-call ::= \"<｜DSML｜invoke name=\\\"g\\\">\\n\" dsml-any* "), "{g}");
+        assert!(g.contains("call (\"\\n\" call)*"), "{g}");
     }
 
     #[test]

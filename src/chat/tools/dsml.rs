@@ -20,14 +20,15 @@ use super::scan::{scan, Scan, Sink};
 use serde_json::Value;
 
 pub(crate) const BLOCK_OPEN: &str = "<｜DSML｜tool_calls>";
+pub(crate) const BLOCK_CLOSE: &str = "</｜DSML｜tool_calls>";
 const BLOCKS: [(&str, &str); 2] = [
-    (BLOCK_OPEN, "</｜DSML｜tool_calls>"),
+    (BLOCK_OPEN, BLOCK_CLOSE),
     ("<｜DSML｜function_calls>", "</｜DSML｜function_calls>"),
 ];
-const INVOKE_OPEN: &str = "<｜DSML｜invoke";
-const INVOKE_CLOSE: &str = "</｜DSML｜invoke>";
-const PARAM_OPEN: &str = "<｜DSML｜parameter";
-const PARAM_CLOSE: &str = "</｜DSML｜parameter>";
+pub(crate) const INVOKE_OPEN: &str = "<｜DSML｜invoke";
+pub(crate) const INVOKE_CLOSE: &str = "</｜DSML｜invoke>";
+pub(crate) const PARAM_OPEN: &str = "<｜DSML｜parameter";
+pub(crate) const PARAM_CLOSE: &str = "</｜DSML｜parameter>";
 /// Longer than any real tag's attributes: past this it is not a tag.
 const MAX_TAG: usize = 512;
 

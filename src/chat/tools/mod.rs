@@ -40,7 +40,7 @@ macro_rules! buffered_parser {
 }
 
 mod deepseek_v3;
-mod dsml;
+pub(crate) mod dsml;
 mod fallback;
 mod hermes;
 mod json;

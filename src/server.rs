@@ -182,6 +182,7 @@ pub fn app(state: Arc<AppState>, cors: &[String]) -> Router {
     let router = Router::new()
         .route("/health", get(models::health))
         .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::retrieve))
         .route("/metrics", get(metrics))
         .route("/v1/responses/{id}", get(crate::api::responses::retrieve).delete(crate::api::responses::delete))
         .route("/tokenize", post(tokenize::tokenize))

@@ -1,11 +1,14 @@
-//! `GET /health` and `GET /v1/models`.
+//! `GET /health`, `GET /v1/models` and `GET /v1/models/{id}`.
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::error::{AnthropicError, ApiError, OpenAIError};
 use crate::server::AppState;
 
 /// 200 once the model is loaded (the router only exists after that).
@@ -13,26 +16,56 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({ "status": "ok", "model": state.model_id }))
 }
 
-/// The one model this server serves, in OpenAI's list shape (Anthropic's
-/// SDK reads the same `data[].id`).
-pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
+/// The one model this server serves, in a shape both SDKs read: OpenAI's
+/// (`object`, `created`, `owned_by`) and Anthropic's (`type`,
+/// `display_name`, `created_at`, `max_input_tokens`, `max_tokens`, and the
+/// page's `has_more`, `first_id`, `last_id`), plus llama-server's `meta`.
+fn model_object(state: &AppState) -> Value {
     let model = state.engine.model();
+    let n_ctx = state.engine.n_ctx();
+    let created_at = time::OffsetDateTime::from_unix_timestamp(state.started_at as i64)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+    json!({
+        "id": state.model_id,
+        "object": "model",
+        "created": state.started_at,
+        "owned_by": "hearth",
+        "type": "model",
+        "display_name": state.model_id,
+        "created_at": created_at,
+        "max_input_tokens": n_ctx,
+        "max_tokens": state.service.limits.max_tokens.unwrap_or(n_ctx).min(n_ctx),
+        "meta": {
+            "n_ctx": n_ctx,
+            "n_ctx_train": model.n_ctx_train(),
+            "n_params": model.n_params(),
+            "size": model.size_bytes(),
+        },
+    })
+}
+
+/// `GET /v1/models`
+pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "object": "list",
-        "data": [{
-            "id": state.model_id,
-            "object": "model",
-            "created": state.started_at,
-            "owned_by": "hearth",
-            "type": "model",
-            "display_name": state.model_id,
-            "meta": {
-                "n_ctx": state.engine.n_ctx(),
-                "n_ctx_train": model.n_ctx_train(),
-                "n_params": model.n_params(),
-                "size": model.size_bytes(),
-            },
-        }],
+        "data": [model_object(&state)],
         "has_more": false,
+        "first_id": state.model_id,
+        "last_id": state.model_id,
     }))
+}
+
+/// `GET /v1/models/{id}`: the served model by its id; any other id is a
+/// 404 (in Anthropic's shape for a client that sends `anthropic-version`).
+pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if id == state.model_id {
+        return Json(model_object(&state)).into_response();
+    }
+    let err = ApiError::not_found(format!("model '{id}' not found; this server serves '{}'", state.model_id));
+    if headers.contains_key("anthropic-version") {
+        AnthropicError::from(err).into_response()
+    } else {
+        OpenAIError::from(err).into_response()
+    }
 }

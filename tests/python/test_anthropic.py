@@ -7,7 +7,7 @@ import time
 import anthropic
 import pytest
 
-from hearth_http import ANTHROPIC_ERROR_SCHEMA, assert_client_error, post, anthropic_client
+from hearth_http import ANTHROPIC_ERROR_SCHEMA, assert_client_error, post, request, anthropic_client
 
 MODEL = "any-model-name"
 STORY = [{"role": "user", "content": "Write a short story about a cat who learns to sail."}]
@@ -113,6 +113,25 @@ def test_seed_makes_sampling_repeatable(client: anthropic.Anthropic):
     texts = [text_of(create(client, max_tokens=32, extra_body={"temperature": 1.0, "seed": s})) for s in (7, 7, 7, 8, 9)]
     assert texts[1] == texts[2]
     assert len(set(texts[2:])) > 1, texts
+
+
+def test_models_in_anthropic_shape(client: anthropic.Anthropic, base_url: str):
+    """The Anthropic SDK's models API: the page, the model's context size
+    as `max_input_tokens`, an RFC 3339 `created_at`, and a 404 in
+    Anthropic's shape for another id."""
+    page = client.models.list()
+    assert page.has_more is False and len(page.data) == 1
+    m = page.data[0]
+    assert page.first_id == page.last_id == m.id
+    assert m.type == "model" and m.display_name
+    assert m.created_at is not None and m.created_at.year >= 2024
+    assert m.max_input_tokens == 8192
+    assert 0 < m.max_tokens <= m.max_input_tokens
+    assert client.models.retrieve(m.id).id == m.id
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("no-such-model")
+    assert_client_error(request("GET", base_url + "/v1/models/no-such-model", headers=HEADERS),
+                        ANTHROPIC_ERROR_SCHEMA, status=404)
 
 
 def test_max_tokens_stop_reason(client: anthropic.Anthropic):

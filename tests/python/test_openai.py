@@ -60,6 +60,15 @@ def test_models_lists_one_model(client: openai.OpenAI, base_url: str):
     assert [m["id"] for m in raw["data"]] == [models[0].id]
 
 
+def test_models_retrieve(client: openai.OpenAI, base_url: str):
+    listed = list(client.models.list())[0]
+    got = client.models.retrieve(listed.id)
+    assert got.id == listed.id and got.object == "model" and got.owned_by == "hearth"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    assert_client_error(request("GET", base_url + "/v1/models/no-such-model"), OPENAI_ERROR_SCHEMA, status=404)
+
+
 def test_model_alias_is_listed(start_hearth):
     srv = start_hearth("--model-alias", "house-model")
     models = list(make_client(srv.url).models.list())

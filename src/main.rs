@@ -25,12 +25,18 @@ use hearth::shutdown::Shutdown;
 use hearth::trace::TraceLog;
 
 #[derive(Parser)]
-#[command(name = "hearth", version, about = "A local LLM inference server: OpenAI and Anthropic APIs over llama.cpp")]
+#[command(
+    name = "hearth",
+    version,
+    about = "A local LLM inference server: OpenAI and Anthropic APIs over llama.cpp"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+// Parsed once at start-up: the size of the `serve` arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve the OpenAI and Anthropic APIs over HTTP.
@@ -60,10 +66,16 @@ fn main() -> anyhow::Result<()> {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama.cpp=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 
@@ -71,9 +83,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fault = FaultPlan::from_env().map_err(|e| anyhow::anyhow!("HEARTH_FAULT: {e}"))?;
     // Service settings first: a bad key file or trace path fails before the
     // model takes seconds to load.
-    let api_keys = ApiKeys::load(args.api_key.as_deref(), args.api_key_file.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let api_keys = ApiKeys::load(args.api_key.as_deref(), args.api_key_file.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?;
     let trace = match &args.trace {
-        Some(path) => Some(Arc::new(TraceLog::open(path).with_context(|| format!("cannot open the trace file {}", path.display()))?)),
+        Some(path) => Some(Arc::new(TraceLog::open(path).with_context(|| {
+            format!("cannot open the trace file {}", path.display())
+        })?)),
         None => None,
     };
     let shutdown = Shutdown::new();
@@ -84,7 +99,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             read_timeout: args.read_timeout(),
             max_tokens: (args.max_tokens > 0).then_some(args.max_tokens),
         },
-        admission: Admission::new(args.max_queue),
+        admission: Admission::new(args.max_queue, args.parallel as usize),
         shutdown: shutdown.clone(),
         metrics: Arc::new(Metrics::new()),
         trace,
@@ -100,7 +115,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     let template = match &args.chat_template {
         Some(file) => {
-            let src = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let src = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
             ChatTemplate::new(&src, &model.bos_text(), &model.eos_text())?
         }
         None => match model.chat_template() {
@@ -111,10 +127,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         },
     };
-    let model_id = args.model_alias.clone().unwrap_or_else(|| default_alias(&model, &model_path));
+    let model_id = args
+        .model_alias
+        .clone()
+        .unwrap_or_else(|| default_alias(&model, &model_path));
     let fingerprint = format!("hearth-{}", env!("CARGO_PKG_VERSION"));
     let config = EngineConfig {
         n_ctx: args.ctx,
+        n_parallel: args.parallel,
+        spec: (!args.no_spec).then(|| hearth::engine::spec::SpecConfig {
+            draft_max: args.draft_max as usize,
+            ..Default::default()
+        }),
+        kv_size: args.kv_size,
         n_batch: args.batch.max(1),
         n_threads: args.threads,
         n_gpu_layers: args.gpu_layers,
@@ -129,11 +154,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         n_ctx = handle.n_ctx(),
         n_ctx_train = model.n_ctx_train(),
         batch = args.batch,
+        parallel = args.parallel,
         heartbeat_secs = args.heartbeat_secs,
         "engine ready"
     );
-    let name = format!("{} {}", model.meta("general.name").unwrap_or_default(), model_path.display());
-    let tool_format = ToolFormat::detect((!template.is_fallback()).then(|| template.source()), &name);
+    let name = format!(
+        "{} {}",
+        model.meta("general.name").unwrap_or_default(),
+        model_path.display()
+    );
+    let tool_format =
+        ToolFormat::detect((!template.is_fallback()).then(|| template.source()), &name);
     info!(tool_format = ?tool_format, "tool calls");
     let state = Arc::new(AppState {
         engine: handle,
@@ -152,7 +183,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         keep_billing_header: args.keep_billing_header,
         service,
     });
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("hearth-http").build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("hearth-http")
+        .build()?;
     rt.block_on(async move {
         let listener = TcpListener::bind((args.host.as_str(), args.port))
             .await
@@ -229,7 +263,10 @@ impl Signals {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            Ok(Self { int: signal(SignalKind::interrupt())?, term: signal(SignalKind::terminate())? })
+            Ok(Self {
+                int: signal(SignalKind::interrupt())?,
+                term: signal(SignalKind::terminate())?,
+            })
         }
         #[cfg(not(unix))]
         Ok(Self {})

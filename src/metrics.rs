@@ -56,7 +56,12 @@ pub fn route_label(path: &str) -> &'static str {
     }
 }
 
-const SOURCES: [PrefixSource; 4] = [PrefixSource::None, PrefixSource::Live, PrefixSource::Ram, PrefixSource::Disk];
+const SOURCES: [PrefixSource; 4] = [
+    PrefixSource::None,
+    PrefixSource::Live,
+    PrefixSource::Ram,
+    PrefixSource::Disk,
+];
 
 fn source_index(source: PrefixSource) -> usize {
     SOURCES.iter().position(|s| *s == source).unwrap_or(0)
@@ -90,8 +95,12 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        const SECONDS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
-        const RATES: &[f64] = &[1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
+        const SECONDS: &[f64] = &[
+            0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+        ];
+        const RATES: &[f64] = &[
+            1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        ];
         const BEATS: &[f64] = &[0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0];
         Self {
             requests: Mutex::default(),
@@ -128,20 +137,30 @@ impl Metrics {
     }
 
     /// A job ended; `usage` and speeds only when the engine finished it.
-    pub fn finished(&self, route: &'static str, outcome: Outcome, done: Option<(crate::engine::Usage, crate::engine::Timings)>) {
+    pub fn finished(
+        &self,
+        route: &'static str,
+        outcome: Outcome,
+        done: Option<(crate::engine::Usage, crate::engine::Timings)>,
+    ) {
         if let Ok(mut m) = self.generations.lock() {
             *m.entry((route, outcome)).or_default() += 1;
         }
         let Some((usage, timings)) = done else { return };
-        self.prompt_tokens.fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
-        self.cached_tokens.fetch_add(usage.cached_tokens as u64, Ordering::Relaxed);
-        self.generated_tokens.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(usage.prompt_tokens as u64, Ordering::Relaxed);
+        self.cached_tokens
+            .fetch_add(usage.cached_tokens as u64, Ordering::Relaxed);
+        self.generated_tokens
+            .fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
         let prefilled = usage.prompt_tokens.saturating_sub(usage.cached_tokens);
         if prefilled > 0 && !timings.prefill.is_zero() {
-            self.prefill_tps.observe(prefilled as f64 / timings.prefill.as_secs_f64());
+            self.prefill_tps
+                .observe(prefilled as f64 / timings.prefill.as_secs_f64());
         }
         if usage.completion_tokens > 1 && !timings.decode.is_zero() {
-            self.decode_tps.observe(usage.completion_tokens as f64 / timings.decode.as_secs_f64());
+            self.decode_tps
+                .observe(usage.completion_tokens as f64 / timings.decode.as_secs_f64());
         }
     }
 
@@ -157,16 +176,35 @@ impl Metrics {
 
     /// The whole exposition. `gauges` are (name, help, value) read by the
     /// caller at scrape time.
+    /// `gauges` are values read at render time; names ending in `_total`
+    /// are typed as counters.
     pub fn render(&self, gauges: &[(&str, &str, f64)]) -> String {
         let mut out = String::with_capacity(4096);
         for (name, help, value) in gauges {
-            header(&mut out, name, help, "gauge");
+            header(
+                &mut out,
+                name,
+                help,
+                if name.ends_with("_total") {
+                    "counter"
+                } else {
+                    "gauge"
+                },
+            );
             let _ = writeln!(out, "{name} {value}");
         }
-        header(&mut out, "hearth_requests_total", "HTTP responses by route and status code.", "counter");
+        header(
+            &mut out,
+            "hearth_requests_total",
+            "HTTP responses by route and status code.",
+            "counter",
+        );
         if let Ok(m) = self.requests.lock() {
             for ((route, status), n) in m.iter() {
-                let _ = writeln!(out, "hearth_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "hearth_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                );
             }
         }
         header(
@@ -177,24 +215,59 @@ impl Metrics {
         );
         if let Ok(m) = self.generations.lock() {
             for ((route, outcome), n) in m.iter() {
-                let _ = writeln!(out, "hearth_generations_total{{route=\"{route}\",outcome=\"{}\"}} {n}", outcome.as_str());
+                let _ = writeln!(
+                    out,
+                    "hearth_generations_total{{route=\"{route}\",outcome=\"{}\"}} {n}",
+                    outcome.as_str()
+                );
             }
         }
         let counters = [
-            ("hearth_prompt_tokens_total", "Prompt tokens of finished generations.", &self.prompt_tokens),
-            ("hearth_cached_prompt_tokens_total", "Prompt tokens reused from the KV cache.", &self.cached_tokens),
-            ("hearth_generated_tokens_total", "Tokens generated.", &self.generated_tokens),
-            ("hearth_heartbeats_total", "Heartbeats written on streams.", &self.heartbeats),
+            (
+                "hearth_prompt_tokens_total",
+                "Prompt tokens of finished generations.",
+                &self.prompt_tokens,
+            ),
+            (
+                "hearth_cached_prompt_tokens_total",
+                "Prompt tokens reused from the KV cache.",
+                &self.cached_tokens,
+            ),
+            (
+                "hearth_generated_tokens_total",
+                "Tokens generated.",
+                &self.generated_tokens,
+            ),
+            (
+                "hearth_heartbeats_total",
+                "Heartbeats written on streams.",
+                &self.heartbeats,
+            ),
         ];
         for (name, help, v) in counters {
             header(&mut out, name, help, "counter");
             let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
         }
-        header(&mut out, "hearth_cache_lookups_total", "Jobs by where their reused prompt prefix came from.", "counter");
+        header(
+            &mut out,
+            "hearth_cache_lookups_total",
+            "Jobs by where their reused prompt prefix came from.",
+            "counter",
+        );
         for (i, s) in SOURCES.iter().enumerate() {
-            let _ = writeln!(out, "hearth_cache_lookups_total{{source=\"{}\"}} {}", s.as_str(), self.prefix_jobs[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "hearth_cache_lookups_total{{source=\"{}\"}} {}",
+                s.as_str(),
+                self.prefix_jobs[i].load(Ordering::Relaxed)
+            );
         }
-        header(&mut out, "hearth_cache_reused_tokens_total", "Prompt tokens reused, by source.", "counter");
+        header(
+            &mut out,
+            "hearth_cache_reused_tokens_total",
+            "Prompt tokens reused, by source.",
+            "counter",
+        );
         for (i, s) in SOURCES.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -208,9 +281,21 @@ impl Metrics {
             "hearth_time_to_first_token_seconds",
             "From queueing a job to its first generated text.",
         );
-        self.prefill_tps.render(&mut out, "hearth_prefill_tokens_per_second", "Prefill speed of each job (uncached tokens).");
-        self.decode_tps.render(&mut out, "hearth_decode_tokens_per_second", "Decode speed of each job.");
-        self.heartbeats_per_stream.render(&mut out, "hearth_stream_heartbeats", "Heartbeats written per streamed response.");
+        self.prefill_tps.render(
+            &mut out,
+            "hearth_prefill_tokens_per_second",
+            "Prefill speed of each job (uncached tokens).",
+        );
+        self.decode_tps.render(
+            &mut out,
+            "hearth_decode_tokens_per_second",
+            "Decode speed of each job.",
+        );
+        self.heartbeats_per_stream.render(
+            &mut out,
+            "hearth_stream_heartbeats",
+            "Heartbeats written per streamed response.",
+        );
         out
     }
 }
@@ -231,16 +316,28 @@ struct Histogram {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Self { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum: AtomicU64::new(0f64.to_bits()) }
+        Self {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+        }
     }
 
     fn observe(&self, v: f64) {
         if !v.is_finite() {
             return;
         }
-        let i = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        let _ = self.sum.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| Some((f64::from_bits(bits) + v).to_bits()));
+        let _ = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + v).to_bits())
+            });
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
@@ -257,7 +354,11 @@ impl Histogram {
                 }
             }
         }
-        let _ = writeln!(out, "{name}_sum {}", f64::from_bits(self.sum.load(Ordering::Relaxed)));
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            f64::from_bits(self.sum.load(Ordering::Relaxed))
+        );
         let _ = writeln!(out, "{name}_count {cumulative}");
     }
 }
@@ -275,8 +376,15 @@ mod tests {
         m.request("messages", 200);
         m.started(40, PrefixSource::Live);
         m.first_token(Duration::from_millis(300));
-        let usage = Usage { prompt_tokens: 100, cached_tokens: 40, completion_tokens: 11 };
-        let timings = Timings { prefill: Duration::from_millis(600), decode: Duration::from_millis(500) };
+        let usage = Usage {
+            prompt_tokens: 100,
+            cached_tokens: 40,
+            completion_tokens: 11,
+        };
+        let timings = Timings {
+            prefill: Duration::from_millis(600),
+            decode: Duration::from_millis(500),
+        };
         m.finished("messages", Outcome::Finished, Some((usage, timings)));
         m.finished("messages", Outcome::Cancelled, None);
         m.heartbeat();
@@ -302,7 +410,10 @@ mod tests {
             "hearth_heartbeats_total 1",
             "hearth_stream_heartbeats_bucket{le=\"1\"} 1",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
         }
         // Every sample line is `name{labels} value` with a numeric value.
         for l in text.lines().filter(|l| !l.starts_with('#')) {

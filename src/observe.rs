@@ -50,9 +50,15 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
                 event = events.recv() => event,
                 _ = tx.closed() => break if w.shutdown.is_aborting() { Outcome::Shutdown } else { Outcome::Cancelled },
             };
-            let Some(event) = event else { break Outcome::Failed };
+            let Some(event) = event else {
+                break Outcome::Failed;
+            };
             let last = match &event {
-                Event::Started { prompt_tokens, cached, source } => {
+                Event::Started {
+                    prompt_tokens,
+                    cached,
+                    source,
+                } => {
                     w.metrics.started(*cached, *source);
                     cache = Some((*prompt_tokens, *cached, *source));
                     false
@@ -68,7 +74,11 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
                     false
                 }
                 Event::Logprobs(_) => false,
-                Event::Finished { reason, usage, timings } => {
+                Event::Finished {
+                    reason,
+                    usage,
+                    timings,
+                } => {
                     done = Some((*usage, *timings));
                     end = Some(json!({
                         "finish": finish_label(reason),
@@ -86,15 +96,31 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
                 Event::PrefillProgress { .. } => false,
             };
             if tx.send(event).is_err() {
-                break if w.shutdown.is_aborting() { Outcome::Shutdown } else { Outcome::Cancelled };
+                break if w.shutdown.is_aborting() {
+                    Outcome::Shutdown
+                } else {
+                    Outcome::Cancelled
+                };
             }
             if last {
-                break if done.is_some() { Outcome::Finished } else { Outcome::Failed };
+                break if done.is_some() {
+                    Outcome::Finished
+                } else {
+                    Outcome::Failed
+                };
             }
         };
         // Drop the engine's receiver now, not when the trace is written.
         drop(events);
-        w.metrics.finished(w.route, outcome, if outcome == Outcome::Finished { done } else { None });
+        w.metrics.finished(
+            w.route,
+            outcome,
+            if outcome == Outcome::Finished {
+                done
+            } else {
+                None
+            },
+        );
         if let Some((log, raw, prompt)) = w.trace {
             let mut record = json!({
                 "route": w.route,
@@ -142,18 +168,40 @@ mod tests {
     fn watch_one() -> (mpsc::UnboundedSender<Event>, JobHandle, Arc<Metrics>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::new());
-        let job = JobHandle { events: rx, cancel: CancelFlag::default() };
-        let w = Watch { route: "messages", metrics: metrics.clone(), shutdown: Shutdown::new(), trace: None };
+        let job = JobHandle {
+            events: rx,
+            cancel: CancelFlag::default(),
+        };
+        let w = Watch {
+            route: "messages",
+            metrics: metrics.clone(),
+            shutdown: Shutdown::new(),
+            trace: None,
+        };
         (tx, watch(job, w), metrics)
     }
 
     #[tokio::test]
     async fn forwards_every_event_and_counts_the_outcome() {
         let (tx, mut job, metrics) = watch_one();
-        tx.send(Event::Started { prompt_tokens: 10, cached: 4, source: PrefixSource::Ram }).unwrap();
+        tx.send(Event::Started {
+            prompt_tokens: 10,
+            cached: 4,
+            source: PrefixSource::Ram,
+        })
+        .unwrap();
         tx.send(Event::Text("hi".into())).unwrap();
-        let usage = Usage { prompt_tokens: 10, cached_tokens: 4, completion_tokens: 1 };
-        tx.send(Event::Finished { reason: FinishReason::EndOfTurn, usage, timings: Timings::default() }).unwrap();
+        let usage = Usage {
+            prompt_tokens: 10,
+            cached_tokens: 4,
+            completion_tokens: 1,
+        };
+        tx.send(Event::Finished {
+            reason: FinishReason::EndOfTurn,
+            usage,
+            timings: Timings::default(),
+        })
+        .unwrap();
         let mut n = 0;
         while job.events.recv().await.is_some() {
             n += 1;
@@ -161,7 +209,10 @@ mod tests {
         assert_eq!(n, 3);
         let text = metrics.render(&[]);
         assert!(text.contains("outcome=\"finished\"} 1"), "{text}");
-        assert!(text.contains("hearth_cache_lookups_total{source=\"ram\"} 1"), "{text}");
+        assert!(
+            text.contains("hearth_cache_lookups_total{source=\"ram\"} 1"),
+            "{text}"
+        );
         // The engine's side is released once the job ended.
         assert!(tx.is_closed());
     }
@@ -170,7 +221,9 @@ mod tests {
     async fn a_client_that_leaves_releases_the_engine_side() {
         let (tx, job, metrics) = watch_one();
         drop(job);
-        tokio::time::timeout(std::time::Duration::from_secs(1), tx.closed()).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), tx.closed())
+            .await
+            .unwrap();
         // The metrics are recorded right after the channel closes.
         for _ in 0..100 {
             if metrics.render(&[]).contains("outcome=\"cancelled\"} 1") {

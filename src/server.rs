@@ -82,7 +82,7 @@ impl ServiceState {
         Self {
             api_keys: None,
             limits: Limits::default(),
-            admission: Admission::new(max_queue),
+            admission: Admission::new(max_queue, 1),
             shutdown: Shutdown::new(),
             metrics: Arc::new(Metrics::new()),
             trace: None,
@@ -102,7 +102,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_body_bytes: 32 << 20, read_timeout: Duration::from_secs(30), max_tokens: None }
+        Self {
+            max_body_bytes: 32 << 20,
+            read_timeout: Duration::from_secs(30),
+            max_tokens: None,
+        }
     }
 }
 
@@ -117,7 +121,10 @@ impl AppState {
         let cap = self.service.limits.max_tokens;
         if let (Some(cap), Some(asked)) = (cap, asked) {
             if asked > cap {
-                return Err(ApiError::invalid_param("max_tokens", format!("max_tokens must be at most {cap} on this server, got {asked}")));
+                return Err(ApiError::invalid_param(
+                    "max_tokens",
+                    format!("max_tokens must be at most {cap} on this server, got {asked}"),
+                ));
             }
         }
         let room = cap.map_or(room, |c| c.min(room));
@@ -127,7 +134,8 @@ impl AppState {
     /// Remember a reply that made tool calls, for exact replay.
     pub fn remember_calls(&self, output: &crate::chat::output::Output) {
         if !output.calls.is_empty() {
-            self.replay.remember(output.calls.iter().map(|c| c.id.as_str()), &output.raw);
+            self.replay
+                .remember(output.calls.iter().map(|c| c.id.as_str()), &output.raw);
         }
     }
 
@@ -144,16 +152,53 @@ impl AppState {
 
     /// Queue a prepared job, watched for the metrics and the trace. `route`
     /// is the metrics label; `raw` the request body as received.
-    pub fn submit(&self, route: &'static str, raw: &axum::body::Bytes, request: GenerateRequest) -> JobHandle {
-        let trace = self.service.trace.as_ref().map(|log| (log.clone(), raw.clone(), request.prompt_text.clone()));
-        let job = self.engine.submit(request);
-        let watch = observe::Watch { route, metrics: self.service.metrics.clone(), shutdown: self.service.shutdown.clone(), trace };
-        observe::watch(job, watch)
+    pub fn submit(
+        &self,
+        route: &'static str,
+        raw: &axum::body::Bytes,
+        request: GenerateRequest,
+    ) -> JobHandle {
+        let mut jobs = self.submit_group(route, raw, vec![request]);
+        jobs.pop().expect("one request, one job")
+    }
+
+    /// Queue the choices of one prompt together (one prefill, forked), each
+    /// watched like [`AppState::submit`]'s.
+    pub fn submit_group(
+        &self,
+        route: &'static str,
+        raw: &axum::body::Bytes,
+        requests: Vec<GenerateRequest>,
+    ) -> Vec<JobHandle> {
+        let texts: Vec<Option<String>> = requests.iter().map(|r| r.prompt_text.clone()).collect();
+        let jobs = self.engine.submit_group(requests);
+        jobs.into_iter()
+            .zip(texts)
+            .map(|(job, text)| {
+                let trace = self
+                    .service
+                    .trace
+                    .as_ref()
+                    .map(|log| (log.clone(), raw.clone(), text));
+                let watch = observe::Watch {
+                    route,
+                    metrics: self.service.metrics.clone(),
+                    shutdown: self.service.shutdown.clone(),
+                    trace,
+                };
+                observe::watch(job, watch)
+            })
+            .collect()
     }
 
     /// A streaming response for a job: heartbeats on this server's
     /// interval, counted, ended cleanly by a shutdown.
-    pub fn stream_job<A: StreamAdapter>(&self, job: JobHandle, adapter: A, protocol: Protocol) -> Response {
+    pub fn stream_job<A: StreamAdapter>(
+        &self,
+        job: JobHandle,
+        adapter: A,
+        protocol: Protocol,
+    ) -> Response {
         let opts = StreamOptions {
             shutdown: Some(self.service.shutdown.clone()),
             metrics: Some(self.service.metrics.clone()),
@@ -173,10 +218,16 @@ impl AppState {
 pub fn app(state: Arc<AppState>, cors: &[String]) -> Router {
     let generate = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .route("/v1/completions", post(crate::api::completions::completions))
+        .route(
+            "/v1/completions",
+            post(crate::api::completions::completions),
+        )
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/responses", post(crate::api::responses::create))
-        .route("/v1/responses/input_tokens", post(crate::api::responses::input_tokens))
+        .route(
+            "/v1/responses/input_tokens",
+            post(crate::api::responses::input_tokens),
+        )
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route_layer(from_fn_with_state(state.clone(), guard::admit));
     let router = Router::new()
@@ -184,7 +235,11 @@ pub fn app(state: Arc<AppState>, cors: &[String]) -> Router {
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::retrieve))
         .route("/metrics", get(metrics))
-        .route("/v1/responses/{id}", get(crate::api::responses::retrieve).delete(crate::api::responses::delete))
+        .route("/slots", get(models::slots))
+        .route(
+            "/v1/responses/{id}",
+            get(crate::api::responses::retrieve).delete(crate::api::responses::delete),
+        )
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/apply-template", post(tokenize::apply_template))
@@ -199,7 +254,9 @@ pub fn app(state: Arc<AppState>, cors: &[String]) -> Router {
         Some(layer) => router.layer(layer),
         None => router,
     };
-    router.layer(from_fn_with_state(state.clone(), guard::count_requests)).with_state(state)
+    router
+        .layer(from_fn_with_state(state.clone(), guard::count_requests))
+        .with_state(state)
 }
 
 /// CORS for the listed origins: any method the API uses, and whatever
@@ -232,11 +289,16 @@ async fn not_found(method: Method, uri: Uri) -> Response {
 /// `GET /metrics`, in Prometheus' text format.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.engine.stats();
+    let load =
+        |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let load64 =
+        |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let kv_used = load(&stats.kv_used);
     let gauges = [
         (
             "hearth_queue_depth",
-            "Jobs submitted to the engine and not yet picked up.",
-            stats.queued.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            "Jobs submitted to the engine and not yet running (waiting for a sequence or KV room).",
+            load(&stats.queued) + load(&stats.waiting),
         ),
         (
             "hearth_requests_in_flight",
@@ -244,9 +306,31 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             state.service.admission.in_flight() as f64,
         ),
         ("hearth_start_time_seconds", "Unix time the server started.", state.started_at as f64),
+        ("hearth_sequences_running", "Sequences the engine is running (prefilling or decoding).", load(&stats.running)),
+        ("hearth_sequences_waiting", "Jobs the engine holds that wait for a sequence or KV room (preempted ones included).", load(&stats.waiting)),
+        ("hearth_kv_cells_used", "KV cells in use; a cell shared by several sequences counts once.", kv_used),
+        ("hearth_kv_cells_free", "KV cells free.", load(&stats.kv_cells) - kv_used),
+        ("hearth_engine_steps_total", "Engine steps (one llama.cpp batch each).", load64(&stats.steps)),
+        ("hearth_engine_step_rows_total", "Rows (tokens) in all engine steps: divided by the steps, the mean batch size.", load64(&stats.step_rows)),
+        ("hearth_engine_multi_sequence_steps_total", "Engine steps whose batch held more than one sequence.", load64(&stats.multi_steps)),
+        ("hearth_prefix_shared_tokens_total", "Prompt tokens taken from another sequence by copy instead of computed.", load64(&stats.shared_tokens)),
+        ("hearth_spec_drafted_tokens_total", "Tokens drafted by prompt lookup (speculative decoding).", load64(&stats.spec_drafted)),
+        ("hearth_spec_accepted_tokens_total", "Drafted tokens the model accepted.", load64(&stats.spec_accepted)),
+        ("hearth_preemptions_total", "Sequences preempted for KV room (resumed later).", load64(&stats.preempted)),
+        ("hearth_engine_failed_steps_total", "Engine steps that failed (their requests failed; the engine went on).", load64(&stats.failed_steps)),
+        ("hearth_engine_max_step_seconds", "Longest engine step.", load64(&stats.max_step_us) / 1e6),
+        ("hearth_engine_max_snapshot_step_seconds", "Longest engine step that also copied a KV snapshot out.", load64(&stats.max_snapshot_step_us) / 1e6),
+        ("hearth_engine_up", "1 while the engine serves, 0 once it has stopped.", if state.engine.is_alive() { 1.0 } else { 0.0 }),
     ];
     let text = state.service.metrics.render(&gauges);
-    ([(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text).into_response()
+    (
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// After an abort, how long connections get to write their last events
@@ -262,7 +346,12 @@ const FLUSH_AFTER_ABORT: Duration = Duration::from_secs(2);
 /// or it is closed: a client that sends half a request cannot hold a
 /// connection. axum's own `serve` sets no timer, so there is no such
 /// timeout there; this loop is hyper's connection builder with one.
-pub async fn run(listener: TcpListener, router: Router, read_timeout: Duration, shutdown: Shutdown) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    router: Router,
+    read_timeout: Duration,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -303,10 +392,17 @@ pub async fn run(listener: TcpListener, router: Router, read_timeout: Duration, 
     Ok(())
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, router: Router, read_timeout: Duration, shutdown: Shutdown) {
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    router: Router,
+    read_timeout: Duration,
+    shutdown: Shutdown,
+) {
     let service = TowerToHyperService::new(router);
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(read_timeout);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {

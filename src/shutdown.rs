@@ -34,7 +34,9 @@ impl Default for Shutdown {
 
 impl Shutdown {
     pub fn new() -> Self {
-        Self { phase: Arc::new(watch::Sender::new(Phase::Running)) }
+        Self {
+            phase: Arc::new(watch::Sender::new(Phase::Running)),
+        }
     }
 
     /// Stop taking work; let what is in flight finish.
@@ -98,8 +100,13 @@ mod tests {
         s.abort();
         s.drain(); // does not go back
         assert!(s.is_draining() && s.is_aborting());
-        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
         // Waiting after the fact resolves at once.
-        tokio::time::timeout(Duration::from_secs(1), s.draining()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(1), s.draining())
+            .await
+            .unwrap();
     }
 }

@@ -29,18 +29,20 @@ impl TraceLog {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let (tx, rx) = mpsc::channel::<Value>();
         let shown = path.display().to_string();
-        std::thread::Builder::new().name("hearth-trace".into()).spawn(move || {
-            let mut out = BufWriter::new(file);
-            for line in rx {
-                let written = serde_json::to_writer(&mut out, &line).is_ok()
-                    && out.write_all(b"\n").is_ok()
-                    && out.flush().is_ok();
-                if !written {
-                    tracing::warn!(file = %shown, "cannot write the trace file; tracing stops");
-                    return;
+        std::thread::Builder::new()
+            .name("hearth-trace".into())
+            .spawn(move || {
+                let mut out = BufWriter::new(file);
+                for line in rx {
+                    let written = serde_json::to_writer(&mut out, &line).is_ok()
+                        && out.write_all(b"\n").is_ok()
+                        && out.flush().is_ok();
+                    if !written {
+                        tracing::warn!(file = %shown, "cannot write the trace file; tracing stops");
+                        return;
+                    }
                 }
-            }
-        })?;
+            })?;
         Ok(TraceLog { lines: tx })
     }
 
@@ -68,7 +70,8 @@ mod tests {
 
     #[test]
     fn appends_json_lines() {
-        let dir = std::env::temp_dir().join(format!("hearth-trace-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("hearth-trace-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.jsonl");
         std::fs::write(&path, "{\"earlier\":1}\n").unwrap();
@@ -78,7 +81,11 @@ mod tests {
         drop(log); // the writer drains the channel and stops
         let mut lines = Vec::new();
         for _ in 0..100 {
-            lines = std::fs::read_to_string(&path).unwrap().lines().map(String::from).collect();
+            lines = std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .map(String::from)
+                .collect();
             if lines.len() == 3 {
                 break;
             }

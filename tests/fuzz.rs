@@ -31,17 +31,46 @@ fn any_json() -> impl Strategy<Value = Value> {
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
         (-1e6f64..1e6).prop_map(|f| json!(f)),
-        prop_oneof![Just(0i64), Just(-1), Just(1), Just(16), Just(17), Just(1 << 24), Just((1 << 24) + 1), Just(i64::MAX)].prop_map(|n| json!(n)),
+        prop_oneof![
+            Just(0i64),
+            Just(-1),
+            Just(1),
+            Just(16),
+            Just(17),
+            Just(1 << 24),
+            Just((1 << 24) + 1),
+            Just(i64::MAX)
+        ]
+        .prop_map(|n| json!(n)),
         ".{0,12}".prop_map(Value::String),
-        prop_oneof![Just("user"), Just("assistant"), Just("system"), Just("developer"), Just("text"), Just("image"), Just("tool"),
-                      Just("tool_use"), Just("tool_result"), Just("function"), Just("auto"), Just("any"), Just("required"),
-                      Just("none"), Just("enabled"), Just("json_schema"), Just("json_object"), Just("{}"), Just("{\"a\":1}")]
-            .prop_map(|s| json!(s)),
+        prop_oneof![
+            Just("user"),
+            Just("assistant"),
+            Just("system"),
+            Just("developer"),
+            Just("text"),
+            Just("image"),
+            Just("tool"),
+            Just("tool_use"),
+            Just("tool_result"),
+            Just("function"),
+            Just("auto"),
+            Just("any"),
+            Just("required"),
+            Just("none"),
+            Just("enabled"),
+            Just("json_schema"),
+            Just("json_object"),
+            Just("{}"),
+            Just("{\"a\":1}")
+        ]
+        .prop_map(|s| json!(s)),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::vec((key(), inner), 0..6).prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>())),
+            prop::collection::vec((key(), inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>())),
         ]
     })
 }
@@ -203,10 +232,16 @@ proptest! {
 }
 
 fn body_text(events: Vec<axum::response::sse::Event>) -> String {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async move {
-        let stream = futures::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
-        let mut body = axum::response::sse::Sse::new(stream).into_response().into_body().into_data_stream();
+        let stream =
+            futures::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
+        let mut body = axum::response::sse::Sse::new(stream)
+            .into_response()
+            .into_body()
+            .into_data_stream();
         let mut out = Vec::new();
         while let Some(chunk) = body.next().await {
             out.extend_from_slice(&chunk.unwrap());
@@ -246,10 +281,38 @@ fn formats() -> impl Strategy<Value = ToolFormat> {
 fn tool_text() -> impl Strategy<Value = String> {
     let piece = prop_oneof![
         prop::sample::select(vec![
-            "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "{\"name\":", "\"arguments\":",
-            "\"parameters\":", "{", "}", "[", "]", "\"", ",", ":", "\\", "\n", " ",
-            "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>",
-            "function", "```json", "```", "<｜DSML｜", "｜DSML｜>", "invoke", "parameter", "name=\"f\"", "string=\"true\"",
+            "<tool_call>",
+            "</tool_call>",
+            "[TOOL_CALLS]",
+            "[ARGS]",
+            "<|python_tag|>",
+            "{\"name\":",
+            "\"arguments\":",
+            "\"parameters\":",
+            "{",
+            "}",
+            "[",
+            "]",
+            "\"",
+            ",",
+            ":",
+            "\\",
+            "\n",
+            " ",
+            "<｜tool▁calls▁begin｜>",
+            "<｜tool▁call▁begin｜>",
+            "<｜tool▁sep｜>",
+            "<｜tool▁call▁end｜>",
+            "<｜tool▁calls▁end｜>",
+            "function",
+            "```json",
+            "```",
+            "<｜DSML｜",
+            "｜DSML｜>",
+            "invoke",
+            "parameter",
+            "name=\"f\"",
+            "string=\"true\"",
         ])
         .prop_map(str::to_string),
         ".{0,6}",
@@ -258,7 +321,8 @@ fn tool_text() -> impl Strategy<Value = String> {
 }
 
 fn call_args() -> impl Strategy<Value = Value> {
-    prop::collection::vec(("[a-z_]{1,8}", any_json()), 0..4).prop_map(|kv| Value::Object(kv.into_iter().collect()))
+    prop::collection::vec(("[a-z_]{1,8}", any_json()), 0..4)
+        .prop_map(|kv| Value::Object(kv.into_iter().collect()))
 }
 
 /// Where to split the text (as fractions, so any text length works).
@@ -267,7 +331,11 @@ fn cuts() -> impl Strategy<Value = Vec<f64>> {
 }
 
 fn run_parser(format: ToolFormat, text: &str, cuts: &[f64]) -> Vec<ToolEvent> {
-    let mut bounds: Vec<usize> = cuts.iter().map(|c| (c * text.len() as f64) as usize).filter(|&i| text.is_char_boundary(i)).collect();
+    let mut bounds: Vec<usize> = cuts
+        .iter()
+        .map(|c| (c * text.len() as f64) as usize)
+        .filter(|&i| text.is_char_boundary(i))
+        .collect();
     bounds.push(text.len());
     bounds.sort_unstable();
     bounds.dedup();
@@ -291,13 +359,21 @@ fn check_well_formed(events: &[ToolEvent]) -> Result<(), TestCaseError> {
         match e {
             ToolEvent::Text(_) => {}
             ToolEvent::CallStart { index, name } => {
-                prop_assert!(open.is_none(), "call {} starts inside call {:?}: {:?}", index, open, events);
+                prop_assert!(
+                    open.is_none(),
+                    "call {} starts inside call {:?}: {:?}",
+                    index,
+                    open,
+                    events
+                );
                 prop_assert_eq!(*index, next, "{:?}", events);
                 prop_assert!(!name.is_empty(), "{:?}", events);
                 open = Some(*index);
                 next += 1;
             }
-            ToolEvent::CallArgs { index, .. } => prop_assert_eq!(Some(*index), open, "{:?}", events),
+            ToolEvent::CallArgs { index, .. } => {
+                prop_assert_eq!(Some(*index), open, "{:?}", events)
+            }
             ToolEvent::CallEnd { index } => {
                 prop_assert_eq!(Some(*index), open, "{:?}", events);
                 open = None;

@@ -16,10 +16,12 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::error::{AnthropicError, ApiError, ErrorKind};
 use super::error::Protocol;
+use super::error::{AnthropicError, ApiError, ErrorKind};
 use super::sse::{self, StreamAdapter};
-use super::{check_max_tokens, check_range, collect, count_prompt, new_id, openai, prepare, GenOptions};
+use super::{
+    check_max_tokens, check_range, collect, count_prompt, new_id, openai, prepare, GenOptions,
+};
 use crate::chat::output::{OutputEvent, OutputParser};
 use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice};
 use crate::engine::{Event, FinishReason, SamplingParams, Usage};
@@ -174,21 +176,32 @@ pub fn strip_billing_header(system: &str) -> String {
     }
     let kept: Vec<&str> = system
         .split_inclusive('\n')
-        .filter(|line| !line.trim_start().to_ascii_lowercase().starts_with("x-anthropic-billing-header"))
+        .filter(|line| {
+            !line
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("x-anthropic-billing-header")
+        })
         .collect();
     kept.concat().trim_start_matches('\n').to_string()
 }
 
 /// Convert and validate a request. `count_only`: for
 /// `/v1/messages/count_tokens`, where `max_tokens` is not required.
-pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool) -> Result<(ChatRequest, GenOptions), ApiError> {
+pub fn convert(
+    req: MessagesRequest,
+    keep_billing_header: bool,
+    count_only: bool,
+) -> Result<(ChatRequest, GenOptions), ApiError> {
     let max_tokens = match (req.max_tokens, count_only) {
         (Some(v), _) => check_max_tokens("max_tokens", v)?,
         (None, true) => 1,
         (None, false) => return Err(ApiError::invalid("max_tokens: Field required")),
     };
     if req.messages.is_empty() {
-        return Err(ApiError::invalid("messages: at least one message is required"));
+        return Err(ApiError::invalid(
+            "messages: at least one message is required",
+        ));
     }
     let mut messages = Vec::with_capacity(req.messages.len() + 1);
     if let Some(system) = req.system {
@@ -201,7 +214,11 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool
                 let mut parts = Vec::new();
                 for (j, b) in blocks.into_iter().enumerate() {
                     let one = blocks_text(&format!("system.{j}"), WireContent::Blocks(vec![b]))?;
-                    let one = if keep_billing_header { one } else { strip_billing_header(&one) };
+                    let one = if keep_billing_header {
+                        one
+                    } else {
+                        strip_billing_header(&one)
+                    };
                     if !one.is_empty() {
                         parts.push(one);
                     }
@@ -221,13 +238,17 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool
             "system" => Role::System,
             other => {
                 return Err(ApiError::invalid(format!(
-                    "messages.{i}.role: Input should be 'user', 'assistant' or 'system', got '{other}'"
-                )))
+                "messages.{i}.role: Input should be 'user', 'assistant' or 'system', got '{other}'"
+            )))
             }
         };
         if role == Role::System {
             let text = blocks_text(&format!("messages.{i}.content"), m.content)?;
-            let text = if keep_billing_header { text } else { strip_billing_header(&text) };
+            let text = if keep_billing_header {
+                text
+            } else {
+                strip_billing_header(&text)
+            };
             messages.push(ChatMessage::new(Role::System, text));
             continue;
         }
@@ -235,8 +256,16 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool
     }
     let defaults = SamplingParams::default();
     let sampling = SamplingParams {
-        temperature: req.temperature.map(|t| check_range("temperature", t, 0.0, 1.0)).transpose()?.unwrap_or(defaults.temperature),
-        top_p: req.top_p.map(|p| check_range("top_p", p, 0.0, 1.0)).transpose()?.unwrap_or(defaults.top_p),
+        temperature: req
+            .temperature
+            .map(|t| check_range("temperature", t, 0.0, 1.0))
+            .transpose()?
+            .unwrap_or(defaults.temperature),
+        top_p: req
+            .top_p
+            .map(|p| check_range("top_p", p, 0.0, 1.0))
+            .transpose()?
+            .unwrap_or(defaults.top_p),
         top_k: match req.top_k {
             Some(k) if !(0..=i32::MAX as i64).contains(&k) => {
                 return Err(ApiError::invalid("top_k: must be a non-negative integer"))
@@ -257,9 +286,16 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool
             ));
         }
         if t.input_schema.is_none() {
-            return Err(ApiError::invalid(format!("tools.{i}.input_schema: Field required")));
+            return Err(ApiError::invalid(format!(
+                "tools.{i}.input_schema: Field required"
+            )));
         }
-        tools.push(openai::tool_spec(&format!("tools.{i}"), t.name, t.description, t.input_schema)?);
+        tools.push(openai::tool_spec(
+            &format!("tools.{i}"),
+            t.name,
+            t.description,
+            t.input_schema,
+        )?);
     }
     openai::check_unique_tools("tools", &tools)?;
     let (tool_choice, parallel) = match req.tool_choice {
@@ -286,40 +322,72 @@ pub fn convert(req: MessagesRequest, keep_billing_header: bool, count_only: bool
         Some(t) => match t.kind.as_str() {
             "disabled" => Thinking::Off,
             "enabled" => {
-                let budget = t.budget_tokens.ok_or_else(|| ApiError::invalid("thinking.enabled.budget_tokens: Field required"))?;
+                let budget = t.budget_tokens.ok_or_else(|| {
+                    ApiError::invalid("thinking.enabled.budget_tokens: Field required")
+                })?;
                 if budget < 1024 {
                     return Err(ApiError::invalid("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"));
                 }
                 if budget >= max_tokens as i64 && !count_only {
-                    return Err(ApiError::invalid("`max_tokens` must be greater than `thinking.budget_tokens`"));
+                    return Err(ApiError::invalid(
+                        "`max_tokens` must be greater than `thinking.budget_tokens`",
+                    ));
                 }
-                Thinking::On { budget: Some(budget.min(u32::MAX as i64) as u32) }
+                Thinking::On {
+                    budget: Some(budget.min(u32::MAX as i64) as u32),
+                }
             }
             "adaptive" => Thinking::On { budget: None },
             other => {
                 return Err(ApiError::invalid(format!(
-                    "thinking.type: Input should be 'enabled', 'disabled' or 'adaptive', got '{other}'"
-                )))
+                "thinking.type: Input should be 'enabled', 'disabled' or 'adaptive', got '{other}'"
+            )))
             }
         },
     };
     let response_format = output_format(req.output_config, req.output_format)?;
-    let chat = ChatRequest { messages, tools, tool_choice, parallel_tool_calls: parallel, response_format, thinking };
-    Ok((chat, GenOptions { sampling, max_tokens: Some(max_tokens), stop, logprobs: None }))
+    let chat = ChatRequest {
+        messages,
+        tools,
+        tool_choice,
+        parallel_tool_calls: parallel,
+        response_format,
+        thinking,
+    };
+    Ok((
+        chat,
+        GenOptions {
+            sampling,
+            max_tokens: Some(max_tokens),
+            stop,
+            logprobs: None,
+            ignore_eos: false,
+        },
+    ))
 }
 
 /// Structured output: `output_config.format` (or the beta's top-level
 /// `output_format`), `{"type": "json_schema", "schema": {...}}`. The
 /// `effort` beside it is checked and otherwise has no effect here.
-fn output_format(config: Option<WireOutputConfig>, beta: Option<Value>) -> Result<Option<ResponseFormat>, ApiError> {
+fn output_format(
+    config: Option<WireOutputConfig>,
+    beta: Option<Value>,
+) -> Result<Option<ResponseFormat>, ApiError> {
     let (format, effort) = config.map_or((None, None), |c| (c.format, c.effort));
-    if let Some(e) = effort.as_deref().filter(|e| !["low", "medium", "high", "xhigh", "max"].contains(e)) {
+    if let Some(e) = effort
+        .as_deref()
+        .filter(|e| !["low", "medium", "high", "xhigh", "max"].contains(e))
+    {
         return Err(ApiError::invalid(format!(
             "output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max', got '{e}'"
         )));
     }
     let (field, format) = match (format, beta) {
-        (Some(_), Some(_)) => return Err(ApiError::invalid("output_format: give either output_config.format or output_format, not both")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "output_format: give either output_config.format or output_format, not both",
+            ))
+        }
         (Some(f), None) => ("output_config.format", f),
         (None, Some(f)) => ("output_format", f),
         (None, None) => return Ok(None),
@@ -327,11 +395,15 @@ fn output_format(config: Option<WireOutputConfig>, beta: Option<Value>) -> Resul
     let kind = format.get("type").and_then(Value::as_str);
     if kind != Some("json_schema") {
         let got = kind.map_or_else(|| "nothing".to_string(), |k| format!("'{k}'"));
-        return Err(ApiError::invalid(format!("{field}.type: Input should be 'json_schema', got {got}")));
+        return Err(ApiError::invalid(format!(
+            "{field}.type: Input should be 'json_schema', got {got}"
+        )));
     }
     match format.get("schema") {
         Some(schema) if schema.is_object() => Ok(Some(ResponseFormat::JsonSchema(schema.clone()))),
-        Some(_) => Err(ApiError::invalid(format!("{field}.schema: Input should be a valid dictionary"))),
+        Some(_) => Err(ApiError::invalid(format!(
+            "{field}.schema: Input should be a valid dictionary"
+        ))),
         None => Err(ApiError::invalid(format!("{field}.schema: Field required"))),
     }
 }
@@ -365,14 +437,21 @@ fn tool_result_text(field: &str, content: Option<Value>) -> Result<String, ApiEr
             }
             Ok(parts.join("\n"))
         }
-        Some(_) => Err(ApiError::invalid(format!("{field}: Input should be a valid string or a list of content blocks"))),
+        Some(_) => Err(ApiError::invalid(format!(
+            "{field}: Input should be a valid string or a list of content blocks"
+        ))),
     }
 }
 
 /// One wire message to conversation messages: a user turn's `tool_result`
 /// blocks become tool messages (in order, around its text); an assistant
 /// turn's `thinking` becomes its reasoning and `tool_use` its calls.
-fn convert_message(i: usize, role: Role, content: WireContent, out: &mut Vec<ChatMessage>) -> Result<(), ApiError> {
+fn convert_message(
+    i: usize,
+    role: Role,
+    content: WireContent,
+    out: &mut Vec<ChatMessage>,
+) -> Result<(), ApiError> {
     let blocks = match content {
         WireContent::Text(t) => {
             out.push(ChatMessage::new(role, t));
@@ -436,7 +515,11 @@ fn convert_message(i: usize, role: Role, content: WireContent, out: &mut Vec<Cha
             }
         }
     }
-    if has_text || !msg.tool_calls.is_empty() || msg.reasoning.is_some() || !out.last().is_some_and(|m| m.role == Role::Tool) {
+    if has_text
+        || !msg.tool_calls.is_empty()
+        || msg.reasoning.is_some()
+        || !out.last().is_some_and(|m| m.role == Role::Tool)
+    {
         out.push(msg);
     }
     Ok(())
@@ -466,7 +549,10 @@ fn usage_json(u: &Usage) -> Value {
 /// a digest of the text (stable, and obviously not Anthropic's).
 fn signature(thinking: &str) -> String {
     use sha2::{Digest, Sha256};
-    format!("hearth-{}", hex::encode(Sha256::digest(thinking.as_bytes())))
+    format!(
+        "hearth-{}",
+        hex::encode(Sha256::digest(thinking.as_bytes()))
+    )
 }
 
 /// A call's arguments as the `input` object.
@@ -478,12 +564,17 @@ fn input_object(arguments: &str) -> Value {
 }
 
 /// `POST /v1/messages`
-pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, AnthropicError> {
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, AnthropicError> {
     let req: MessagesRequest = ApiError::parse_json(&body)?;
     let model = req.model.clone();
     let stream = req.stream.unwrap_or(false);
     let (chat, opts) = convert(req, state.keep_billing_header, false)?;
-    let prepared = prepare(&state, chat, opts, "messages").await.map_err(name_format_field)?;
+    let prepared = prepare(&state, chat, opts, "messages")
+        .await
+        .map_err(name_format_field)?;
     let input_tokens = prepared.request.prompt.len() as u32;
     let job = state.submit("messages", &body, prepared.request);
     let id = new_id("msg_");
@@ -530,10 +621,15 @@ pub async fn messages(State(state): State<Arc<AppState>>, body: Bytes) -> Result
 
 /// `POST /v1/messages/count_tokens`: the prompt tokens `/v1/messages` would
 /// send the model for the same request, from the same rendering.
-pub async fn count_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, AnthropicError> {
+pub async fn count_tokens(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, AnthropicError> {
     let req: MessagesRequest = ApiError::parse_json(&body)?;
     let (chat, _) = convert(req, state.keep_billing_header, true)?;
-    let n = count_prompt(&state, chat, "messages").await.map_err(name_format_field)?;
+    let n = count_prompt(&state, chat, "messages")
+        .await
+        .map_err(name_format_field)?;
     Ok(Json(json!({ "input_tokens": n })).into_response())
 }
 
@@ -572,7 +668,10 @@ impl EventAdapter {
     }
 
     fn delta(&self, delta: Value, out: &mut Vec<SseEvent>) {
-        out.push(sse::named("content_block_delta", &json!({ "type": "content_block_delta", "index": self.blocks, "delta": delta })));
+        out.push(sse::named(
+            "content_block_delta",
+            &json!({ "type": "content_block_delta", "index": self.blocks, "delta": delta }),
+        ));
     }
 
     fn close_block(&mut self, out: &mut Vec<SseEvent>) {
@@ -581,7 +680,10 @@ impl EventAdapter {
                 let sig = signature(&std::mem::take(&mut self.thinking));
                 self.delta(json!({ "type": "signature_delta", "signature": sig }), out);
             }
-            out.push(sse::named("content_block_stop", &json!({ "type": "content_block_stop", "index": self.blocks })));
+            out.push(sse::named(
+                "content_block_stop",
+                &json!({ "type": "content_block_stop", "index": self.blocks }),
+            ));
             self.blocks += 1;
         }
     }
@@ -591,7 +693,11 @@ impl EventAdapter {
             match ev {
                 OutputEvent::Reasoning(r) => {
                     if self.open != Some(Block::Thinking) {
-                        self.start(Block::Thinking, json!({ "type": "thinking", "thinking": "", "signature": "" }), out);
+                        self.start(
+                            Block::Thinking,
+                            json!({ "type": "thinking", "thinking": "", "signature": "" }),
+                            out,
+                        );
                     }
                     self.thinking.push_str(&r);
                     self.delta(json!({ "type": "thinking_delta", "thinking": r }), out);
@@ -603,10 +709,17 @@ impl EventAdapter {
                     self.delta(json!({ "type": "text_delta", "text": t }), out);
                 }
                 OutputEvent::CallStart { index, id, name } => {
-                    self.start(Block::ToolUse(index), json!({ "type": "tool_use", "id": id, "name": name, "input": {} }), out);
+                    self.start(
+                        Block::ToolUse(index),
+                        json!({ "type": "tool_use", "id": id, "name": name, "input": {} }),
+                        out,
+                    );
                 }
                 OutputEvent::CallArgs { fragment, .. } => {
-                    self.delta(json!({ "type": "input_json_delta", "partial_json": fragment }), out);
+                    self.delta(
+                        json!({ "type": "input_json_delta", "partial_json": fragment }),
+                        out,
+                    );
                 }
                 OutputEvent::CallEnd { .. } => self.close_block(out),
             }
@@ -656,7 +769,10 @@ impl StreamAdapter for EventAdapter {
                         "usage": usage_json(&usage),
                     }),
                 ));
-                out.push(sse::named("message_stop", &json!({ "type": "message_stop" })));
+                out.push(sse::named(
+                    "message_stop",
+                    &json!({ "type": "message_stop" }),
+                ));
             }
             Event::Failed(err) => {
                 let api: ApiError = err.into();
@@ -690,7 +806,13 @@ mod tests {
             "metadata": {"user_id": "u"}, "stop_sequences": ["X"]
         }))
         .unwrap();
-        assert_eq!(m, vec![ChatMessage::new(Role::System, "sys"), ChatMessage::new(Role::User, "hi")]);
+        assert_eq!(
+            m,
+            vec![
+                ChatMessage::new(Role::System, "sys"),
+                ChatMessage::new(Role::User, "hi")
+            ]
+        );
         assert_eq!(o.max_tokens, Some(10));
         assert_eq!(o.stop, vec!["X"]);
     }

@@ -43,8 +43,12 @@ impl ApiKeys {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let digests: Vec<[u8; 32]> =
-            keys.into_iter().map(|k| k.as_ref().trim().to_string()).filter(|k| !k.is_empty()).map(|k| digest(k.as_bytes())).collect();
+        let digests: Vec<[u8; 32]> = keys
+            .into_iter()
+            .map(|k| k.as_ref().trim().to_string())
+            .filter(|k| !k.is_empty())
+            .map(|k| digest(k.as_bytes()))
+            .collect();
         (!digests.is_empty()).then_some(ApiKeys { digests })
     }
 
@@ -53,9 +57,14 @@ impl ApiKeys {
     pub fn load(key: Option<&str>, file: Option<&Path>) -> Result<Option<ApiKeys>, String> {
         let mut keys: Vec<String> = key.map(str::to_string).into_iter().collect();
         if let Some(file) = file {
-            let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read the API key file {}: {e}", file.display()))?;
-            let from_file: Vec<String> =
-                text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read the API key file {}: {e}", file.display()))?;
+            let from_file: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect();
             if from_file.is_empty() {
                 return Err(format!("the API key file {} holds no key", file.display()));
             }
@@ -124,8 +133,10 @@ pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next:
     } else {
         "invalid API key"
     };
-    let mut resp = Protocol::for_path(req.uri().path()).error_response(ApiError::unauthorized(message));
-    resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    let mut resp =
+        Protocol::for_path(req.uri().path()).error_response(ApiError::unauthorized(message));
+    resp.headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
 }
 
@@ -158,9 +169,12 @@ mod tests {
 
     #[test]
     fn loads_a_key_file() {
-        let path = std::env::temp_dir().join(format!("hearth-keys-{}", uuid::Uuid::new_v4().simple()));
+        let path =
+            std::env::temp_dir().join(format!("hearth-keys-{}", uuid::Uuid::new_v4().simple()));
         std::fs::write(&path, "# rotated monthly\nsk-file\n\n").unwrap();
-        let keys = ApiKeys::load(Some("sk-flag"), Some(&path)).unwrap().unwrap();
+        let keys = ApiKeys::load(Some("sk-flag"), Some(&path))
+            .unwrap()
+            .unwrap();
         assert!(keys.accepts(b"sk-file") && keys.accepts(b"sk-flag"));
         std::fs::write(&path, "# nothing\n").unwrap();
         assert!(ApiKeys::load(None, Some(&path)).is_err());

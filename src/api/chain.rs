@@ -1,6 +1,11 @@
-//! Several engine jobs run one after another as one job, for one stream:
-//! the `n` choices of a request (and the prompts of a legacy completion)
-//! share one SSE stream, one pump, one heartbeat timer and one cancel.
+//! Several engine jobs as one job, for one stream: the `n` choices of a
+//! request (and the prompts of a legacy completion) share one SSE stream,
+//! one pump, one heartbeat timer and one cancel.
+//!
+//! All the jobs are queued at once, each prompt's choices as one group (one
+//! prefill, forked), so the engine decodes them together. Their events are
+//! forwarded one job after another: a later job's events wait in its own
+//! channel until the jobs before it have ended.
 //!
 //! Between two jobs the chain queues the finished job's reason on
 //! [`Boundaries`] and then sends a marker event on the channel. Every
@@ -17,7 +22,9 @@ use axum::body::Bytes;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::engine::{CancelFlag, CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, Usage};
+use crate::engine::{
+    CancelFlag, CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, Usage,
+};
 use crate::server::AppState;
 
 /// One job of a chain.
@@ -35,14 +42,19 @@ pub struct Boundaries(Arc<Mutex<VecDeque<FinishReason>>>);
 
 impl Boundaries {
     pub(super) fn push(&self, reason: FinishReason) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push_back(reason);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(reason);
     }
 
     /// When `event` is the chain's marker: the reason the job before it
     /// ended.
     pub fn ended(&self, event: &Event) -> Option<FinishReason> {
         match event {
-            Event::PrefillProgress { total: 0, .. } => self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front(),
+            Event::PrefillProgress { total: 0, .. } => {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+            }
             _ => None,
         }
     }
@@ -51,7 +63,11 @@ impl Boundaries {
 /// The marker between two jobs: a progress event no prefill sends (a real
 /// one has `total > 0`).
 pub(super) fn marker() -> Event {
-    Event::PrefillProgress { done: 0, total: 0, elapsed: Duration::ZERO }
+    Event::PrefillProgress {
+        done: 0,
+        total: 0,
+        elapsed: Duration::ZERO,
+    }
 }
 
 /// Add one job's usage to a request's: a prompt counts once, however many
@@ -64,19 +80,54 @@ pub fn add_usage(total: &mut Usage, u: &Usage, first_of_prompt: bool) {
     total.completion_tokens += u.completion_tokens;
 }
 
-/// Run `jobs` in turn as one job. When the stream is dropped (client gone,
-/// shutdown), the task sees its receiver closed and drops the running
-/// job's guard, which cancels it.
-pub fn chain(state: Arc<AppState>, route: &'static str, body: Bytes, jobs: Vec<ChainJob>) -> (JobHandle, Boundaries) {
+/// Queue `jobs`, each prompt's choices (a job with `first_of_prompt` and
+/// the ones after it) as one group. One handle per job, in order.
+pub fn submit_all(
+    state: &AppState,
+    route: &'static str,
+    body: &Bytes,
+    jobs: Vec<ChainJob>,
+) -> Vec<(JobHandle, bool)> {
+    let mut handles = Vec::with_capacity(jobs.len());
+    let mut group: Vec<GenerateRequest> = Vec::new();
+    let flush = |group: &mut Vec<GenerateRequest>, handles: &mut Vec<(JobHandle, bool)>| {
+        if !group.is_empty() {
+            let hs = state.submit_group(route, body, std::mem::take(group));
+            handles.extend(hs.into_iter().enumerate().map(|(i, h)| (h, i == 0)));
+        }
+    };
+    for job in jobs {
+        if job.first_of_prompt {
+            flush(&mut group, &mut handles);
+        }
+        group.push(job.request);
+    }
+    flush(&mut group, &mut handles);
+    handles
+}
+
+/// Run `jobs` as one job. When the stream is dropped (client gone,
+/// shutdown), the task sees its receiver closed and drops every job's
+/// guard, which cancels them.
+pub fn chain(
+    state: Arc<AppState>,
+    route: &'static str,
+    body: Bytes,
+    jobs: Vec<ChainJob>,
+) -> (JobHandle, Boundaries) {
     let (tx, rx) = mpsc::unbounded_channel();
     let boundaries = Boundaries::default();
     let ends = boundaries.clone();
+    let handles = submit_all(&state, route, &body, jobs);
     let task = async move {
-        let count = jobs.len();
+        let count = handles.len();
         let mut total = Usage::default();
-        for (k, job) in jobs.into_iter().enumerate() {
-            let JobHandle { mut events, cancel } = state.submit(route, &body, job.request);
-            let _guard = CancelOnDrop(cancel);
+        let (handles, guards): (Vec<_>, Vec<_>) = handles
+            .into_iter()
+            .map(|(h, first)| ((h.events, first), CancelOnDrop(h.cancel)))
+            .unzip();
+        let _guards = guards;
+        for (k, (mut events, first_of_prompt)) in handles.into_iter().enumerate() {
             loop {
                 let event = tokio::select! {
                     biased;
@@ -84,10 +135,18 @@ pub fn chain(state: Arc<AppState>, route: &'static str, body: Bytes, jobs: Vec<C
                     event = events.recv() => event.unwrap_or(Event::Failed(EngineError::Stopped)),
                 };
                 match event {
-                    Event::Finished { reason, usage, timings } => {
-                        add_usage(&mut total, &usage, job.first_of_prompt);
+                    Event::Finished {
+                        reason,
+                        usage,
+                        timings,
+                    } => {
+                        add_usage(&mut total, &usage, first_of_prompt);
                         if k + 1 == count {
-                            let _ = tx.send(Event::Finished { reason, usage: total, timings });
+                            let _ = tx.send(Event::Finished {
+                                reason,
+                                usage: total,
+                                timings,
+                            });
                             return;
                         }
                         ends.push(reason);
@@ -112,7 +171,13 @@ pub fn chain(state: Arc<AppState>, route: &'static str, body: Bytes, jobs: Vec<C
     tokio::spawn(task.instrument(tracing::Span::current()));
     // The pump's own cancel guard sets this flag; the chain watches its
     // channel instead, which closes at the same moment.
-    (JobHandle { events: rx, cancel: CancelFlag::default() }, boundaries)
+    (
+        JobHandle {
+            events: rx,
+            cancel: CancelFlag::default(),
+        },
+        boundaries,
+    )
 }
 
 #[cfg(test)]
@@ -126,7 +191,14 @@ mod tests {
         // The ended job's last text, read after its reason was queued.
         assert_eq!(b.ended(&Event::Text("\n".into())), None);
         // A real progress event of the next job.
-        assert_eq!(b.ended(&Event::PrefillProgress { done: 4, total: 4, elapsed: Duration::ZERO }), None);
+        assert_eq!(
+            b.ended(&Event::PrefillProgress {
+                done: 4,
+                total: 4,
+                elapsed: Duration::ZERO
+            }),
+            None
+        );
         assert_eq!(b.ended(&marker()), Some(FinishReason::MaxTokens));
         assert_eq!(b.ended(&marker()), None);
     }
@@ -134,9 +206,20 @@ mod tests {
     #[test]
     fn a_prompt_counts_once_and_every_output_counts() {
         let mut total = Usage::default();
-        let u = Usage { prompt_tokens: 10, cached_tokens: 4, completion_tokens: 3 };
+        let u = Usage {
+            prompt_tokens: 10,
+            cached_tokens: 4,
+            completion_tokens: 3,
+        };
         add_usage(&mut total, &u, true);
         add_usage(&mut total, &u, false);
-        assert_eq!((total.prompt_tokens, total.cached_tokens, total.completion_tokens), (10, 4, 6));
+        assert_eq!(
+            (
+                total.prompt_tokens,
+                total.cached_tokens,
+                total.completion_tokens
+            ),
+            (10, 4, 6)
+        );
     }
 }

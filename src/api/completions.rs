@@ -27,7 +27,8 @@ use super::openai::{finish_reason, usage_json, StopField};
 use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, check_range, check_stop, new_id, unix_now};
 use crate::engine::{
-    CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams, Token, TokenLogprob, Usage,
+    CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams,
+    Token, TokenLogprob, Usage,
 };
 use crate::server::AppState;
 
@@ -112,27 +113,45 @@ pub struct Parsed {
 const PROMPT_SHAPE: &str = "prompt must be a string, an array of strings, an array of token ids or an array of arrays of token ids";
 
 fn token_id(param: &str, v: &Value, n_vocab: i32) -> Result<Token, ApiError> {
-    let id = v.as_i64().ok_or_else(|| ApiError::invalid_param(param, format!("{PROMPT_SHAPE}; found {v}")))?;
+    let id = v
+        .as_i64()
+        .ok_or_else(|| ApiError::invalid_param(param, format!("{PROMPT_SHAPE}; found {v}")))?;
     if id < 0 || id >= n_vocab as i64 {
-        return Err(ApiError::invalid_param(param, format!("token id {id} is not in the vocabulary (0..{n_vocab})")));
+        return Err(ApiError::invalid_param(
+            param,
+            format!("token id {id} is not in the vocabulary (0..{n_vocab})"),
+        ));
     }
     Ok(id as Token)
 }
 
 fn token_list(param: &str, items: &[Value], n_vocab: i32) -> Result<Vec<Token>, ApiError> {
     if items.is_empty() {
-        return Err(ApiError::invalid_param(param, "a token id prompt must not be empty"));
+        return Err(ApiError::invalid_param(
+            param,
+            "a token id prompt must not be empty",
+        ));
     }
     items.iter().map(|v| token_id(param, v, n_vocab)).collect()
 }
 
 /// The prompts of a request; token ids must lie in `0..n_vocab`.
 pub fn parse_prompts(prompt: &Value, n_vocab: i32) -> Result<Vec<PromptInput>, ApiError> {
-    let shape = |found: &Value| ApiError::invalid_param("prompt", format!("{PROMPT_SHAPE}; found {}", kind_of(found)));
+    let shape = |found: &Value| {
+        ApiError::invalid_param(
+            "prompt",
+            format!("{PROMPT_SHAPE}; found {}", kind_of(found)),
+        )
+    };
     match prompt {
         Value::String(s) => Ok(vec![PromptInput::Text(s.clone())]),
-        Value::Array(items) if items.is_empty() => Err(ApiError::invalid_param("prompt", "prompt must not be an empty array")),
-        Value::Array(items) if items.iter().all(Value::is_number) => Ok(vec![PromptInput::Tokens(token_list("prompt", items, n_vocab)?)]),
+        Value::Array(items) if items.is_empty() => Err(ApiError::invalid_param(
+            "prompt",
+            "prompt must not be an empty array",
+        )),
+        Value::Array(items) if items.iter().all(Value::is_number) => Ok(vec![PromptInput::Tokens(
+            token_list("prompt", items, n_vocab)?,
+        )]),
         Value::Array(items) => items
             .iter()
             .map(|item| match item {
@@ -162,42 +181,77 @@ pub fn convert(req: CompletionRequest, n_vocab: i32) -> Result<Parsed, ApiError>
     let n = match req.n {
         None => 1,
         Some(n) if (1..=MAX_N).contains(&n) => n as u32,
-        Some(n) => return Err(ApiError::invalid_param("n", format!("n must be between 1 and {MAX_N}, got {n}"))),
+        Some(n) => {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("n must be between 1 and {MAX_N}, got {n}"),
+            ))
+        }
     };
     if let Some(b) = req.best_of {
         if b < n as i64 {
-            return Err(ApiError::invalid_param("best_of", format!("best_of must be at least n ({n}), got {b}")));
+            return Err(ApiError::invalid_param(
+                "best_of",
+                format!("best_of must be at least n ({n}), got {b}"),
+            ));
         }
         if b != n as i64 {
-            return Err(ApiError::invalid_param("best_of", "best_of greater than n is not supported"));
+            return Err(ApiError::invalid_param(
+                "best_of",
+                "best_of greater than n is not supported",
+            ));
         }
     }
     if prompts.len() * n as usize > MAX_CHOICES {
         return Err(ApiError::invalid_param(
             "prompt",
-            format!("at most {MAX_CHOICES} choices per request are supported (prompts × n), got {}", prompts.len() * n as usize),
+            format!(
+                "at most {MAX_CHOICES} choices per request are supported (prompts × n), got {}",
+                prompts.len() * n as usize
+            ),
         ));
     }
-    let max_tokens = req.max_tokens.map(|v| check_max_tokens("max_tokens", v)).transpose()?;
-    let sampling = super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
-    for (param, value) in [("presence_penalty", req.presence_penalty), ("frequency_penalty", req.frequency_penalty)] {
+    let max_tokens = req
+        .max_tokens
+        .map(|v| check_max_tokens("max_tokens", v))
+        .transpose()?;
+    let sampling =
+        super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
+    for (param, value) in [
+        ("presence_penalty", req.presence_penalty),
+        ("frequency_penalty", req.frequency_penalty),
+    ] {
         if let Some(v) = value {
             check_range(param, v, -2.0, 2.0)?;
             if v != 0.0 {
-                return Err(ApiError::invalid_param(param, format!("{param} is not supported by this server; send 0 or leave it out")));
+                return Err(ApiError::invalid_param(
+                    param,
+                    format!("{param} is not supported by this server; send 0 or leave it out"),
+                ));
             }
         }
     }
     if req.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(ApiError::invalid_param("logit_bias", "logit_bias is not supported by this server"));
+        return Err(ApiError::invalid_param(
+            "logit_bias",
+            "logit_bias is not supported by this server",
+        ));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid_param("suffix", "suffix (insertion) is not supported by this server"));
+        return Err(ApiError::invalid_param(
+            "suffix",
+            "suffix (insertion) is not supported by this server",
+        ));
     }
     let logprobs = match req.logprobs {
         None => None,
         Some(l) if (0..=MAX_LOGPROBS).contains(&l) => Some(l as u32),
-        Some(l) => return Err(ApiError::invalid_param("logprobs", format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {l}"))),
+        Some(l) => {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                format!("logprobs must be between 0 and {MAX_LOGPROBS}, got {l}"),
+            ))
+        }
     };
     let echo = req.echo.unwrap_or(false);
     if echo && logprobs.is_some() {
@@ -212,7 +266,15 @@ pub fn convert(req: CompletionRequest, n_vocab: i32) -> Result<Parsed, ApiError>
         Some(StopField::Many(v)) => v,
     };
     let stop = check_stop("stop", stop)?;
-    Ok(Parsed { prompts, n, max_tokens, sampling, stop, echo, logprobs })
+    Ok(Parsed {
+        prompts,
+        n,
+        max_tokens,
+        sampling,
+        stop,
+        echo,
+        logprobs,
+    })
 }
 
 /// One choice's job, ready to submit.
@@ -317,7 +379,14 @@ async fn collect(job: JobHandle) -> Result<Done, EngineError> {
                 text.push_str(&t);
                 logprobs.append(&mut pending);
             }
-            Event::Finished { reason, usage, .. } => return Ok(Done { text, reason, usage, logprobs }),
+            Event::Finished { reason, usage, .. } => {
+                return Ok(Done {
+                    text,
+                    reason,
+                    usage,
+                    logprobs,
+                })
+            }
             Event::Failed(err) => return Err(err),
             Event::Started { .. } | Event::PrefillProgress { .. } => {}
         }
@@ -337,7 +406,12 @@ fn char_offset(text: &str, at: usize) -> usize {
 
 /// The legacy `logprobs` object for `tokens`, which begin at byte `start`
 /// of `text`; `text_offset`s are in characters, plus `chars_before`.
-pub fn legacy_logprobs(tokens: &[TokenLogprob], text: &str, start: usize, chars_before: usize) -> Value {
+pub fn legacy_logprobs(
+    tokens: &[TokenLogprob],
+    text: &str,
+    start: usize,
+    chars_before: usize,
+) -> Value {
     let mut offsets = Vec::with_capacity(tokens.len());
     let mut at = start;
     for t in tokens {
@@ -366,11 +440,22 @@ pub fn legacy_logprobs(tokens: &[TokenLogprob], text: &str, start: usize, chars_
 }
 
 /// `POST /v1/completions`
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, OpenAIError> {
     let req: CompletionRequest = ApiError::parse_json(&body)?;
-    let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| state.model_id.clone());
+    let model = req
+        .model
+        .clone()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| state.model_id.clone());
     let stream = req.stream.unwrap_or(false);
-    let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let include_usage = req
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
     let parsed = convert(req, state.engine.model().n_vocab())?;
     let want_logprobs = parsed.logprobs.is_some();
     let jobs = plan(&state, parsed).await?;
@@ -378,23 +463,50 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Res
     let created = unix_now();
     if stream {
         let choices = jobs.iter().map(|j| (j.index, j.echo.clone())).collect();
-        let jobs = jobs.into_iter().map(|j| ChainJob { request: j.request, first_of_prompt: j.first_of_prompt }).collect();
+        let jobs = jobs
+            .into_iter()
+            .map(|j| ChainJob {
+                request: j.request,
+                first_of_prompt: j.first_of_prompt,
+            })
+            .collect();
         let (job, boundaries) = chain(state.clone(), ROUTE, body, jobs);
-        let adapter = CompletionChunks::new(id, created, model, include_usage, want_logprobs, choices, boundaries);
+        let adapter = CompletionChunks::new(
+            id,
+            created,
+            model,
+            include_usage,
+            want_logprobs,
+            choices,
+            boundaries,
+        );
         return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
     }
     let mut choices = Vec::with_capacity(jobs.len());
     let mut usage = Usage::default();
-    for job in jobs {
-        let first = job.first_of_prompt;
-        let done = collect(state.submit(ROUTE, &body, job.request)).await?;
+    let meta: Vec<(Option<String>, u32)> = jobs.iter().map(|j| (j.echo.clone(), j.index)).collect();
+    let chained = jobs
+        .into_iter()
+        .map(|j| ChainJob {
+            request: j.request,
+            first_of_prompt: j.first_of_prompt,
+        })
+        .collect();
+    // All prompts and choices are queued at once and decoded together.
+    let handles = super::chain::submit_all(&state, ROUTE, &body, chained);
+    for ((handle, first), (echo, index)) in handles.into_iter().zip(meta) {
+        let done = collect(handle).await?;
         add_usage(&mut usage, &done.usage, first);
-        let echo = job.echo.unwrap_or_default();
+        let echo = echo.unwrap_or_default();
         let text = format!("{echo}{}", done.text);
-        let logprobs = if want_logprobs { legacy_logprobs(&done.logprobs, &text, echo.len(), 0) } else { Value::Null };
+        let logprobs = if want_logprobs {
+            legacy_logprobs(&done.logprobs, &text, echo.len(), 0)
+        } else {
+            Value::Null
+        };
         choices.push(json!({
             "text": text,
-            "index": job.index,
+            "index": index,
             "logprobs": logprobs,
             "finish_reason": finish_reason(&done.reason),
         }));
@@ -439,7 +551,18 @@ impl CompletionChunks {
         choices: Vec<(u32, Option<String>)>,
         boundaries: Boundaries,
     ) -> Self {
-        Self { id, created, model, include_usage, want_logprobs, choices, current: 0, chars: 0, pending: Vec::new(), boundaries }
+        Self {
+            id,
+            created,
+            model,
+            include_usage,
+            want_logprobs,
+            choices,
+            current: 0,
+            chars: 0,
+            pending: Vec::new(),
+            boundaries,
+        }
     }
 
     fn index(&self) -> u32 {
@@ -460,7 +583,12 @@ impl CompletionChunks {
         c
     }
 
-    fn text_chunk(&self, text: &str, logprobs: Value, finish: Option<&str>) -> axum::response::sse::Event {
+    fn text_chunk(
+        &self,
+        text: &str,
+        logprobs: Value,
+        finish: Option<&str>,
+    ) -> axum::response::sse::Event {
         sse::data(&self.chunk(json!([{ "text": text, "index": self.index(), "logprobs": logprobs, "finish_reason": finish }])))
     }
 
@@ -497,7 +625,6 @@ impl StreamAdapter for CompletionChunks {
             return out;
         }
         match event {
-
             Event::Logprobs(lp) => self.pending.extend(lp),
             Event::Text(text) => {
                 let logprobs = if self.want_logprobs {
@@ -546,16 +673,31 @@ mod tests {
     fn accepts_every_prompt_shape() {
         let cases = [
             (json!("hi"), vec![PromptInput::Text("hi".into())]),
-            (json!(["a", "b"]), vec![PromptInput::Text("a".into()), PromptInput::Text("b".into())]),
+            (
+                json!(["a", "b"]),
+                vec![PromptInput::Text("a".into()), PromptInput::Text("b".into())],
+            ),
             (json!([1, 2, 3]), vec![PromptInput::Tokens(vec![1, 2, 3])]),
-            (json!([[1], [2, 3]]), vec![PromptInput::Tokens(vec![1]), PromptInput::Tokens(vec![2, 3])]),
-            (json!(["a", [4]]), vec![PromptInput::Text("a".into()), PromptInput::Tokens(vec![4])]),
+            (
+                json!([[1], [2, 3]]),
+                vec![
+                    PromptInput::Tokens(vec![1]),
+                    PromptInput::Tokens(vec![2, 3]),
+                ],
+            ),
+            (
+                json!(["a", [4]]),
+                vec![PromptInput::Text("a".into()), PromptInput::Tokens(vec![4])],
+            ),
         ];
         for (prompt, want) in cases {
             assert_eq!(parse_prompts(&prompt, 1000).unwrap(), want, "{prompt}");
         }
         let p = parse(json!({"prompt": "x"})).unwrap();
-        assert_eq!((p.n, p.max_tokens, p.echo, p.logprobs), (1, None, false, None));
+        assert_eq!(
+            (p.n, p.max_tokens, p.echo, p.logprobs),
+            (1, None, false, None)
+        );
     }
 
     #[test]
@@ -575,8 +717,14 @@ mod tests {
             (json!({"prompt": "x", "logprobs": 6}), "logprobs"),
             (json!({"prompt": "x", "echo": true, "logprobs": 1}), "echo"),
             (json!({"prompt": "x", "suffix": "y"}), "suffix"),
-            (json!({"prompt": "x", "presence_penalty": 0.5}), "presence_penalty"),
-            (json!({"prompt": "x", "frequency_penalty": 3}), "frequency_penalty"),
+            (
+                json!({"prompt": "x", "presence_penalty": 0.5}),
+                "presence_penalty",
+            ),
+            (
+                json!({"prompt": "x", "frequency_penalty": 3}),
+                "frequency_penalty",
+            ),
             (json!({"prompt": "x", "logit_bias": {"1": 5}}), "logit_bias"),
             (json!({"prompt": "x", "best_of": 2}), "best_of"),
             (json!({"prompt": "x", "temperature": 3}), "temperature"),
@@ -593,13 +741,23 @@ mod tests {
             token: s.into(),
             bytes: s.as_bytes().to_vec(),
             logprob: lp,
-            top: top.iter().map(|(t, l)| TopLogprob { token: (*t).into(), bytes: t.as_bytes().to_vec(), logprob: *l }).collect(),
+            top: top
+                .iter()
+                .map(|(t, l)| TopLogprob {
+                    token: (*t).into(),
+                    bytes: t.as_bytes().to_vec(),
+                    logprob: *l,
+                })
+                .collect(),
         }
     }
 
     #[test]
     fn legacy_logprobs_offsets_count_characters_after_the_echo() {
-        let tokens = [tok(" é", -0.5, &[(" é", -0.5), (" a", -1.0)]), tok("b", -2.0, &[(" x", -0.1)])];
+        let tokens = [
+            tok(" é", -0.5, &[(" é", -0.5), (" a", -1.0)]),
+            tok("b", -2.0, &[(" x", -0.1)]),
+        ];
         let v = legacy_logprobs(&tokens, "pré éb", "pré".len(), 0);
         assert_eq!(v["tokens"], json!([" é", "b"]));
         assert_eq!(v["text_offset"], json!([3, 5]));
@@ -614,7 +772,15 @@ mod tests {
     fn stream_adapter_closes_each_choice_in_order() {
         let boundaries = Boundaries::default();
         let choices = vec![(0, Some("P".to_string())), (1, Some("Q".to_string()))];
-        let mut a = CompletionChunks::new("cmpl-1".into(), 0, "m".into(), true, false, choices, boundaries.clone());
+        let mut a = CompletionChunks::new(
+            "cmpl-1".into(),
+            0,
+            "m".into(),
+            true,
+            false,
+            choices,
+            boundaries.clone(),
+        );
         let frames = |evs: Vec<axum::response::sse::Event>| evs.len();
         assert_eq!(frames(a.opening()), 1);
         assert_eq!(frames(a.on_event(Event::Text("x".into()))), 1);
@@ -624,12 +790,23 @@ mod tests {
         assert_eq!(frames(a.on_event(Event::Text("\n".into()))), 1);
         assert_eq!(a.index(), 0);
         // A real progress event of the next choice closes nothing.
-        assert_eq!(frames(a.on_event(Event::PrefillProgress { done: 4, total: 4, elapsed: std::time::Duration::ZERO })), 0);
+        assert_eq!(
+            frames(a.on_event(Event::PrefillProgress {
+                done: 4,
+                total: 4,
+                elapsed: std::time::Duration::ZERO
+            })),
+            0
+        );
         assert_eq!(a.index(), 0);
         // Finish chunk of choice 0, echo chunk of choice 1.
         assert_eq!(frames(a.on_event(super::super::chain::marker())), 2);
         assert_eq!(a.index(), 1);
-        let end = a.on_event(Event::Finished { reason: FinishReason::EndOfTurn, usage: Usage::default(), timings: Default::default() });
+        let end = a.on_event(Event::Finished {
+            reason: FinishReason::EndOfTurn,
+            usage: Usage::default(),
+            timings: Default::default(),
+        });
         // Finish chunk, usage chunk, [DONE].
         assert_eq!(frames(end), 3);
     }

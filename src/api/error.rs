@@ -70,23 +70,46 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::InvalidRequest, message: message.into(), param: None, code: None }
+        Self {
+            kind: ErrorKind::InvalidRequest,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
     }
 
     pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
-        Self { param: Some(param.to_string()), ..Self::invalid(message) }
+        Self {
+            param: Some(param.to_string()),
+            ..Self::invalid(message)
+        }
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::NotFound, message: message.into(), param: None, code: None }
+        Self {
+            kind: ErrorKind::NotFound,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self { kind: ErrorKind::Internal, message: message.into(), param: None, code: None }
+        Self {
+            kind: ErrorKind::Internal,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
     }
 
     fn of_kind(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), param: None, code: None }
+        Self {
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
@@ -117,7 +140,9 @@ impl ApiError {
     /// Parse a JSON body, naming the offending field on failure.
     pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         if body.iter().all(u8::is_ascii_whitespace) {
-            return Err(ApiError::invalid("the request body is empty; expected a JSON object"));
+            return Err(ApiError::invalid(
+                "the request body is empty; expected a JSON object",
+            ));
         }
         let de = &mut serde_json::Deserializer::from_slice(body);
         serde_path_to_error::deserialize(de).map_err(|err| {
@@ -188,8 +213,12 @@ impl From<TemplateError> for ApiError {
     /// order, say): the client's to fix.
     fn from(err: TemplateError) -> Self {
         match err {
-            TemplateError::Render(msg) => ApiError::invalid(format!("the model's chat template rejected the messages: {msg}")),
-            TemplateError::Syntax(msg) => ApiError::internal(format!("the chat template does not compile: {msg}")),
+            TemplateError::Render(msg) => ApiError::invalid(format!(
+                "the model's chat template rejected the messages: {msg}"
+            )),
+            TemplateError::Syntax(msg) => {
+                ApiError::internal(format!("the chat template does not compile: {msg}"))
+            }
         }
     }
 }
@@ -197,7 +226,9 @@ impl From<TemplateError> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
         match err {
-            EngineError::PromptTooLong { .. } => ApiError::invalid(err.to_string()).with_code("context_length_exceeded"),
+            EngineError::PromptTooLong { .. } => {
+                ApiError::invalid(err.to_string()).with_code("context_length_exceeded")
+            }
             other => ApiError::internal(other.to_string()),
         }
     }
@@ -251,7 +282,11 @@ impl IntoResponse for AnthropicError {
         let overloaded = StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         // A shutting-down server is "overloaded" to Anthropic's clients too:
         // the SDKs retry 529, as they retry OpenAI's 503.
-        let status = if self.0.kind == ErrorKind::Unavailable { overloaded } else { self.0.status(overloaded) };
+        let status = if self.0.kind == ErrorKind::Unavailable {
+            overloaded
+        } else {
+            self.0.status(overloaded)
+        };
         (status, Json(self.0.anthropic_body())).into_response()
     }
 }
@@ -269,7 +304,8 @@ mod tests {
 
     #[test]
     fn names_the_mistyped_field() {
-        let err = ApiError::parse_json::<Req>(br#"{"messages": [], "temperature": "hot"}"#).unwrap_err();
+        let err =
+            ApiError::parse_json::<Req>(br#"{"messages": [], "temperature": "hot"}"#).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidRequest);
         assert_eq!(err.param.as_deref(), Some("temperature"));
     }
@@ -295,14 +331,33 @@ mod tests {
             (ApiError::unavailable("stopping"), 503, 529),
         ];
         for (err, openai, anthropic) in cases {
-            assert_eq!(OpenAIError(err.clone()).into_response().status().as_u16(), openai, "{err:?}");
-            assert_eq!(AnthropicError(err).into_response().status().as_u16(), anthropic);
+            assert_eq!(
+                OpenAIError(err.clone()).into_response().status().as_u16(),
+                openai,
+                "{err:?}"
+            );
+            assert_eq!(
+                AnthropicError(err).into_response().status().as_u16(),
+                anthropic
+            );
         }
-        assert_eq!(ApiError::unauthorized("x").openai_body()["code"], "invalid_api_key");
-        assert_eq!(ApiError::unauthorized("x").anthropic_body()["error"]["type"], "authentication_error");
-        assert_eq!(ApiError::overloaded("x").anthropic_body()["error"]["type"], "overloaded_error");
+        assert_eq!(
+            ApiError::unauthorized("x").openai_body()["code"],
+            "invalid_api_key"
+        );
+        assert_eq!(
+            ApiError::unauthorized("x").anthropic_body()["error"]["type"],
+            "authentication_error"
+        );
+        assert_eq!(
+            ApiError::overloaded("x").anthropic_body()["error"]["type"],
+            "overloaded_error"
+        );
         assert_eq!(Protocol::for_path("/v1/messages"), Protocol::Anthropic);
-        assert_eq!(Protocol::for_path("/v1/messages/count_tokens"), Protocol::Anthropic);
+        assert_eq!(
+            Protocol::for_path("/v1/messages/count_tokens"),
+            Protocol::Anthropic
+        );
         assert_eq!(Protocol::for_path("/v1/messagesX"), Protocol::OpenAI);
         assert_eq!(Protocol::for_path("/v1/chat/completions"), Protocol::OpenAI);
     }

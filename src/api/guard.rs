@@ -25,14 +25,16 @@ use crate::metrics::route_label;
 use crate::server::AppState;
 use crate::trace::{raw_body, TraceLog};
 
-/// How many generation requests may be in flight: the one the engine runs
-/// plus `--max-queue` waiting. Counted here rather than read from the
+/// How many generation requests may be in flight: the `--parallel` ones
+/// the engine runs plus `--max-queue` waiting. Counted here rather than read from the
 /// engine's queue so that admission is one atomic step (requests that are
 /// still tokenizing count too, and a burst cannot overshoot).
 #[derive(Debug)]
 pub struct Admission {
     in_flight: Arc<AtomicUsize>,
     limit: usize,
+    /// Requests the engine runs at once.
+    running: usize,
 }
 
 /// A place in the queue, released when dropped.
@@ -46,14 +48,20 @@ impl Drop for Permit {
 }
 
 impl Admission {
-    /// Room for `max_queue` waiting requests besides the running one.
-    pub fn new(max_queue: usize) -> Self {
-        Self { in_flight: Arc::default(), limit: max_queue.saturating_add(1) }
+    /// Room for `max_queue` waiting requests besides `running` ones.
+    pub fn new(max_queue: usize, running: usize) -> Self {
+        Self {
+            in_flight: Arc::default(),
+            limit: max_queue.saturating_add(running.max(1)),
+            running: running.max(1),
+        }
     }
 
     pub fn try_admit(&self) -> Option<Permit> {
         self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.limit).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
             .ok()
             .map(|_| Permit(self.in_flight.clone()))
     }
@@ -76,7 +84,10 @@ impl<T: Send + Unpin + 'static> HttpBody for Holding<T> {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -100,11 +111,12 @@ pub async fn admit(State(state): State<Arc<AppState>>, req: Request, next: Next)
         return protocol.error_response(ApiError::unavailable("the server is shutting down"));
     }
     let Some(permit) = service.admission.try_admit() else {
-        let waiting = service.admission.limit - 1;
+        let waiting = service.admission.limit - service.admission.running;
         let mut resp = protocol.error_response(ApiError::overloaded(format!(
             "the server is busy: {waiting} requests are already waiting for the model; retry shortly"
         )));
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return resp;
     };
     let resp = tokio::select! {
@@ -113,7 +125,12 @@ pub async fn admit(State(state): State<Arc<AppState>>, req: Request, next: Next)
         _ = service.shutdown.aborting() => protocol.error_response(ApiError::unavailable(super::sse::SHUTDOWN_MESSAGE)),
         resp = next.run(req) => resp,
     };
-    resp.map(|inner| Body::new(Holding { inner, _held: permit }))
+    resp.map(|inner| {
+        Body::new(Holding {
+            inner,
+            _held: permit,
+        })
+    })
 }
 
 /// Middleware: read the whole body within the size limit and the read
@@ -128,16 +145,28 @@ pub async fn read_body(State(state): State<Arc<AppState>>, req: Request, next: N
             "the request body is larger than this server's limit of {mb} MiB (--max-body-mb)"
         ))))
     };
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
         return too_large();
     }
     let (parts, body) = req.into_parts();
-    let read = tokio::time::timeout(limits.read_timeout, axum::body::to_bytes(body, limits.max_body_bytes)).await;
+    let read = tokio::time::timeout(
+        limits.read_timeout,
+        axum::body::to_bytes(body, limits.max_body_bytes),
+    )
+    .await;
     let bytes = match read {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(err)) if is_length_limit(&err) => return too_large(),
-        Ok(Err(err)) => return closing(protocol.error_response(ApiError::invalid(format!("cannot read the request body: {err}")))),
+        Ok(Err(err)) => {
+            return closing(protocol.error_response(ApiError::invalid(format!(
+                "cannot read the request body: {err}"
+            ))))
+        }
         Err(_) => {
             let secs = limits.read_timeout.as_secs_f64();
             return closing(protocol.error_response(ApiError::request_timeout(format!(
@@ -146,9 +175,13 @@ pub async fn read_body(State(state): State<Arc<AppState>>, req: Request, next: N
         }
     };
     let path = parts.uri.path().to_string();
-    let resp = next.run(Request::from_parts(parts, Body::from(bytes.clone()))).await;
+    let resp = next
+        .run(Request::from_parts(parts, Body::from(bytes.clone())))
+        .await;
     match &state.service.trace {
-        Some(log) if is_refusal(resp.status()) && route_label(&path) != "other" => trace_refusal(log, &path, bytes, resp).await,
+        Some(log) if is_refusal(resp.status()) && route_label(&path) != "other" => {
+            trace_refusal(log, &path, bytes, resp).await
+        }
         _ => resp,
     }
 }
@@ -164,7 +197,9 @@ fn is_refusal(status: StatusCode) -> bool {
 async fn trace_refusal(log: &TraceLog, path: &str, raw: Bytes, resp: Response) -> Response {
     let (parts, body) = resp.into_parts();
     // Error bodies are small JSON objects built by this server.
-    let body = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
     log.write(serde_json::json!({
         "route": route_label(path),
         "outcome": "refused",
@@ -188,7 +223,8 @@ fn is_length_limit(err: &axum::Error) -> bool {
 
 /// The rest of the body was not read: the connection cannot be reused.
 fn closing(mut resp: Response) -> Response {
-    resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 
@@ -201,7 +237,9 @@ pub async fn catch_panic(req: Request, next: Next) -> Response {
         Ok(resp) => resp,
         Err(panic) => {
             tracing::error!(cause = %panic_message(&*panic), "a request handler panicked");
-            protocol.error_response(ApiError::internal("the server failed while handling this request"))
+            protocol.error_response(ApiError::internal(
+                "the server failed while handling this request",
+            ))
         }
     }
 }
@@ -217,7 +255,11 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 }
 
 /// Middleware: count responses by route and status.
-pub async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub async fn count_requests(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let route = route_label(req.uri().path());
     let resp = next.run(req).await;
     state.service.metrics.request(route, resp.status().as_u16());
@@ -230,7 +272,7 @@ mod tests {
 
     #[test]
     fn admission_holds_one_running_plus_the_queue() {
-        let a = Admission::new(1);
+        let a = Admission::new(1, 1);
         let first = a.try_admit().unwrap();
         let second = a.try_admit().unwrap();
         assert!(a.try_admit().is_none());
@@ -239,9 +281,13 @@ mod tests {
         assert_eq!(a.in_flight(), 2);
         drop((second, third));
         assert_eq!(a.in_flight(), 0);
-        let none_waiting = Admission::new(0);
+        let none_waiting = Admission::new(0, 1);
         let _only = none_waiting.try_admit().unwrap();
         assert!(none_waiting.try_admit().is_none());
+        let four = Admission::new(2, 4);
+        let held: Vec<Permit> = (0..6).map(|_| four.try_admit().unwrap()).collect();
+        assert!(four.try_admit().is_none());
+        drop(held);
     }
 
     #[tokio::test]
@@ -261,7 +307,9 @@ mod tests {
             let req = Request::post(path).body(Body::empty()).unwrap();
             let resp = app.clone().oneshot(req).await.unwrap();
             assert_eq!(resp.status(), 500);
-            let body: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes())
+                    .unwrap();
             assert!(body.get(shape).is_some(), "{body}");
         }
     }

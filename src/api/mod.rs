@@ -23,7 +23,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::chat::output::{Output, OutputParser, OutputSpec};
 use crate::chat::prompt::{self, PromptError};
 use crate::chat::ChatRequest;
-use crate::engine::{CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams, TokenLogprob, Usage};
+use crate::engine::{
+    CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams,
+    TokenLogprob, Usage,
+};
 use crate::server::AppState;
 use error::ApiError;
 
@@ -36,6 +39,9 @@ pub struct GenOptions {
     pub stop: Vec<String>,
     /// Log-probabilities with this many alternatives per token.
     pub logprobs: Option<u32>,
+    /// llama-server's `ignore_eos`: generate past end-of-turn tokens, up
+    /// to `max_tokens` (fixed-length replies for benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// Largest `max_tokens` accepted; beyond it a request is a mistake.
@@ -44,10 +50,16 @@ pub const MAX_TOKENS_LIMIT: i64 = 1 << 24;
 /// Validate a client's `max_tokens`.
 pub fn check_max_tokens(param: &str, value: i64) -> Result<u32, ApiError> {
     if value < 1 {
-        return Err(ApiError::invalid_param(param, format!("{param} must be at least 1, got {value}")));
+        return Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be at least 1, got {value}"),
+        ));
     }
     if value > MAX_TOKENS_LIMIT {
-        return Err(ApiError::invalid_param(param, format!("{param} must be at most {MAX_TOKENS_LIMIT}, got {value}")));
+        return Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be at most {MAX_TOKENS_LIMIT}, got {value}"),
+        ));
     }
     Ok(value as u32)
 }
@@ -63,10 +75,22 @@ pub const MAX_STOP_BYTES: usize = 1024;
 /// Validate a request's stop sequences.
 pub fn check_stop(param: &str, stop: Vec<String>) -> Result<Vec<String>, ApiError> {
     if stop.len() > MAX_STOP_SEQUENCES {
-        return Err(ApiError::invalid_param(param, format!("at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {}", stop.len())));
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "at most {MAX_STOP_SEQUENCES} stop sequences are supported, got {}",
+                stop.len()
+            ),
+        ));
     }
     if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
-        return Err(ApiError::invalid_param(param, format!("a stop sequence may be at most {MAX_STOP_BYTES} bytes, got {}", long.len())));
+        return Err(ApiError::invalid_param(
+            param,
+            format!(
+                "a stop sequence may be at most {MAX_STOP_BYTES} bytes, got {}",
+                long.len()
+            ),
+        ));
     }
     Ok(stop)
 }
@@ -74,7 +98,10 @@ pub fn check_stop(param: &str, stop: Vec<String>) -> Result<Vec<String>, ApiErro
 /// Validate that a sampling value lies in `lo..=hi`.
 pub fn check_range(param: &str, value: f32, lo: f32, hi: f32) -> Result<f32, ApiError> {
     if !value.is_finite() || value < lo || value > hi {
-        return Err(ApiError::invalid_param(param, format!("{param} must be between {lo} and {hi}, got {value}")));
+        return Err(ApiError::invalid_param(
+            param,
+            format!("{param} must be between {lo} and {hi}, got {value}"),
+        ));
     }
     Ok(value)
 }
@@ -90,7 +117,9 @@ pub struct PreparedJob {
 /// is the protocol's name for the history (`messages`, `input`).
 pub(crate) fn prompt_error(err: PromptError, messages: &str) -> ApiError {
     match err {
-        PromptError::History { index, message } => ApiError::invalid_param(&format!("{messages}[{index}]"), message),
+        PromptError::History { index, message } => {
+            ApiError::invalid_param(&format!("{messages}[{index}]"), message)
+        }
         PromptError::ToolChoice(message) => ApiError::invalid_param("tool_choice", message),
         PromptError::Schema(e) => ApiError::invalid_param("tools", e.0),
         PromptError::Template(e) => e.into(),
@@ -107,21 +136,36 @@ pub fn openai_sampling(
 ) -> Result<SamplingParams, ApiError> {
     let defaults = SamplingParams::default();
     Ok(SamplingParams {
-        temperature: temperature.map(|t| check_range("temperature", t, 0.0, 2.0)).transpose()?.unwrap_or(defaults.temperature),
-        top_p: top_p.map(|p| check_range("top_p", p, 0.0, 1.0)).transpose()?.unwrap_or(defaults.top_p),
+        temperature: temperature
+            .map(|t| check_range("temperature", t, 0.0, 2.0))
+            .transpose()?
+            .unwrap_or(defaults.temperature),
+        top_p: top_p
+            .map(|p| check_range("top_p", p, 0.0, 1.0))
+            .transpose()?
+            .unwrap_or(defaults.top_p),
         top_k: match top_k {
-            Some(k) if k < 0 => return Err(ApiError::invalid_param("top_k", "top_k must be 0 or more")),
+            Some(k) if k < 0 => {
+                return Err(ApiError::invalid_param("top_k", "top_k must be 0 or more"))
+            }
             Some(k) => k,
             None => defaults.top_k,
         },
-        min_p: min_p.map(|p| check_range("min_p", p, 0.0, 1.0)).transpose()?.unwrap_or(defaults.min_p),
+        min_p: min_p
+            .map(|p| check_range("min_p", p, 0.0, 1.0))
+            .transpose()?
+            .unwrap_or(defaults.min_p),
         seed: seed.map(|s| s as u64),
     })
 }
 
 /// Render the conversation and tokenize it, checking its grammar (on the
 /// calling thread: callers run it on the blocking pool).
-fn render(state: &AppState, chat: ChatRequest, messages: &'static str) -> Result<prompt::Prepared, ApiError> {
+fn render(
+    state: &AppState,
+    chat: ChatRequest,
+    messages: &'static str,
+) -> Result<prompt::Prepared, ApiError> {
     let has_format = chat.response_format.is_some();
     let prepared = prompt::prepare(&state.prompt_setup(), chat).map_err(|e| {
         let mut api = prompt_error(e, messages);
@@ -131,8 +175,16 @@ fn render(state: &AppState, chat: ChatRequest, messages: &'static str) -> Result
         api
     })?;
     if let Some(g) = &prepared.grammar {
-        crate::engine::grammar::validate(state.engine.model(), g)
-            .map_err(|e| ApiError::invalid_param(if has_format { "response_format" } else { "tools" }, format!("the schema gives a grammar llama.cpp rejects: {e}")))?;
+        crate::engine::grammar::validate(state.engine.model(), g).map_err(|e| {
+            ApiError::invalid_param(
+                if has_format {
+                    "response_format"
+                } else {
+                    "tools"
+                },
+                format!("the schema gives a grammar llama.cpp rejects: {e}"),
+            )
+        })?;
     }
     Ok(prepared)
 }
@@ -140,7 +192,11 @@ fn render(state: &AppState, chat: ChatRequest, messages: &'static str) -> Result
 /// The prompt's length in tokens, for the token-counting routes. No
 /// context check: a client counts to learn whether its conversation still
 /// fits, so a count past the context is an answer, not an error.
-pub async fn count_prompt(state: &Arc<AppState>, chat: ChatRequest, messages: &'static str) -> Result<usize, ApiError> {
+pub async fn count_prompt(
+    state: &Arc<AppState>,
+    chat: ChatRequest,
+    messages: &'static str,
+) -> Result<usize, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || render(&state, chat, messages).map(|p| p.tokens.len()))
         .await
@@ -151,7 +207,12 @@ pub async fn count_prompt(state: &Arc<AppState>, chat: ChatRequest, messages: &'
 /// blocking pool: a 100k-token prompt takes a while to tokenize and must
 /// not hold up the async threads (which keep heartbeats flowing).
 /// `messages` names the history field in errors.
-pub async fn prepare(state: &Arc<AppState>, chat: ChatRequest, opts: GenOptions, messages: &'static str) -> Result<PreparedJob, ApiError> {
+pub async fn prepare(
+    state: &Arc<AppState>,
+    chat: ChatRequest,
+    opts: GenOptions,
+    messages: &'static str,
+) -> Result<PreparedJob, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
         let prepared = render(&state, chat, messages)?;
@@ -175,6 +236,7 @@ pub async fn prepare(state: &Arc<AppState>, chat: ChatRequest, opts: GenOptions,
         req.prompt_text = prepared.text_exact.then_some(prepared.text);
         req.grammar = prepared.grammar;
         req.logprobs = opts.logprobs;
+        req.ignore_eos = opts.ignore_eos;
         req.reasoning_budget = prepared.reasoning_budget;
         Ok(PreparedJob { request: req, output: prepared.output })
     })
@@ -194,7 +256,12 @@ pub struct Collected {
 /// Wait for a job to finish and gather its reply, read as `spec` says.
 /// Dropping the future (the client went away) cancels the job. A reply
 /// with tool calls is remembered for exact replay.
-pub async fn collect(state: &AppState, job: JobHandle, spec: &OutputSpec, id_prefix: &'static str) -> Result<Collected, EngineError> {
+pub async fn collect(
+    state: &AppState,
+    job: JobHandle,
+    spec: &OutputSpec,
+    id_prefix: &'static str,
+) -> Result<Collected, EngineError> {
     let JobHandle { mut events, cancel } = job;
     let _guard = CancelOnDrop(cancel);
     let mut parser = OutputParser::new(spec, id_prefix);
@@ -209,7 +276,12 @@ pub async fn collect(state: &AppState, job: JobHandle, spec: &OutputSpec, id_pre
                 parser.finish();
                 let output = parser.into_output();
                 state.remember_calls(&output);
-                return Ok(Collected { output, reason, usage, logprobs });
+                return Ok(Collected {
+                    output,
+                    reason,
+                    usage,
+                    logprobs,
+                });
             }
             Event::Failed(err) => return Err(err),
             Event::Started { .. } | Event::PrefillProgress { .. } => {}
@@ -220,7 +292,10 @@ pub async fn collect(state: &AppState, job: JobHandle, spec: &OutputSpec, id_pre
 
 /// Seconds since the Unix epoch, for `created` fields.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A fresh id with a protocol prefix (`chatcmpl-`, `msg_`).

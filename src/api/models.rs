@@ -11,9 +11,43 @@ use serde_json::{json, Value};
 use super::error::{AnthropicError, ApiError, OpenAIError};
 use crate::server::AppState;
 
-/// 200 once the model is loaded (the router only exists after that).
-pub async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({ "status": "ok", "model": state.model_id }))
+/// 200 while the engine serves (the router only exists once the model is
+/// loaded); 503 with the reason once the engine has stopped.
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.engine.is_alive() {
+        return Json(json!({ "status": "ok", "model": state.model_id })).into_response();
+    }
+    let why = state
+        .engine
+        .stats()
+        .stopped_why
+        .lock()
+        .ok()
+        .and_then(|w| w.clone())
+        .unwrap_or_else(|| "the engine stopped".into());
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "status": "error", "model": state.model_id, "error": why })),
+    )
+        .into_response()
+}
+
+/// `GET /slots`: what each sequence of the engine and the queue are doing
+/// (llama-server's route name). A copy the engine refreshed after its last
+/// step: reading it never holds the engine up.
+pub async fn slots(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let status = state.engine.status();
+    Json(json!({
+        "parallel": status.slots.len(),
+        "slots": status.slots,
+        "preempted": status.preempted,
+        "waiting": status.waiting,
+        "queued": state.engine.stats().queued.load(std::sync::atomic::Ordering::Relaxed),
+        "kv_cells": status.kv_cells,
+        "kv_used": status.kv_used,
+        "steps": status.steps,
+        "last_step_rows": status.last_step_rows,
+    }))
 }
 
 /// The one model this server serves, in a shape both SDKs read: OpenAI's
@@ -25,7 +59,10 @@ fn model_object(state: &AppState) -> Value {
     let n_ctx = state.engine.n_ctx();
     let created_at = time::OffsetDateTime::from_unix_timestamp(state.started_at as i64)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
     json!({
         "id": state.model_id,
         "object": "model",
@@ -58,11 +95,18 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 /// `GET /v1/models/{id}`: the served model by its id; any other id is a
 /// 404 (in Anthropic's shape for a client that sends `anthropic-version`).
-pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+pub async fn retrieve(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     if id == state.model_id {
         return Json(model_object(&state)).into_response();
     }
-    let err = ApiError::not_found(format!("model '{id}' not found; this server serves '{}'", state.model_id));
+    let err = ApiError::not_found(format!(
+        "model '{id}' not found; this server serves '{}'",
+        state.model_id
+    ));
     if headers.contains_key("anthropic-version") {
         AnthropicError::from(err).into_response()
     } else {

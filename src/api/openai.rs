@@ -15,12 +15,14 @@ use serde_json::{json, Value};
 
 use super::chain::{add_usage, chain, Boundaries, ChainJob};
 use super::completions::MAX_N;
-use super::error::{ApiError, OpenAIError};
 use super::error::Protocol;
+use super::error::{ApiError, OpenAIError};
 use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, collect, new_id, prepare, unix_now, GenOptions};
 use crate::chat::output::{OutputEvent, OutputParser, OutputSpec};
-use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice, ToolSpec};
+use crate::chat::{
+    ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice, ToolSpec,
+};
 use crate::engine::{Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
 use crate::server::AppState;
 
@@ -65,6 +67,10 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<i64>,
     #[serde(default)]
     pub reasoning_effort: Option<String>,
+    /// llama-server's extension: generate up to `max_tokens` whatever the
+    /// model says (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,8 +182,18 @@ fn content_text(i: usize, content: Option<WireContent>) -> Result<String, ApiErr
 }
 
 /// A tool offered to the model, validated.
-pub fn tool_spec(param: &str, name: String, description: Option<String>, parameters: Option<Value>) -> Result<ToolSpec, ApiError> {
-    if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')) {
+pub fn tool_spec(
+    param: &str,
+    name: String,
+    description: Option<String>,
+    parameters: Option<Value>,
+) -> Result<ToolSpec, ApiError> {
+    if name.is_empty()
+        || name.len() > 128
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+    {
         return Err(ApiError::invalid_param(
             &format!("{param}.name"),
             format!("invalid function name {name:?}: use letters, digits, underscores, dashes, dots or colons, at most 128 characters"),
@@ -185,16 +201,26 @@ pub fn tool_spec(param: &str, name: String, description: Option<String>, paramet
     }
     let parameters = parameters.unwrap_or_else(|| json!({"type": "object", "properties": {}}));
     if !parameters.is_object() {
-        return Err(ApiError::invalid_param(&format!("{param}.parameters"), "parameters must be a JSON Schema object"));
+        return Err(ApiError::invalid_param(
+            &format!("{param}.parameters"),
+            "parameters must be a JSON Schema object",
+        ));
     }
-    Ok(ToolSpec { name, description: description.unwrap_or_default(), parameters })
+    Ok(ToolSpec {
+        name,
+        description: description.unwrap_or_default(),
+        parameters,
+    })
 }
 
 /// Check that no two tools share a name.
 pub fn check_unique_tools(param: &str, tools: &[ToolSpec]) -> Result<(), ApiError> {
     for (i, t) in tools.iter().enumerate() {
         if tools[..i].iter().any(|u| u.name == t.name) {
-            return Err(ApiError::invalid_param(&format!("{param}[{i}]"), format!("tool name `{}` is used twice", t.name)));
+            return Err(ApiError::invalid_param(
+                &format!("{param}[{i}]"),
+                format!("tool name `{}` is used twice", t.name),
+            ));
         }
     }
     Ok(())
@@ -203,7 +229,9 @@ pub fn check_unique_tools(param: &str, tools: &[ToolSpec]) -> Result<(), ApiErro
 /// OpenAI `tool_choice`: `"auto" | "none" | "required"` or
 /// `{"type": "function", "function": {"name": ...}}`.
 pub fn tool_choice(value: Option<Value>) -> Result<ToolChoice, ApiError> {
-    let bad = || ApiError::invalid_param("tool_choice", "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}");
+    let bad = || {
+        ApiError::invalid_param("tool_choice", "tool_choice must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+    };
     match value {
         None | Some(Value::Null) => Ok(ToolChoice::Auto),
         Some(Value::String(s)) => match s.as_str() {
@@ -255,18 +283,29 @@ pub fn thinking_from_effort(effort: Option<&str>) -> Result<Thinking, ApiError> 
     match effort {
         None => Ok(Thinking::Default),
         Some("none") | Some("minimal") => Ok(Thinking::Off),
-        Some("low") | Some("medium") | Some("high") | Some("xhigh") => Ok(Thinking::On { budget: None }),
-        Some(other) => Err(ApiError::invalid_param("reasoning_effort", format!("reasoning_effort must be none, minimal, low, medium or high, got `{other}`"))),
+        Some("low") | Some("medium") | Some("high") | Some("xhigh") => {
+            Ok(Thinking::On { budget: None })
+        }
+        Some(other) => Err(ApiError::invalid_param(
+            "reasoning_effort",
+            format!("reasoning_effort must be none, minimal, low, medium or high, got `{other}`"),
+        )),
     }
 }
 
 /// Convert and validate a request into a conversation and options.
 pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), ApiError> {
     if req.messages.is_empty() {
-        return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
+        return Err(ApiError::invalid_param(
+            "messages",
+            "messages must contain at least one message",
+        ));
     }
     if let Some(n) = req.n.filter(|n| !(1..=MAX_N as u32).contains(n)) {
-        return Err(ApiError::invalid_param("n", format!("n must be between 1 and {MAX_N}, got {n}")));
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("n must be between 1 and {MAX_N}, got {n}"),
+        ));
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.into_iter().enumerate() {
@@ -288,20 +327,33 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), 
                 msg.reasoning = m.reasoning_content.filter(|r| !r.is_empty());
                 for (j, c) in m.tool_calls.unwrap_or_default().into_iter().enumerate() {
                     if c.kind.as_deref().is_some_and(|k| k != "function") {
-                        return Err(ApiError::invalid_param(&format!("messages[{i}].tool_calls[{j}].type"), "only function tool calls are supported"));
+                        return Err(ApiError::invalid_param(
+                            &format!("messages[{i}].tool_calls[{j}].type"),
+                            "only function tool calls are supported",
+                        ));
                     }
-                    if serde_json::from_str::<Value>(&c.function.arguments).map(|v| !v.is_object()).unwrap_or(true) {
+                    if serde_json::from_str::<Value>(&c.function.arguments)
+                        .map(|v| !v.is_object())
+                        .unwrap_or(true)
+                    {
                         return Err(ApiError::invalid_param(
                             &format!("messages[{i}].tool_calls[{j}].function.arguments"),
                             "function.arguments must be a JSON object serialized as a string",
                         ));
                     }
-                    msg.tool_calls.push(ToolCall { id: c.id, name: c.function.name, arguments: c.function.arguments });
+                    msg.tool_calls.push(ToolCall {
+                        id: c.id,
+                        name: c.function.name,
+                        arguments: c.function.arguments,
+                    });
                 }
             }
             Role::Tool => {
                 let Some(id) = m.tool_call_id.filter(|id| !id.is_empty()) else {
-                    return Err(ApiError::invalid_param(&format!("messages[{i}].tool_call_id"), "a tool message needs the tool_call_id it answers"));
+                    return Err(ApiError::invalid_param(
+                        &format!("messages[{i}].tool_call_id"),
+                        "a tool message needs the tool_call_id it answers",
+                    ));
                 };
                 msg.tool_call_id = Some(id);
                 msg.name = m.name;
@@ -315,7 +367,8 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), 
         (None, Some(v)) => Some(check_max_tokens("max_tokens", v)?),
         (None, None) => None,
     };
-    let sampling = super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
+    let sampling =
+        super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
     let stop = match req.stop {
         None => vec![],
         Some(StopField::One(s)) => vec![s],
@@ -325,17 +378,38 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), 
     let mut tools = Vec::new();
     for (i, t) in req.tools.unwrap_or_default().into_iter().enumerate() {
         if t.kind != "function" {
-            return Err(ApiError::invalid_param(&format!("tools[{i}].type"), format!("tools of type `{}` are not supported; use function", t.kind)));
+            return Err(ApiError::invalid_param(
+                &format!("tools[{i}].type"),
+                format!("tools of type `{}` are not supported; use function", t.kind),
+            ));
         }
         let Some(f) = t.function else {
-            return Err(ApiError::invalid_param(&format!("tools[{i}].function"), "a function tool needs `function`"));
+            return Err(ApiError::invalid_param(
+                &format!("tools[{i}].function"),
+                "a function tool needs `function`",
+            ));
         };
-        tools.push(tool_spec(&format!("tools[{i}].function"), f.name, f.description, f.parameters)?);
+        tools.push(tool_spec(
+            &format!("tools[{i}].function"),
+            f.name,
+            f.description,
+            f.parameters,
+        )?);
     }
     check_unique_tools("tools", &tools)?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
-        (_, Some(n)) if !(0..=20).contains(&n) => return Err(ApiError::invalid_param("top_logprobs", format!("top_logprobs must be between 0 and 20, got {n}"))),
-        (false, Some(n)) if n > 0 => return Err(ApiError::invalid_param("logprobs", "top_logprobs needs logprobs: true")),
+        (_, Some(n)) if !(0..=20).contains(&n) => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                format!("top_logprobs must be between 0 and 20, got {n}"),
+            ))
+        }
+        (false, Some(n)) if n > 0 => {
+            return Err(ApiError::invalid_param(
+                "logprobs",
+                "top_logprobs needs logprobs: true",
+            ))
+        }
         (true, n) => Some(n.unwrap_or(0) as u32),
         (false, _) => None,
     };
@@ -347,7 +421,16 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), 
         response_format: response_format(req.response_format)?,
         thinking: thinking_from_effort(req.reasoning_effort.as_deref())?,
     };
-    Ok((chat, GenOptions { sampling, max_tokens, stop, logprobs }))
+    Ok((
+        chat,
+        GenOptions {
+            sampling,
+            max_tokens,
+            stop,
+            logprobs,
+            ignore_eos: req.ignore_eos.unwrap_or(false),
+        },
+    ))
 }
 
 pub fn finish_reason(reason: &FinishReason) -> &'static str {
@@ -403,17 +486,28 @@ pub fn tool_calls_json(calls: &[ToolCall]) -> Value {
 const ROUTE: &str = "chat_completions";
 
 /// `POST /v1/chat/completions`
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, OpenAIError> {
     let req: ChatCompletionRequest = ApiError::parse_json(&body)?;
-    let model = req.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| state.model_id.clone());
+    let model = req
+        .model
+        .clone()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| state.model_id.clone());
     let stream = req.stream.unwrap_or(false);
-    let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let include_usage = req
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
     let n = req.n.unwrap_or(1);
     let (chat, opts) = convert(req)?;
     let want_logprobs = opts.logprobs.is_some();
     let prepared = prepare(&state, chat, opts, "messages").await?;
-    // `n` choices are `n` jobs of one prompt, run in turn (the later ones
-    // find the prompt cached); with a seed, each its own.
+    // `n` choices are `n` jobs of one prompt, forked from one prefill and
+    // decoded together; with a seed, each its own.
     let requests: Vec<GenerateRequest> = (0..n)
         .map(|j| {
             let mut r = prepared.request.clone();
@@ -428,7 +522,14 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
             let request = requests.into_iter().next().expect("n is at least 1");
             (state.submit(ROUTE, &body, request), Boundaries::default())
         } else {
-            let jobs = requests.into_iter().enumerate().map(|(j, request)| ChainJob { request, first_of_prompt: j == 0 }).collect();
+            let jobs = requests
+                .into_iter()
+                .enumerate()
+                .map(|(j, request)| ChainJob {
+                    request,
+                    first_of_prompt: j == 0,
+                })
+                .collect();
             chain(state.clone(), ROUTE, body, jobs)
         };
         let adapter = ChunkAdapter {
@@ -448,8 +549,10 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     }
     let mut choices = Vec::with_capacity(requests.len());
     let mut usage = Usage::default();
-    for (j, request) in requests.into_iter().enumerate() {
-        let done = collect(&state, state.submit(ROUTE, &body, request), &prepared.output, "call_").await?;
+    // All choices are queued at once: one prefill, decoded together.
+    let handles = state.submit_group(ROUTE, &body, requests);
+    for (j, handle) in handles.into_iter().enumerate() {
+        let done = collect(&state, handle, &prepared.output, "call_").await?;
         add_usage(&mut usage, &done.usage, j == 0);
         choices.push(choice_json(j, &done, want_logprobs));
     }
@@ -479,7 +582,11 @@ fn choice_json(index: usize, done: &super::Collected, want_logprobs: bool) -> Va
     if !out.calls.is_empty() {
         message["tool_calls"] = tool_calls_json(&out.calls);
     }
-    let logprobs = if want_logprobs { json!({ "content": logprobs_content(&done.logprobs), "refusal": null }) } else { Value::Null };
+    let logprobs = if want_logprobs {
+        json!({ "content": logprobs_content(&done.logprobs), "refusal": null })
+    } else {
+        Value::Null
+    };
     json!({
         "index": index,
         "message": message,
@@ -537,7 +644,9 @@ impl ChunkAdapter {
                 OutputEvent::CallStart { index, id, name } => json!({ "tool_calls": [{
                     "index": index, "id": id, "type": "function", "function": { "name": name, "arguments": "" },
                 }]}),
-                OutputEvent::CallArgs { index, fragment } => json!({ "tool_calls": [{ "index": index, "function": { "arguments": fragment } }]}),
+                OutputEvent::CallArgs { index, fragment } => {
+                    json!({ "tool_calls": [{ "index": index, "function": { "arguments": fragment } }]})
+                }
                 OutputEvent::CallEnd { .. } => continue,
             };
             let chunk = self.chunk(delta, None);

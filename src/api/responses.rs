@@ -67,7 +67,15 @@ struct StoreInner {
 
 impl ResponseStore {
     pub fn new(capacity: usize, max_bytes: usize) -> Self {
-        ResponseStore { inner: Mutex::new(StoreInner { map: HashMap::new(), bytes: 0, tick: 0 }), capacity, max_bytes }
+        ResponseStore {
+            inner: Mutex::new(StoreInner {
+                map: HashMap::new(),
+                bytes: 0,
+                tick: 0,
+            }),
+            capacity,
+            max_bytes,
+        }
     }
 
     /// Keep a response; the least recently used go when the store is full.
@@ -75,7 +83,8 @@ impl ResponseStore {
         if self.capacity == 0 {
             return;
         }
-        let size = stored.object.to_string().len() + stored.messages.iter().map(message_bytes).sum::<usize>();
+        let size = stored.object.to_string().len()
+            + stored.messages.iter().map(message_bytes).sum::<usize>();
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.tick += 1;
         let tick = inner.tick;
@@ -83,8 +92,17 @@ impl ResponseStore {
             inner.bytes -= old;
         }
         inner.bytes += size;
-        while inner.map.len() > self.capacity || (inner.bytes > self.max_bytes && inner.map.len() > 1) {
-            let Some(oldest) = inner.map.iter().min_by_key(|(_, (_, _, t))| *t).map(|(k, _)| k.clone()) else { break };
+        while inner.map.len() > self.capacity
+            || (inner.bytes > self.max_bytes && inner.map.len() > 1)
+        {
+            let Some(oldest) = inner
+                .map
+                .iter()
+                .min_by_key(|(_, (_, _, t))| *t)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
             if let Some((_, size, _)) = inner.map.remove(&oldest) {
                 inner.bytes -= size;
             }
@@ -113,7 +131,11 @@ impl ResponseStore {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -124,7 +146,10 @@ impl ResponseStore {
 fn message_bytes(m: &ChatMessage) -> usize {
     m.content.len()
         + m.reasoning.as_ref().map_or(0, String::len)
-        + m.tool_calls.iter().map(|c| c.id.len() + c.name.len() + c.arguments.len()).sum::<usize>()
+        + m.tool_calls
+            .iter()
+            .map(|c| c.id.len() + c.name.len() + c.arguments.len())
+            .sum::<usize>()
         + 64
 }
 
@@ -231,8 +256,14 @@ const HOSTED_TOOLS: &[&str] = &[
 fn log_ignored_tool(kind: &str) {
     static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if seen.get_or_insert_with(HashSet::new).insert(kind.to_string()) {
-        tracing::info!(tool_type = kind, "ignoring a hosted tool hearth does not run (this is logged once per type)");
+    if seen
+        .get_or_insert_with(HashSet::new)
+        .insert(kind.to_string())
+    {
+        tracing::info!(
+            tool_type = kind,
+            "ignoring a hosted tool hearth does not run (this is logged once per type)"
+        );
     }
 }
 
@@ -269,7 +300,12 @@ impl Builder {
     fn assistant(&mut self, i: usize, text_first: bool) -> &mut ChatMessage {
         let extend = self.open
             && self.reasoning.is_none()
-            && !(text_first && self.conv.messages.last().is_some_and(|m| !m.tool_calls.is_empty()));
+            && !(text_first
+                && self
+                    .conv
+                    .messages
+                    .last()
+                    .is_some_and(|m| !m.tool_calls.is_empty()));
         if !extend {
             let mut m = ChatMessage::new(Role::Assistant, "");
             m.reasoning = self.reasoning.take();
@@ -281,15 +317,26 @@ impl Builder {
 
     fn item(&mut self, i: usize, item: &Value) -> Result<(), ApiError> {
         let Some(obj) = item.as_object() else {
-            return Err(ApiError::invalid_param(&format!("input[{i}]"), "each input item must be an object"));
+            return Err(ApiError::invalid_param(
+                &format!("input[{i}]"),
+                "each input item must be an object",
+            ));
         };
         let kind = match obj.get("type") {
             None | Some(Value::Null) if obj.contains_key("role") => "message",
             None | Some(Value::Null) => {
-                return Err(ApiError::invalid_param(&format!("input[{i}].type"), "an input item needs a `type` (or a `role`, for a message)"))
+                return Err(ApiError::invalid_param(
+                    &format!("input[{i}].type"),
+                    "an input item needs a `type` (or a `role`, for a message)",
+                ))
             }
             Some(Value::String(s)) => s.as_str(),
-            Some(_) => return Err(ApiError::invalid_param(&format!("input[{i}].type"), "`type` must be a string")),
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    &format!("input[{i}].type"),
+                    "`type` must be a string",
+                ))
+            }
         };
         match kind {
             "message" => {
@@ -379,7 +426,10 @@ impl Builder {
 fn required_str(obj: &Map<String, Value>, i: usize, field: &str) -> Result<String, ApiError> {
     match obj.get(field) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-        _ => Err(ApiError::invalid_param(&format!("input[{i}].{field}"), format!("Missing required parameter: 'input[{i}].{field}'."))),
+        _ => Err(ApiError::invalid_param(
+            &format!("input[{i}].{field}"),
+            format!("Missing required parameter: 'input[{i}].{field}'."),
+        )),
     }
 }
 
@@ -388,7 +438,10 @@ fn required_str(obj: &Map<String, Value>, i: usize, field: &str) -> Result<Strin
 /// newline.
 fn message_text(param: &str, content: Option<&Value>) -> Result<String, ApiError> {
     match content {
-        None | Some(Value::Null) => Err(ApiError::invalid_param(param, format!("Missing required parameter: '{param}'."))),
+        None | Some(Value::Null) => Err(ApiError::invalid_param(
+            param,
+            format!("Missing required parameter: '{param}'."),
+        )),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Array(parts)) => {
             let mut texts = Vec::with_capacity(parts.len());
@@ -407,12 +460,20 @@ fn message_text(param: &str, content: Option<&Value>) -> Result<String, ApiError
                 };
                 match part.get(field).and_then(Value::as_str) {
                     Some(t) => texts.push(t),
-                    None => return Err(ApiError::invalid_param(&format!("{param}[{j}].{field}"), format!("a `{kind}` part needs a `{field}` string"))),
+                    None => {
+                        return Err(ApiError::invalid_param(
+                            &format!("{param}[{j}].{field}"),
+                            format!("a `{kind}` part needs a `{field}` string"),
+                        ))
+                    }
                 }
             }
             Ok(texts.join("\n"))
         }
-        Some(_) => Err(ApiError::invalid_param(param, "content must be a string or a list of content parts")),
+        Some(_) => Err(ApiError::invalid_param(
+            param,
+            "content must be a string or a list of content parts",
+        )),
     }
 }
 
@@ -422,7 +483,13 @@ fn reasoning_text(obj: &Map<String, Value>) -> String {
     let texts = |field: &str| -> Vec<String> {
         obj.get(field)
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).filter(|t| !t.is_empty()).map(String::from).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let content = texts("content");
@@ -433,8 +500,17 @@ fn reasoning_text(obj: &Map<String, Value>) -> String {
 }
 
 /// `instructions`, the stored conversation and the input, as messages.
-pub fn conversation(instructions: Option<&str>, previous: Option<&[ChatMessage]>, input: Option<Value>) -> Result<Conversation, ApiError> {
-    let mut b = Builder { conv: Conversation::default(), open: false, reasoning: None, calls: HashSet::new() };
+pub fn conversation(
+    instructions: Option<&str>,
+    previous: Option<&[ChatMessage]>,
+    input: Option<Value>,
+) -> Result<Conversation, ApiError> {
+    let mut b = Builder {
+        conv: Conversation::default(),
+        open: false,
+        reasoning: None,
+        calls: HashSet::new(),
+    };
     if let Some(text) = instructions.filter(|t| !t.is_empty()) {
         b.push(ChatMessage::new(Role::System, text), "instructions".into());
     }
@@ -444,17 +520,30 @@ pub fn conversation(instructions: Option<&str>, previous: Option<&[ChatMessage]>
         b.push(m.clone(), "previous_response_id".into());
     }
     match input {
-        None | Some(Value::Null) => return Err(ApiError::invalid_param("input", "Missing required parameter: 'input'.")),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid_param(
+                "input",
+                "Missing required parameter: 'input'.",
+            ))
+        }
         Some(Value::String(s)) => b.push(ChatMessage::new(Role::User, s), "input".into()),
         Some(Value::Array(items)) => {
             if items.is_empty() {
-                return Err(ApiError::invalid_param("input", "input must contain at least one item"));
+                return Err(ApiError::invalid_param(
+                    "input",
+                    "input must contain at least one item",
+                ));
             }
             for (i, item) in items.iter().enumerate() {
                 b.item(i, item)?;
             }
         }
-        Some(_) => return Err(ApiError::invalid_param("input", "input must be a string or a list of input items")),
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "input",
+                "input must be a string or a list of input items",
+            ))
+        }
     }
     Ok(b.conv)
 }
@@ -470,11 +559,24 @@ fn tools(tools: Vec<Value>) -> Result<(Vec<ToolSpec>, Vec<Value>), ApiError> {
             "function" => {
                 let name = match t.get("name") {
                     Some(Value::String(n)) => n.clone(),
-                    _ => return Err(ApiError::invalid_param(&format!("tools[{i}].name"), format!("Missing required parameter: 'tools[{i}].name'."))),
+                    _ => {
+                        return Err(ApiError::invalid_param(
+                            &format!("tools[{i}].name"),
+                            format!("Missing required parameter: 'tools[{i}].name'."),
+                        ))
+                    }
                 };
-                let description = t.get("description").and_then(Value::as_str).map(String::from);
+                let description = t
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(String::from);
                 let parameters = t.get("parameters").cloned().filter(|p| !p.is_null());
-                specs.push(tool_spec(&format!("tools[{i}]"), name.clone(), description.clone(), parameters.clone())?);
+                specs.push(tool_spec(
+                    &format!("tools[{i}]"),
+                    name.clone(),
+                    description.clone(),
+                    parameters.clone(),
+                )?);
                 echo.push(json!({
                     "type": "function",
                     "name": name,
@@ -487,9 +589,17 @@ fn tools(tools: Vec<Value>) -> Result<(Vec<ToolSpec>, Vec<Value>), ApiError> {
                 log_ignored_tool(k);
                 echo.push(t);
             }
-            "" => return Err(ApiError::invalid_param(&format!("tools[{i}].type"), format!("Missing required parameter: 'tools[{i}].type'."))),
+            "" => {
+                return Err(ApiError::invalid_param(
+                    &format!("tools[{i}].type"),
+                    format!("Missing required parameter: 'tools[{i}].type'."),
+                ))
+            }
             other => {
-                return Err(ApiError::invalid_param(&format!("tools[{i}].type"), format!("tools of type `{other}` are not supported; use function")))
+                return Err(ApiError::invalid_param(
+                    &format!("tools[{i}].type"),
+                    format!("tools of type `{other}` are not supported; use function"),
+                ))
             }
         }
     }
@@ -500,7 +610,10 @@ fn tools(tools: Vec<Value>) -> Result<(Vec<ToolSpec>, Vec<Value>), ApiError> {
 /// The Responses `tool_choice`: `"auto" | "none" | "required"`,
 /// `{"type": "function", "name": ...}`, or `{"type": "allowed_tools",
 /// "mode": "auto" | "required", "tools": [...]}` (which narrows `specs`).
-fn tool_choice(value: Option<Value>, specs: &mut Vec<ToolSpec>) -> Result<(ToolChoice, Value), ApiError> {
+fn tool_choice(
+    value: Option<Value>,
+    specs: &mut Vec<ToolSpec>,
+) -> Result<(ToolChoice, Value), ApiError> {
     let bad = |msg: &str| ApiError::invalid_param("tool_choice", msg.to_string());
     let usage = "tool_choice must be \"auto\", \"none\", \"required\", {\"type\": \"function\", \"name\": ...} or {\"type\": \"allowed_tools\", ...}";
     match value {
@@ -513,32 +626,59 @@ fn tool_choice(value: Option<Value>, specs: &mut Vec<ToolSpec>) -> Result<(ToolC
         },
         Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
             Some("function") => {
-                let name = o.get("name").and_then(Value::as_str).ok_or_else(|| ApiError::invalid_param("tool_choice.name", "Missing required parameter: 'tool_choice.name'."))?;
-                Ok((ToolChoice::Named(name.to_string()), json!({"type": "function", "name": name})))
+                let name = o.get("name").and_then(Value::as_str).ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "tool_choice.name",
+                        "Missing required parameter: 'tool_choice.name'.",
+                    )
+                })?;
+                Ok((
+                    ToolChoice::Named(name.to_string()),
+                    json!({"type": "function", "name": name}),
+                ))
             }
             Some("allowed_tools") => {
                 let choice = match o.get("mode").and_then(Value::as_str) {
                     Some("auto") => ToolChoice::Auto,
                     Some("required") => ToolChoice::Required,
-                    _ => return Err(ApiError::invalid_param("tool_choice.mode", "tool_choice.mode must be \"auto\" or \"required\"")),
+                    _ => {
+                        return Err(ApiError::invalid_param(
+                            "tool_choice.mode",
+                            "tool_choice.mode must be \"auto\" or \"required\"",
+                        ))
+                    }
                 };
                 let Some(list) = o.get("tools").and_then(Value::as_array) else {
-                    return Err(ApiError::invalid_param("tool_choice.tools", "Missing required parameter: 'tool_choice.tools'."));
+                    return Err(ApiError::invalid_param(
+                        "tool_choice.tools",
+                        "Missing required parameter: 'tool_choice.tools'.",
+                    ));
                 };
                 let mut allowed = HashSet::new();
                 for (j, t) in list.iter().enumerate() {
-                    match (t.get("type").and_then(Value::as_str), t.get("name").and_then(Value::as_str)) {
+                    match (
+                        t.get("type").and_then(Value::as_str),
+                        t.get("name").and_then(Value::as_str),
+                    ) {
                         (Some("function"), Some(name)) => {
                             allowed.insert(name.to_string());
                         }
                         (Some(k), _) if HOSTED_TOOLS.contains(&k) => {}
-                        _ => return Err(ApiError::invalid_param(&format!("tool_choice.tools[{j}]"), "allowed tools must be {\"type\": \"function\", \"name\": ...}")),
+                        _ => {
+                            return Err(ApiError::invalid_param(
+                                &format!("tool_choice.tools[{j}]"),
+                                "allowed tools must be {\"type\": \"function\", \"name\": ...}",
+                            ))
+                        }
                     }
                 }
                 specs.retain(|s| allowed.contains(&s.name));
                 Ok((choice, Value::Object(o)))
             }
-            Some(other) => Err(ApiError::invalid_param("tool_choice.type", format!("tool_choice of type `{other}` is not supported; {usage}"))),
+            Some(other) => Err(ApiError::invalid_param(
+                "tool_choice.type",
+                format!("tool_choice of type `{other}` is not supported; {usage}"),
+            )),
             None => Err(bad(usage)),
         },
         Some(_) => Err(bad(usage)),
@@ -547,11 +687,18 @@ fn tool_choice(value: Option<Value>, specs: &mut Vec<ToolSpec>) -> Result<(ToolC
 
 /// `text.format` to a response format; also the `text` to echo.
 fn text_format(text: Option<Value>) -> Result<(Option<ResponseFormat>, Value), ApiError> {
-    let Some(text) = text.filter(|t| !t.is_null()) else { return Ok((None, json!({"format": {"type": "text"}}))) };
-    let Some(obj) = text.as_object() else { return Err(ApiError::invalid_param("text", "text must be an object")) };
+    let Some(text) = text.filter(|t| !t.is_null()) else {
+        return Ok((None, json!({"format": {"type": "text"}})));
+    };
+    let Some(obj) = text.as_object() else {
+        return Err(ApiError::invalid_param("text", "text must be an object"));
+    };
     if let Some(v) = obj.get("verbosity").filter(|v| !v.is_null()) {
         if !matches!(v.as_str(), Some("low" | "medium" | "high")) {
-            return Err(ApiError::invalid_param("text.verbosity", "text.verbosity must be low, medium or high"));
+            return Err(ApiError::invalid_param(
+                "text.verbosity",
+                "text.verbosity must be low, medium or high",
+            ));
         }
     }
     let mut echo = text.clone();
@@ -620,36 +767,71 @@ pub struct Converted {
 
 /// Validate a request and build its conversation; `previous` is the stored
 /// conversation `previous_response_id` names.
-pub fn convert(req: ResponsesRequest, previous: Option<&[ChatMessage]>, default_model: &str) -> Result<Converted, ApiError> {
+pub fn convert(
+    req: ResponsesRequest,
+    previous: Option<&[ChatMessage]>,
+    default_model: &str,
+) -> Result<Converted, ApiError> {
     if req.background == Some(true) {
-        return Err(ApiError::invalid_param("background", "background responses are not supported"));
+        return Err(ApiError::invalid_param(
+            "background",
+            "background responses are not supported",
+        ));
     }
     if req.conversation.as_ref().is_some_and(|c| !c.is_null()) {
-        return Err(ApiError::invalid_param("conversation", "conversations are not supported; use previous_response_id or send the whole input"));
+        return Err(ApiError::invalid_param(
+            "conversation",
+            "conversations are not supported; use previous_response_id or send the whole input",
+        ));
     }
     if req.prompt.as_ref().is_some_and(|p| !p.is_null()) {
-        return Err(ApiError::invalid_param("prompt", "prompt templates are not supported; send instructions and input"));
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "prompt templates are not supported; send instructions and input",
+        ));
     }
     // Log-probabilities are given on chat completions and completions only;
     // an empty list here would read as "no tokens", so asking is an error.
     if req.top_logprobs.is_some_and(|n| n != 0) {
-        return Err(ApiError::invalid_param("top_logprobs", "logprobs are not available on /v1/responses; use /v1/chat/completions"));
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            "logprobs are not available on /v1/responses; use /v1/chat/completions",
+        ));
     }
-    if req.include.iter().flatten().any(|i| i == "message.output_text.logprobs") {
+    if req
+        .include
+        .iter()
+        .flatten()
+        .any(|i| i == "message.output_text.logprobs")
+    {
         return Err(ApiError::invalid_param("include", "message.output_text.logprobs is not available on /v1/responses; use /v1/chat/completions"));
     }
     let truncation = match req.truncation.as_deref() {
         None => "disabled",
         Some(t @ ("auto" | "disabled")) => t,
-        Some(other) => return Err(ApiError::invalid_param("truncation", format!("truncation must be auto or disabled, got `{other}`"))),
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "truncation",
+                format!("truncation must be auto or disabled, got `{other}`"),
+            ))
+        }
     };
     let metadata = match req.metadata {
         None | Some(Value::Null) => json!({}),
         Some(m @ Value::Object(_)) => m,
-        Some(_) => return Err(ApiError::invalid_param("metadata", "metadata must be an object of strings")),
+        Some(_) => {
+            return Err(ApiError::invalid_param(
+                "metadata",
+                "metadata must be an object of strings",
+            ))
+        }
     };
-    let max_tokens = req.max_output_tokens.map(|v| check_max_tokens("max_output_tokens", v)).transpose()?;
-    let sampling = super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
+    let max_tokens = req
+        .max_output_tokens
+        .map(|v| check_max_tokens("max_output_tokens", v))
+        .transpose()?;
+    let sampling =
+        super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
     let (mut specs, tools_echo) = tools(req.tools.unwrap_or_default())?;
     let (choice, choice_echo) = tool_choice(req.tool_choice, &mut specs)?;
     let (response_format, text_echo) = text_format(req.text)?;
@@ -659,10 +841,17 @@ pub fn convert(req: ResponsesRequest, previous: Option<&[ChatMessage]>, default_
         e
     })?;
     let summary = reasoning.summary.or(reasoning.generate_summary);
-    let reasoning_echo = if reasoning.effort.is_none() && summary.is_none() { Value::Null } else { json!({"effort": reasoning.effort, "summary": summary}) };
+    let reasoning_echo = if reasoning.effort.is_none() && summary.is_none() {
+        Value::Null
+    } else {
+        json!({"effort": reasoning.effort, "summary": summary})
+    };
     let conv = conversation(req.instructions.as_deref(), previous, req.input)?;
     let echo = Echo {
-        model: req.model.filter(|m| !m.is_empty()).unwrap_or_else(|| default_model.to_string()),
+        model: req
+            .model
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| default_model.to_string()),
         instructions: req.instructions.map_or(Value::Null, Value::String),
         max_output_tokens: req.max_output_tokens.map_or(Value::Null, Value::from),
         parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
@@ -678,7 +867,10 @@ pub fn convert(req: ResponsesRequest, previous: Option<&[ChatMessage]>, default_
         store: req.store.unwrap_or(true),
         user: req.user.map_or(Value::Null, Value::String),
         prompt_cache_key: req.prompt_cache_key.map_or(Value::Null, Value::String),
-        service_tier: req.service_tier.filter(|s| s != "auto").unwrap_or_else(|| "default".into()),
+        service_tier: req
+            .service_tier
+            .filter(|s| s != "auto")
+            .unwrap_or_else(|| "default".into()),
     };
     let chat = ChatRequest {
         messages: conv.messages,
@@ -690,7 +882,13 @@ pub fn convert(req: ResponsesRequest, previous: Option<&[ChatMessage]>, default_
     };
     Ok(Converted {
         chat,
-        opts: GenOptions { sampling, max_tokens, stop: vec![], logprobs: None },
+        opts: GenOptions {
+            sampling,
+            max_tokens,
+            stop: vec![],
+            logprobs: None,
+            ignore_eos: false,
+        },
         conv_origins: conv.origins,
         stored_from: conv.stored_from,
         echo,
@@ -702,10 +900,12 @@ pub fn convert(req: ResponsesRequest, previous: Option<&[ChatMessage]>, default_
 /// `input[N]` there counts messages, here it names the item they came from.
 fn rename_param(mut err: ApiError, origins: &[String]) -> ApiError {
     let renamed = match err.param.as_deref() {
-        Some(p) if p.starts_with("input[") => p["input[".len()..].split_once(']').and_then(|(n, tail)| {
-            let origin = origins.get(n.parse::<usize>().ok()?)?;
-            Some(format!("{origin}{tail}"))
-        }),
+        Some(p) if p.starts_with("input[") => {
+            p["input[".len()..].split_once(']').and_then(|(n, tail)| {
+                let origin = origins.get(n.parse::<usize>().ok()?)?;
+                Some(format!("{origin}{tail}"))
+            })
+        }
         Some("max_tokens") => Some("max_output_tokens".into()),
         Some("response_format") => Some("text.format".into()),
         _ => None,
@@ -719,8 +919,19 @@ fn rename_param(mut err: ApiError, origins: &[String]) -> ApiError {
 // --- the response ----------------------------------------------------------------
 
 impl Echo {
-    /// The response object.
-    fn object(&self, id: &str, created_at: u64, status: &str, output: Vec<Value>, usage: Value, incomplete: Value, error: Value) -> Value {
+    /// The response object: every field of the API's shape, named at each
+    /// call site.
+    #[allow(clippy::too_many_arguments)]
+    fn object(
+        &self,
+        id: &str,
+        created_at: u64,
+        status: &str,
+        output: Vec<Value>,
+        usage: Value,
+        incomplete: Value,
+        error: Value,
+    ) -> Value {
         json!({
             "id": id,
             "object": "response",
@@ -771,7 +982,8 @@ fn reasoning_tokens(state: &AppState, reasoning: &str, usage: &Usage) -> u32 {
     if reasoning.is_empty() {
         return 0;
     }
-    (state.engine.model().tokenize(reasoning, false, false).len() as u32).min(usage.completion_tokens)
+    (state.engine.model().tokenize(reasoning, false, false).len() as u32)
+        .min(usage.completion_tokens)
 }
 
 fn incomplete(reason: &FinishReason) -> bool {
@@ -833,25 +1045,58 @@ fn assistant_turn(out: &Output) -> ChatMessage {
 }
 
 /// Keep a finished response, when the request allows it.
-fn store(state: &AppState, echo: &Echo, id: &str, object: &Value, mut conversation: Vec<ChatMessage>, out: &Output) {
+fn store(
+    state: &AppState,
+    echo: &Echo,
+    id: &str,
+    object: &Value,
+    mut conversation: Vec<ChatMessage>,
+    out: &Output,
+) {
     if !echo.store {
         return;
     }
     conversation.push(assistant_turn(out));
-    state.responses.insert(id.to_string(), StoredResponse { object: object.clone(), messages: Arc::new(conversation) });
+    state.responses.insert(
+        id.to_string(),
+        StoredResponse {
+            object: object.clone(),
+            messages: Arc::new(conversation),
+        },
+    );
 }
 
 /// `POST /v1/responses`
-pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, OpenAIError> {
     let req: ResponsesRequest = ApiError::parse_json(&body)?;
     let previous = previous_response(&state, req.previous_response_id.as_deref())?;
-    let converted = convert(req, previous.as_ref().map(|p| p.messages.as_slice()), &state.model_id)?;
-    let Converted { chat, opts, conv_origins, stored_from, echo, stream } = converted;
-    let conversation: Vec<ChatMessage> = if echo.store { chat.messages[stored_from..].to_vec() } else { Vec::new() };
+    let converted = convert(
+        req,
+        previous.as_ref().map(|p| p.messages.as_slice()),
+        &state.model_id,
+    )?;
+    let Converted {
+        chat,
+        opts,
+        conv_origins,
+        stored_from,
+        echo,
+        stream,
+    } = converted;
+    let conversation: Vec<ChatMessage> = if echo.store {
+        chat.messages[stored_from..].to_vec()
+    } else {
+        Vec::new()
+    };
     let prepared = if echo.truncation == "auto" {
         prepare_truncated(&state, chat, opts, &conv_origins).await?
     } else {
-        prepare(&state, chat, opts, "input").await.map_err(|e| rename_param(e, &conv_origins))?
+        prepare(&state, chat, opts, "input")
+            .await
+            .map_err(|e| rename_param(e, &conv_origins))?
     };
     let job = state.submit("responses", &body, prepared.request);
     let id = new_id("resp_");
@@ -871,8 +1116,15 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
     let done = collect(&state, job, &prepared.output, "call_").await?;
     let cut_short = incomplete(&done.reason);
     let output = output_items(&done.output, cut_short);
-    let usage = usage_json(&done.usage, reasoning_tokens(&state, &done.output.reasoning, &done.usage));
-    let (status, details) = if cut_short { ("incomplete", json!({"reason": "max_output_tokens"})) } else { ("completed", Value::Null) };
+    let usage = usage_json(
+        &done.usage,
+        reasoning_tokens(&state, &done.output.reasoning, &done.usage),
+    );
+    let (status, details) = if cut_short {
+        ("incomplete", json!({"reason": "max_output_tokens"}))
+    } else {
+        ("completed", Value::Null)
+    };
     let object = echo.object(&id, created_at, status, output, usage, details, Value::Null);
     store(&state, &echo, &id, &object, conversation, &done.output);
     Ok(Json(object).into_response())
@@ -883,8 +1135,17 @@ pub async fn create(State(state): State<Arc<AppState>>, body: Bytes) -> Result<R
 /// (the instructions stay). Cutting at `cuts[k]` drops the `k + 1` oldest
 /// turns whole (a call's results go with it) and keeps the last user turn.
 fn turn_cuts(messages: &[ChatMessage]) -> (usize, Vec<usize>) {
-    let first = messages.iter().position(|m| m.role != Role::System).unwrap_or(messages.len());
-    let cuts = messages.iter().enumerate().skip(first + 1).filter(|(_, m)| m.role == Role::User).map(|(i, _)| i).collect();
+    let first = messages
+        .iter()
+        .position(|m| m.role != Role::System)
+        .unwrap_or(messages.len());
+    let cuts = messages
+        .iter()
+        .enumerate()
+        .skip(first + 1)
+        .filter(|(_, m)| m.role == Role::User)
+        .map(|(i, _)| i)
+        .collect();
     (first, cuts)
 }
 
@@ -892,7 +1153,12 @@ fn turn_cuts(messages: &[ChatMessage]) -> (usize, Vec<usize>) {
 /// with the fewest oldest turns dropped that make it fit, leaving room for
 /// `max_output_tokens` (at most half the context). Found by bisection, so
 /// a long history costs a few renderings, not one per turn.
-async fn prepare_truncated(state: &Arc<AppState>, chat: ChatRequest, opts: GenOptions, origins: &[String]) -> Result<super::PreparedJob, ApiError> {
+async fn prepare_truncated(
+    state: &Arc<AppState>,
+    chat: ChatRequest,
+    opts: GenOptions,
+    origins: &[String],
+) -> Result<super::PreparedJob, ApiError> {
     let n_ctx = state.engine.n_ctx() as usize;
     let reserve = opts.max_tokens.map_or(0, |m| (m as usize).min(n_ctx / 2));
     let (first, cuts) = turn_cuts(&chat.messages);
@@ -908,7 +1174,9 @@ async fn prepare_truncated(state: &Arc<AppState>, chat: ChatRequest, opts: GenOp
         let opts = opts.clone();
         async move {
             match prepare(state, chat, opts, "input").await {
-                Ok(job) if job.request.prompt.len() + reserve <= n_ctx || k == last => Ok(Some(job)),
+                Ok(job) if job.request.prompt.len() + reserve <= n_ctx || k == last => {
+                    Ok(Some(job))
+                }
                 Ok(_) => Ok(None),
                 Err(e) if e.code == Some("context_length_exceeded") && k < last => Ok(None),
                 Err(e) => Err(rename_param(e, &origins)),
@@ -922,7 +1190,9 @@ async fn prepare_truncated(state: &Arc<AppState>, chat: ChatRequest, opts: GenOp
     // client must see); find the fewest that fit.
     let (mut lo, mut hi) = (0, cuts.len());
     let Some(mut best) = attempt(hi).await? else {
-        return Err(ApiError::internal("truncation: the last attempt neither fitted nor failed"));
+        return Err(ApiError::internal(
+            "truncation: the last attempt neither fitted nor failed",
+        ));
     };
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
@@ -932,17 +1202,28 @@ async fn prepare_truncated(state: &Arc<AppState>, chat: ChatRequest, opts: GenOp
         }
     }
     // `hi` is at least 1 here: the whole conversation did not fit.
-    tracing::info!(dropped = cuts[hi - 1] - first, of = chat.messages.len(), prompt_tokens = best.request.prompt.len(), "truncation: dropped the oldest messages to fit the context");
+    tracing::info!(
+        dropped = cuts[hi - 1] - first,
+        of = chat.messages.len(),
+        prompt_tokens = best.request.prompt.len(),
+        "truncation: dropped the oldest messages to fit the context"
+    );
     Ok(best)
 }
 
 /// The stored response `previous_response_id` names.
-fn previous_response(state: &AppState, id: Option<&str>) -> Result<Option<Arc<StoredResponse>>, ApiError> {
+fn previous_response(
+    state: &AppState,
+    id: Option<&str>,
+) -> Result<Option<Arc<StoredResponse>>, ApiError> {
     match id {
         None | Some("") => Ok(None),
         Some(id) => state.responses.get(id).map(Some).ok_or_else(|| {
-            ApiError::invalid_param("previous_response_id", format!("Previous response with id '{id}' not found."))
-                .with_code("previous_response_not_found")
+            ApiError::invalid_param(
+                "previous_response_id",
+                format!("Previous response with id '{id}' not found."),
+            )
+            .with_code("previous_response_not_found")
         }),
     }
 }
@@ -950,16 +1231,28 @@ fn previous_response(state: &AppState, id: Option<&str>) -> Result<Option<Arc<St
 /// `POST /v1/responses/input_tokens`: the input's length in tokens, from
 /// the same rendering as `POST /v1/responses` (whole: `truncation` is not
 /// applied, and a count past the context is still a count).
-pub async fn input_tokens(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
+pub async fn input_tokens(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, OpenAIError> {
     let req: ResponsesRequest = ApiError::parse_json(&body)?;
     let previous = previous_response(&state, req.previous_response_id.as_deref())?;
-    let converted = convert(req, previous.as_ref().map(|p| p.messages.as_slice()), &state.model_id)?;
-    let n = count_prompt(&state, converted.chat, "input").await.map_err(|e| rename_param(e, &converted.conv_origins))?;
+    let converted = convert(
+        req,
+        previous.as_ref().map(|p| p.messages.as_slice()),
+        &state.model_id,
+    )?;
+    let n = count_prompt(&state, converted.chat, "input")
+        .await
+        .map_err(|e| rename_param(e, &converted.conv_origins))?;
     Ok(Json(json!({ "object": "response.input_tokens", "input_tokens": n })).into_response())
 }
 
 /// `GET /v1/responses/{id}`
-pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, OpenAIError> {
+pub async fn retrieve(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, OpenAIError> {
     match state.responses.get(&id) {
         Some(stored) => Ok(Json(stored.object.clone()).into_response()),
         None => Err(ApiError::not_found(format!("Response with id '{id}' not found.")).into()),
@@ -967,9 +1260,15 @@ pub async fn retrieve(State(state): State<Arc<AppState>>, Path(id): Path<String>
 }
 
 /// `DELETE /v1/responses/{id}`
-pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, OpenAIError> {
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, OpenAIError> {
     if state.responses.remove(&id) {
-        Ok(Json(json!({ "id": id, "object": "response.deleted", "deleted": true })).into_response())
+        Ok(
+            Json(json!({ "id": id, "object": "response.deleted", "deleted": true }))
+                .into_response(),
+        )
     } else {
         Err(ApiError::not_found(format!("Response with id '{id}' not found.")).into())
     }
@@ -1035,11 +1334,18 @@ impl Items {
             }
             Kind::Call => {
                 let id = new_id("fc_");
-                let item = call_item(&id, call.as_ref().expect("a call item has its call"), "in_progress");
+                let item = call_item(
+                    &id,
+                    call.as_ref().expect("a call item has its call"),
+                    "in_progress",
+                );
                 (id, item)
             }
         };
-        self.emit("response.output_item.added", json!({ "output_index": index, "item": item }));
+        self.emit(
+            "response.output_item.added",
+            json!({ "output_index": index, "item": item }),
+        );
         match kind {
             Kind::Reasoning => self.emit(
                 "response.content_part.added",
@@ -1051,7 +1357,13 @@ impl Items {
             ),
             Kind::Call => {}
         }
-        self.open = Some(OpenItem { kind, id, index, text: String::new(), call });
+        self.open = Some(OpenItem {
+            kind,
+            id,
+            index,
+            text: String::new(),
+            call,
+        });
     }
 
     /// Finish the open item, if any.
@@ -1081,11 +1393,17 @@ impl Items {
             Kind::Call => {
                 let mut call = item.call.clone().expect("a call item has its call");
                 call.arguments = item.text.clone();
-                self.emit("response.function_call_arguments.done", json!({ "item_id": id, "output_index": index, "arguments": text }));
+                self.emit(
+                    "response.function_call_arguments.done",
+                    json!({ "item_id": id, "output_index": index, "arguments": text }),
+                );
                 call_item(id, &call, status)
             }
         };
-        self.emit("response.output_item.done", json!({ "output_index": index, "item": full }));
+        self.emit(
+            "response.output_item.done",
+            json!({ "output_index": index, "item": full }),
+        );
         self.done.push(full);
     }
 
@@ -1099,7 +1417,10 @@ impl Items {
                 let open = self.open.as_mut().expect("just opened");
                 open.text.push_str(&r);
                 let (id, index) = (open.id.clone(), open.index);
-                self.emit("response.reasoning_text.delta", json!({ "item_id": id, "output_index": index, "content_index": 0, "delta": r }));
+                self.emit(
+                    "response.reasoning_text.delta",
+                    json!({ "item_id": id, "output_index": index, "content_index": 0, "delta": r }),
+                );
             }
             OutputEvent::Text(t) => {
                 let mut t = t;
@@ -1121,13 +1442,25 @@ impl Items {
             }
             OutputEvent::CallStart { id, name, .. } => {
                 self.held.clear();
-                self.start(Kind::Call, Some(ToolCall { id, name, arguments: String::new() }));
+                self.start(
+                    Kind::Call,
+                    Some(ToolCall {
+                        id,
+                        name,
+                        arguments: String::new(),
+                    }),
+                );
             }
             OutputEvent::CallArgs { fragment, .. } => {
-                let Some(open) = self.open.as_mut().filter(|o| o.kind == Kind::Call) else { return };
+                let Some(open) = self.open.as_mut().filter(|o| o.kind == Kind::Call) else {
+                    return;
+                };
                 open.text.push_str(&fragment);
                 let (id, index) = (open.id.clone(), open.index);
-                self.emit("response.function_call_arguments.delta", json!({ "item_id": id, "output_index": index, "delta": fragment }));
+                self.emit(
+                    "response.function_call_arguments.delta",
+                    json!({ "item_id": id, "output_index": index, "delta": fragment }),
+                );
             }
             OutputEvent::CallEnd { .. } => {
                 if self.open.as_ref().is_some_and(|o| o.kind == Kind::Call) {
@@ -1174,8 +1507,17 @@ impl ResponseEvents {
             _ => "server_error",
         });
         let error = json!({ "code": code, "message": api.message });
-        let object = self.echo.object(&self.id, self.created_at, "failed", self.items.done.clone(), Value::Null, Value::Null, error);
-        self.items.emit("response.failed", json!({ "response": object }));
+        let object = self.echo.object(
+            &self.id,
+            self.created_at,
+            "failed",
+            self.items.done.clone(),
+            Value::Null,
+            Value::Null,
+            error,
+        );
+        self.items
+            .emit("response.failed", json!({ "response": object }));
     }
 
     fn feed(&mut self, events: Vec<OutputEvent>) {
@@ -1187,9 +1529,19 @@ impl ResponseEvents {
 
 impl StreamAdapter for ResponseEvents {
     fn opening(&mut self) -> Vec<SseEvent> {
-        let object = self.echo.object(&self.id, self.created_at, "in_progress", vec![], Value::Null, Value::Null, Value::Null);
-        self.items.emit("response.created", json!({ "response": object }));
-        self.items.emit("response.in_progress", json!({ "response": object }));
+        let object = self.echo.object(
+            &self.id,
+            self.created_at,
+            "in_progress",
+            vec![],
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        );
+        self.items
+            .emit("response.created", json!({ "response": object }));
+        self.items
+            .emit("response.in_progress", json!({ "response": object }));
         self.items.take()
     }
 
@@ -1211,12 +1563,34 @@ impl StreamAdapter for ResponseEvents {
                 self.items.finish(cut_short);
                 self.state.remember_calls(self.parser.output());
                 let out = self.parser.output();
-                let usage = usage_json(&usage, reasoning_tokens(&self.state, &out.reasoning, &usage));
-                let (status, details) =
-                    if cut_short { ("incomplete", json!({"reason": "max_output_tokens"})) } else { ("completed", Value::Null) };
-                let object = self.echo.object(&self.id, self.created_at, status, self.items.done.clone(), usage, details, Value::Null);
-                store(&self.state, &self.echo, &self.id, &object, std::mem::take(&mut self.conversation), out);
-                self.items.emit(&format!("response.{status}"), json!({ "response": object }));
+                let usage = usage_json(
+                    &usage,
+                    reasoning_tokens(&self.state, &out.reasoning, &usage),
+                );
+                let (status, details) = if cut_short {
+                    ("incomplete", json!({"reason": "max_output_tokens"}))
+                } else {
+                    ("completed", Value::Null)
+                };
+                let object = self.echo.object(
+                    &self.id,
+                    self.created_at,
+                    status,
+                    self.items.done.clone(),
+                    usage,
+                    details,
+                    Value::Null,
+                );
+                store(
+                    &self.state,
+                    &self.echo,
+                    &self.id,
+                    &object,
+                    std::mem::take(&mut self.conversation),
+                    out,
+                );
+                self.items
+                    .emit(&format!("response.{status}"), json!({ "response": object }));
             }
             Event::Failed(err) => {
                 let api: ApiError = err.into();
@@ -1250,7 +1624,9 @@ mod tests {
             {"role": "assistant", "content": "d"},
             {"role": "user", "content": "e"},
         ]);
-        let messages = conversation(Some("be brief"), None, Some(input)).unwrap().messages;
+        let messages = conversation(Some("be brief"), None, Some(input))
+            .unwrap()
+            .messages;
         let roles: Vec<Role> = messages.iter().map(|m| m.role).collect();
         assert_eq!(roles[0], Role::System);
         let (first, cuts) = turn_cuts(&messages);
@@ -1259,7 +1635,9 @@ mod tests {
         // call with its result falls wholly before the first cut.
         assert_eq!(cuts.len(), 2);
         assert!(cuts.iter().all(|&c| messages[c].role == Role::User));
-        assert!(messages[first..cuts[0]].iter().any(|m| m.role == Role::Tool));
+        assert!(messages[first..cuts[0]]
+            .iter()
+            .any(|m| m.role == Role::Tool));
         assert_eq!(messages[*cuts.last().unwrap()].content, "e");
         // A lone turn cannot be cut.
         assert!(turn_cuts(&conv(json!("hi")).unwrap()).1.is_empty());
@@ -1284,7 +1662,13 @@ mod tests {
         assert_eq!(m[2].role, Role::Assistant);
         assert_eq!(m[2].content, "Checking.");
         assert_eq!(m[2].reasoning.as_deref(), Some("need a tool"));
-        assert_eq!(m[2].tool_calls.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["c1", "c2"]);
+        assert_eq!(
+            m[2].tool_calls
+                .iter()
+                .map(|c| c.id.as_str())
+                .collect::<Vec<_>>(),
+            ["c1", "c2"]
+        );
         assert_eq!(m[3], ChatMessage::tool_result("c1", None, "sunny"));
         assert_eq!(m[4], ChatMessage::tool_result("c2", None, "rain"));
     }
@@ -1292,7 +1676,13 @@ mod tests {
     #[test]
     fn a_string_is_one_user_message_after_the_instructions() {
         let c = conversation(Some("rules"), None, Some(json!("hi"))).unwrap();
-        assert_eq!(c.messages, vec![ChatMessage::new(Role::System, "rules"), ChatMessage::new(Role::User, "hi")]);
+        assert_eq!(
+            c.messages,
+            vec![
+                ChatMessage::new(Role::System, "rules"),
+                ChatMessage::new(Role::User, "hi")
+            ]
+        );
         assert_eq!(c.stored_from, 1);
         assert_eq!(c.origins, ["instructions", "input"]);
     }
@@ -1303,14 +1693,36 @@ mod tests {
             ChatMessage::new(Role::User, "go"),
             ChatMessage {
                 role: Role::Assistant,
-                tool_calls: vec![ToolCall { id: "call_1".into(), name: "f".into(), arguments: "{}".into() }],
+                tool_calls: vec![ToolCall {
+                    id: "call_1".into(),
+                    name: "f".into(),
+                    arguments: "{}".into(),
+                }],
                 ..Default::default()
             },
         ];
-        let c = conversation(Some("sys"), Some(&prev), Some(json!([{"type": "function_call_output", "call_id": "call_1", "output": "ok"}]))).unwrap();
+        let c = conversation(
+            Some("sys"),
+            Some(&prev),
+            Some(json!([{"type": "function_call_output", "call_id": "call_1", "output": "ok"}])),
+        )
+        .unwrap();
         assert_eq!(c.messages.len(), 4);
-        assert_eq!(c.origins, ["instructions", "previous_response_id", "previous_response_id", "input[0]"]);
-        assert!(conversation(None, None, Some(json!([{"type": "function_call_output", "call_id": "call_1", "output": "ok"}]))).is_err());
+        assert_eq!(
+            c.origins,
+            [
+                "instructions",
+                "previous_response_id",
+                "previous_response_id",
+                "input[0]"
+            ]
+        );
+        assert!(conversation(
+            None,
+            None,
+            Some(json!([{"type": "function_call_output", "call_id": "call_1", "output": "ok"}]))
+        )
+        .is_err());
     }
 
     #[test]
@@ -1318,16 +1730,36 @@ mod tests {
         let cases = [
             (json!([]), "input"),
             (json!(5), "input"),
-            (json!([{"type": "message", "role": "wizard", "content": "x"}]), "input[0].role"),
-            (json!([{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "nope", "output": "x"}]), "input[1].call_id"),
-            (json!([{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]), "input[0].arguments"),
-            (json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]), "input[0].content[0].type"),
-            (json!([{"type": "web_search_call", "id": "x"}]), "input[0].type"),
+            (
+                json!([{"type": "message", "role": "wizard", "content": "x"}]),
+                "input[0].role",
+            ),
+            (
+                json!([{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "nope", "output": "x"}]),
+                "input[1].call_id",
+            ),
+            (
+                json!([{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]),
+                "input[0].arguments",
+            ),
+            (
+                json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
+                "input[0].content[0].type",
+            ),
+            (
+                json!([{"type": "web_search_call", "id": "x"}]),
+                "input[0].type",
+            ),
             (json!(["text"]), "input[0]"),
         ];
         for (input, param) in cases {
             let err = conv(input.clone()).unwrap_err();
-            assert_eq!(err.param.as_deref(), Some(param), "{input}: {}", err.message);
+            assert_eq!(
+                err.param.as_deref(),
+                Some(param),
+                "{input}: {}",
+                err.message
+            );
         }
     }
 
@@ -1343,7 +1775,12 @@ mod tests {
         assert_eq!(echo.as_slice().len(), 3);
         assert!(tools(vec![json!({"type": "teleport"})]).is_err());
         let mut s = specs.clone();
-        assert_eq!(tool_choice(Some(json!({"type": "function", "name": "shell"})), &mut s).unwrap().0, ToolChoice::Named("shell".into()));
+        assert_eq!(
+            tool_choice(Some(json!({"type": "function", "name": "shell"})), &mut s)
+                .unwrap()
+                .0,
+            ToolChoice::Named("shell".into())
+        );
         let (c, _) = tool_choice(Some(json!({"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "other"}]})), &mut s).unwrap();
         assert_eq!(c, ToolChoice::Required);
         assert!(s.is_empty());
@@ -1353,7 +1790,11 @@ mod tests {
 
     #[test]
     fn prompt_errors_name_the_item() {
-        let origins = vec!["instructions".to_string(), "input[0]".into(), "input[3]".into()];
+        let origins = vec![
+            "instructions".to_string(),
+            "input[0]".into(),
+            "input[3]".into(),
+        ];
         let e = rename_param(ApiError::invalid_param("input[2]", "x"), &origins);
         assert_eq!(e.param.as_deref(), Some("input[3]"));
         let e = rename_param(ApiError::invalid_param("max_tokens", "x"), &origins);
@@ -1366,9 +1807,19 @@ mod tests {
         items.feed(OutputEvent::Reasoning("hm".into()));
         items.feed(OutputEvent::Text("\n\n".into()));
         items.feed(OutputEvent::Text("Hi".into()));
-        items.feed(OutputEvent::CallStart { index: 0, id: "call_1".into(), name: "f".into() });
-        items.feed(OutputEvent::CallArgs { index: 0, fragment: "{\"a\":".into() });
-        items.feed(OutputEvent::CallArgs { index: 0, fragment: "1}".into() });
+        items.feed(OutputEvent::CallStart {
+            index: 0,
+            id: "call_1".into(),
+            name: "f".into(),
+        });
+        items.feed(OutputEvent::CallArgs {
+            index: 0,
+            fragment: "{\"a\":".into(),
+        });
+        items.feed(OutputEvent::CallArgs {
+            index: 0,
+            fragment: "1}".into(),
+        });
         items.feed(OutputEvent::CallEnd { index: 0 });
         items.finish(false);
         assert_eq!(items.done.len(), 3);
@@ -1381,7 +1832,10 @@ mod tests {
     #[test]
     fn the_store_forgets_the_least_recently_used() {
         let store = ResponseStore::new(2, 1 << 20);
-        let entry = || StoredResponse { object: json!({}), messages: Arc::new(vec![]) };
+        let entry = || StoredResponse {
+            object: json!({}),
+            messages: Arc::new(vec![]),
+        };
         store.insert("a".into(), entry());
         store.insert("b".into(), entry());
         assert!(store.get("a").is_some());
@@ -1389,7 +1843,10 @@ mod tests {
         assert!(store.get("b").is_none());
         assert!(store.get("a").is_some() && store.get("c").is_some());
         let small = ResponseStore::new(10, 100);
-        let big = || StoredResponse { object: json!({}), messages: Arc::new(vec![ChatMessage::new(Role::User, "x".repeat(80))]) };
+        let big = || StoredResponse {
+            object: json!({}),
+            messages: Arc::new(vec![ChatMessage::new(Role::User, "x".repeat(80))]),
+        };
         small.insert("a".into(), big());
         small.insert("b".into(), big());
         assert_eq!(small.len(), 1);

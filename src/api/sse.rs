@@ -27,8 +27,8 @@ use futures::stream::{self, Stream};
 use serde_json::json;
 use tokio::time::{Instant, Sleep};
 
-pub use super::error::Protocol;
 use super::error::ApiError;
+pub use super::error::Protocol;
 use crate::engine::{CancelOnDrop, EngineError, Event, JobHandle};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -55,7 +55,9 @@ impl Protocol {
     pub fn heartbeat(self) -> SseEvent {
         match self {
             Protocol::OpenAI => SseEvent::default().comment("keepalive"),
-            Protocol::Anthropic => SseEvent::default().event("ping").data(r#"{"type": "ping"}"#),
+            Protocol::Anthropic => SseEvent::default()
+                .event("ping")
+                .data(r#"{"type": "ping"}"#),
         }
     }
 
@@ -64,7 +66,10 @@ impl Protocol {
     /// `event: error`.
     pub fn error_events(self, err: &ApiError) -> Vec<SseEvent> {
         match self {
-            Protocol::OpenAI => vec![data(&json!({ "error": err.openai_body() })), SseEvent::default().data("[DONE]")],
+            Protocol::OpenAI => vec![
+                data(&json!({ "error": err.openai_body() })),
+                SseEvent::default().data("[DONE]"),
+            ],
             Protocol::Anthropic => vec![named("error", &err.anthropic_body())],
         }
     }
@@ -84,16 +89,26 @@ pub struct StreamOptions {
 
 impl StreamOptions {
     pub fn new(heartbeat: Duration, protocol: Protocol) -> Self {
-        Self { heartbeat, protocol, shutdown: None, metrics: None }
+        Self {
+            heartbeat,
+            protocol,
+            shutdown: None,
+            metrics: None,
+        }
     }
 }
 
 /// The message a stream ends with when a shutdown cuts it short.
-pub const SHUTDOWN_MESSAGE: &str = "the server is shutting down; this request was cancelled before it finished";
+pub const SHUTDOWN_MESSAGE: &str =
+    "the server is shutting down; this request was cancelled before it finished";
 
 /// The event stream of one job, heartbeats included, ending after its
 /// last event.
-pub fn job_events<A: StreamAdapter>(job: JobHandle, mut adapter: A, opts: StreamOptions) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
+pub fn job_events<A: StreamAdapter>(
+    job: JobHandle,
+    mut adapter: A,
+    opts: StreamOptions,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
     let pending: VecDeque<SseEvent> = adapter.opening().into();
     let pump = Pump {
         events: job.events,
@@ -220,17 +235,32 @@ mod tests {
         }
     }
 
-    fn job() -> (tokio::sync::mpsc::UnboundedSender<Event>, JobHandle, CancelFlag) {
+    fn job() -> (
+        tokio::sync::mpsc::UnboundedSender<Event>,
+        JobHandle,
+        CancelFlag,
+    ) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let cancel = CancelFlag::default();
-        (tx, JobHandle { events: rx, cancel: cancel.clone() }, cancel)
+        (
+            tx,
+            JobHandle {
+                events: rx,
+                cancel: cancel.clone(),
+            },
+            cancel,
+        )
     }
 
     #[tokio::test]
     async fn heartbeats_flow_while_the_engine_is_silent() {
         tokio::time::pause();
         let (tx, job, _) = job();
-        let resp = stream_job(job, Echo, StreamOptions::new(Duration::from_secs(1), Protocol::Anthropic));
+        let resp = stream_job(
+            job,
+            Echo,
+            StreamOptions::new(Duration::from_secs(1), Protocol::Anthropic),
+        );
         let mut body = resp.into_body().into_data_stream();
         assert_eq!(body.next().await.unwrap().unwrap(), "data: open\n\n");
         // Nothing from the engine for 3.5 s of (virtual) wall clock.
@@ -238,7 +268,12 @@ mod tests {
             let frame = body.next().await.unwrap().unwrap();
             assert_eq!(frame, "event: ping\ndata: {\"type\": \"ping\"}\n\n");
         }
-        tx.send(Event::Finished { reason: FinishReason::EndOfTurn, usage: Usage::default(), timings: Default::default() }).unwrap();
+        tx.send(Event::Finished {
+            reason: FinishReason::EndOfTurn,
+            usage: Usage::default(),
+            timings: Default::default(),
+        })
+        .unwrap();
         assert_eq!(body.next().await.unwrap().unwrap(), "data: end\n\n");
         assert!(body.next().await.is_none());
     }
@@ -246,7 +281,11 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_body_cancels_the_job() {
         let (_tx, job, cancel) = job();
-        let resp = stream_job(job, Echo, StreamOptions::new(Duration::from_secs(1), Protocol::OpenAI));
+        let resp = stream_job(
+            job,
+            Echo,
+            StreamOptions::new(Duration::from_secs(1), Protocol::OpenAI),
+        );
         let mut body = resp.into_body();
         let _ = body.frame().await;
         assert!(!cancel.is_cancelled());
@@ -258,7 +297,13 @@ mod tests {
     async fn an_engine_that_vanishes_ends_with_an_error_event() {
         let (tx, job, _) = job();
         drop(tx);
-        let frames: Vec<_> = job_events(job, Echo, StreamOptions::new(Duration::from_secs(1), Protocol::OpenAI)).collect().await;
+        let frames: Vec<_> = job_events(
+            job,
+            Echo,
+            StreamOptions::new(Duration::from_secs(1), Protocol::OpenAI),
+        )
+        .collect()
+        .await;
         assert_eq!(frames.len(), 2);
     }
 
@@ -267,32 +312,52 @@ mod tests {
         tokio::time::pause();
         let (tx, job, _) = job();
         let metrics = Arc::new(Metrics::new());
-        let opts = StreamOptions { metrics: Some(metrics.clone()), ..StreamOptions::new(Duration::from_secs(1), Protocol::OpenAI) };
+        let opts = StreamOptions {
+            metrics: Some(metrics.clone()),
+            ..StreamOptions::new(Duration::from_secs(1), Protocol::OpenAI)
+        };
         let mut body = stream_job(job, Echo, opts).into_body().into_data_stream();
         assert_eq!(body.next().await.unwrap().unwrap(), "data: open\n\n");
         // Text every 0.7 s: never a full second of silence, so no heartbeat.
         for i in 0..5 {
             tokio::time::sleep(Duration::from_millis(700)).await;
             tx.send(Event::Text(format!("t{i}"))).unwrap();
-            assert_eq!(body.next().await.unwrap().unwrap(), format!("data: t{i}\n\n"));
+            assert_eq!(
+                body.next().await.unwrap().unwrap(),
+                format!("data: t{i}\n\n")
+            );
         }
         // Then silence: the heartbeat comes one interval after the last text,
         // not on a fixed one-second grid.
         // (The timer wheel rounds each sleep up to its next millisecond.)
         let last = tokio::time::Instant::now();
-        let about = |d: Duration, secs: u64| d >= Duration::from_secs(secs) && d < Duration::from_secs(secs) + Duration::from_millis(5);
+        let about = |d: Duration, secs: u64| {
+            d >= Duration::from_secs(secs)
+                && d < Duration::from_secs(secs) + Duration::from_millis(5)
+        };
         assert_eq!(body.next().await.unwrap().unwrap(), ": keepalive\n\n");
         assert!(about(last.elapsed(), 1), "{:?}", last.elapsed());
         assert_eq!(body.next().await.unwrap().unwrap(), ": keepalive\n\n");
         assert!(about(last.elapsed(), 2), "{:?}", last.elapsed());
-        tx.send(Event::Finished { reason: FinishReason::EndOfTurn, usage: Usage::default(), timings: Default::default() }).unwrap();
+        tx.send(Event::Finished {
+            reason: FinishReason::EndOfTurn,
+            usage: Usage::default(),
+            timings: Default::default(),
+        })
+        .unwrap();
         assert_eq!(body.next().await.unwrap().unwrap(), "data: end\n\n");
         assert!(body.next().await.is_none());
         drop(body);
         let text = metrics.render(&[]);
         assert!(text.contains("hearth_heartbeats_total 2"), "{text}");
-        assert!(text.contains("hearth_stream_heartbeats_bucket{le=\"2\"} 1"), "{text}");
-        assert!(text.contains("hearth_stream_heartbeats_bucket{le=\"1\"} 0"), "{text}");
+        assert!(
+            text.contains("hearth_stream_heartbeats_bucket{le=\"2\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hearth_stream_heartbeats_bucket{le=\"1\"} 0"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -55,9 +55,15 @@ fn tokens_json(state: &AppState, tokens: &[Token], with_pieces: bool) -> Value {
 }
 
 /// `POST /tokenize`
-pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, OpenAIError> {
     let value: Value = ApiError::parse_json(&body)?;
-    let with_pieces = value.get("with_pieces").and_then(Value::as_bool).unwrap_or(false);
+    let with_pieces = value
+        .get("with_pieces")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     if value.get("messages").is_some() {
         // The prompt as a chat completion renders it; not held to the
         // context size (measuring a prompt that is too long is a use).
@@ -68,10 +74,17 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result
     }
     let req: TokenizeRequest = ApiError::parse_json(&body)?;
     let Some(content) = req.content else {
-        return Err(ApiError::invalid_param("content", "give `content` (text) or `messages` (a chat)").into());
+        return Err(ApiError::invalid_param(
+            "content",
+            "give `content` (text) or `messages` (a chat)",
+        )
+        .into());
     };
     let model = state.engine.model().clone();
-    let (add, parse) = (req.add_special.unwrap_or(false), req.parse_special.unwrap_or(true));
+    let (add, parse) = (
+        req.add_special.unwrap_or(false),
+        req.parse_special.unwrap_or(true),
+    );
     let tokens = tokio::task::spawn_blocking(move || model.tokenize(&content, add, parse))
         .await
         .map_err(|e| ApiError::internal(format!("tokenizer panicked: {e}")))?;
@@ -79,14 +92,21 @@ pub async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result
 }
 
 /// `POST /detokenize`
-pub async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
+pub async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, OpenAIError> {
     let req: DetokenizeRequest = ApiError::parse_json(&body)?;
     let model = state.engine.model();
     let n_vocab = model.n_vocab() as i64;
     let mut bytes = Vec::new();
     for (i, &t) in req.tokens.iter().enumerate() {
         if !(0..n_vocab).contains(&t) {
-            return Err(ApiError::invalid_param(&format!("tokens[{i}]"), format!("token {t} is not in the vocabulary (0..{n_vocab})")).into());
+            return Err(ApiError::invalid_param(
+                &format!("tokens[{i}]"),
+                format!("token {t} is not in the vocabulary (0..{n_vocab})"),
+            )
+            .into());
         }
         bytes.extend(model.token_text(t as Token));
     }
@@ -94,7 +114,10 @@ pub async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Resu
 }
 
 /// `POST /apply-template`: the rendered prompt for an OpenAI chat request.
-pub async fn apply_template(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, OpenAIError> {
+pub async fn apply_template(
+    State(state): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Response, OpenAIError> {
     let req: ChatCompletionRequest = ApiError::parse_json(&body)?;
     let (chat, _) = convert(req)?;
     let prepared = prepared_prompt(&state, chat).await?;
@@ -103,7 +126,10 @@ pub async fn apply_template(State(state): State<Arc<AppState>>, body: Bytes) -> 
 
 /// Render and tokenize a chat as `/v1/chat/completions` would, on the
 /// blocking pool.
-async fn prepared_prompt(state: &Arc<AppState>, chat: crate::chat::ChatRequest) -> Result<crate::chat::prompt::Prepared, ApiError> {
+async fn prepared_prompt(
+    state: &Arc<AppState>,
+    chat: crate::chat::ChatRequest,
+) -> Result<crate::chat::prompt::Prepared, ApiError> {
     let st = state.clone();
     tokio::task::spawn_blocking(move || crate::chat::prompt::prepare(&st.prompt_setup(), chat))
         .await

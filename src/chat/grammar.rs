@@ -29,7 +29,12 @@ const ARGS: &str = "\u{0}HEARTH-ARGS\u{0}";
 fn args_schema(tool: &ToolSpec) -> Value {
     match &tool.parameters {
         Value::Object(o) if o.is_empty() => json!({"type": "object"}),
-        Value::Object(o) if !o.contains_key("type") && !o.contains_key("$ref") && !o.contains_key("anyOf") && !o.contains_key("oneOf") => {
+        Value::Object(o)
+            if !o.contains_key("type")
+                && !o.contains_key("$ref")
+                && !o.contains_key("anyOf")
+                && !o.contains_key("oneOf") =>
+        {
             let mut o = o.clone();
             o.insert("type".into(), json!("object"));
             Value::Object(o)
@@ -42,7 +47,11 @@ fn args_schema(tool: &ToolSpec) -> Value {
 /// A grammar for tool calls in `format`: one call of one of `tools` (several
 /// in a row when `parallel`, for formats that write calls one after
 /// another). None when there are no tools.
-pub fn tool_calls(format: ToolFormat, tools: &[&ToolSpec], parallel: bool) -> Result<Option<String>, SchemaError> {
+pub fn tool_calls(
+    format: ToolFormat,
+    tools: &[&ToolSpec],
+    parallel: bool,
+) -> Result<Option<String>, SchemaError> {
     if tools.is_empty() {
         return Ok(None);
     }
@@ -52,17 +61,31 @@ pub fn tool_calls(format: ToolFormat, tools: &[&ToolSpec], parallel: bool) -> Re
     let mut out = String::new();
     let mut alternatives = Vec::new();
     for (i, tool) in tools.iter().enumerate() {
-        let gbnf = json_schema_to_grammar(&args_schema(tool))
-            .map_err(|e| SchemaError(format!("the parameters schema of tool `{}` cannot be used: {e}", tool.name)))?;
+        let gbnf = json_schema_to_grammar(&args_schema(tool)).map_err(|e| {
+            SchemaError(format!(
+                "the parameters schema of tool `{}` cannot be used: {e}",
+                tool.name
+            ))
+        })?;
         let prefix = format!("t{i}-");
         out.push_str(&prefix_rules(&gbnf, &prefix));
         out.push('\n');
         let rendered = format.render_call(&tool.name, ARGS);
-        let (before, after) = rendered.split_once(ARGS).expect("render_call embeds the arguments");
-        alternatives.push(format!("{} {prefix}root {}", literal(before), literal(after)));
+        let (before, after) = rendered
+            .split_once(ARGS)
+            .expect("render_call embeds the arguments");
+        alternatives.push(format!(
+            "{} {prefix}root {}",
+            literal(before),
+            literal(after)
+        ));
     }
     out.push_str(&format!("call ::= {}\n", alternatives.join(" | ")));
-    let repeats = parallel && matches!(format, ToolFormat::Hermes | ToolFormat::Fallback | ToolFormat::Llama3Json);
+    let repeats = parallel
+        && matches!(
+            format,
+            ToolFormat::Hermes | ToolFormat::Fallback | ToolFormat::Llama3Json
+        );
     if repeats {
         out.push_str("root ::= call (\"\\n\" call)*\n");
     } else {
@@ -78,7 +101,9 @@ pub fn tool_calls(format: ToolFormat, tools: &[&ToolSpec], parallel: bool) -> Re
 /// the root's definitions, so references resolve). A schema without
 /// properties allows any parameters. The layout is `dsml::render_call`'s.
 fn dsml_calls(tools: &[&ToolSpec], parallel: bool) -> Result<String, SchemaError> {
-    use super::tools::dsml::{BLOCK_CLOSE, BLOCK_OPEN, INVOKE_CLOSE, INVOKE_OPEN, PARAM_CLOSE, PARAM_OPEN};
+    use super::tools::dsml::{
+        BLOCK_CLOSE, BLOCK_OPEN, INVOKE_CLOSE, INVOKE_OPEN, PARAM_CLOSE, PARAM_OPEN,
+    };
     // Raw values hold no DSML markup: `｜DSML｜` is in every tag, the
     // parameter's closing tag too.
     let mut out = text_without("dsml-text", "｜DSML｜");
@@ -92,18 +117,30 @@ fn dsml_calls(tools: &[&ToolSpec], parallel: bool) -> Result<String, SchemaError
     let mut alternatives = Vec::new();
     for (i, tool) in tools.iter().enumerate() {
         let schema = args_schema(tool);
-        let required: HashSet<&str> =
-            schema.get("required").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let required: HashSet<&str> = schema
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         let mut params = Vec::new();
         match schema.get("properties").and_then(Value::as_object) {
             Some(props) if !props.is_empty() => {
                 for (k, (key, prop)) in props.iter().enumerate() {
                     let rule = format!("t{i}-p{k}");
-                    let open = |string: bool| literal(&format!("{PARAM_OPEN} name=\"{key}\" string=\"{string}\">"));
-                    let string_enum = prop.get("enum").and_then(Value::as_array).filter(|v| v.iter().all(Value::is_string));
+                    let open = |string: bool| {
+                        literal(&format!("{PARAM_OPEN} name=\"{key}\" string=\"{string}\">"))
+                    };
+                    let string_enum = prop
+                        .get("enum")
+                        .and_then(Value::as_array)
+                        .filter(|v| v.iter().all(Value::is_string));
                     let value = if let Some(values) = string_enum {
                         // A string enum is still a string: raw text, one of the values.
-                        let alts: Vec<String> = values.iter().filter_map(Value::as_str).map(literal).collect();
+                        let alts: Vec<String> = values
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .map(literal)
+                            .collect();
                         format!("{} ( {} )", open(true), alts.join(" | "))
                     } else if prop.get("type").and_then(Value::as_str) == Some("string") {
                         format!("{} dsml-text", open(true))
@@ -121,18 +158,32 @@ fn dsml_calls(tools: &[&ToolSpec], parallel: bool) -> Result<String, SchemaError
                         out.push('\n');
                         format!("{} {rule}-root", open(false))
                     };
-                    out.push_str(&format!("{rule} ::= {value} {}\n", literal(&format!("{PARAM_CLOSE}\n"))));
-                    params.push(if required.contains(key.as_str()) { rule } else { format!("{rule}?") });
+                    out.push_str(&format!(
+                        "{rule} ::= {value} {}\n",
+                        literal(&format!("{PARAM_CLOSE}\n"))
+                    ));
+                    params.push(if required.contains(key.as_str()) {
+                        rule
+                    } else {
+                        format!("{rule}?")
+                    });
                 }
             }
             _ => params.push("dsml-any*".to_string()),
         }
         let head = literal(&format!("{INVOKE_OPEN} name=\"{}\">\n", tool.name));
-        out.push_str(&format!("t{i}-call ::= {head} {} {}\n", params.join(" "), literal(INVOKE_CLOSE)));
+        out.push_str(&format!(
+            "t{i}-call ::= {head} {} {}\n",
+            params.join(" "),
+            literal(INVOKE_CLOSE)
+        ));
         alternatives.push(format!("t{i}-call"));
     }
     out.push_str(&format!("call ::= {}\n", alternatives.join(" | ")));
-    let (open, close) = (literal(&format!("{BLOCK_OPEN}\n")), literal(&format!("\n{BLOCK_CLOSE}")));
+    let (open, close) = (
+        literal(&format!("{BLOCK_OPEN}\n")),
+        literal(&format!("\n{BLOCK_CLOSE}")),
+    );
     if parallel {
         out.push_str(&format!("root ::= {open} call (\"\\n\" call)* {close}\n"));
     } else {
@@ -147,7 +198,8 @@ pub fn response(format: &ResponseFormat) -> Result<String, SchemaError> {
         ResponseFormat::JsonObject => json!({"type": "object"}),
         ResponseFormat::JsonSchema(s) => s.clone(),
     };
-    json_schema_to_grammar(&schema).map_err(|e| SchemaError(format!("the JSON schema cannot be used: {e}")))
+    json_schema_to_grammar(&schema)
+        .map_err(|e| SchemaError(format!("the JSON schema cannot be used: {e}")))
 }
 
 /// A grammar for a reply that is either tool calls (`calls_gbnf`, as
@@ -165,7 +217,10 @@ pub fn calls_or_answer(calls_gbnf: &str, answer_gbnf: &str) -> String {
 /// trigger is that marker): `root ::= "marker" space? old-root`.
 pub fn after_marker(gbnf: &str, marker: &str) -> String {
     let mut out = prefix_rules(gbnf, "g-");
-    out.push_str(&format!("\nroot ::= {} [ \\t\\n]* g-root\n", literal(marker)));
+    out.push_str(&format!(
+        "\nroot ::= {} [ \\t\\n]* g-root\n",
+        literal(marker)
+    ));
     out
 }
 
@@ -176,7 +231,11 @@ pub fn optional_reasoning_first(gbnf: &str, open: &str, close: &str) -> String {
     let mut out = prefix_rules(gbnf, "g-");
     out.push('\n');
     out.push_str(&text_without("think-text", close));
-    out.push_str(&format!("root ::= ({} think-text {} [ \\t\\n]*)? g-root\n", literal(open), literal(close)));
+    out.push_str(&format!(
+        "root ::= ({} think-text {} [ \\t\\n]*)? g-root\n",
+        literal(open),
+        literal(close)
+    ));
     out
 }
 
@@ -190,7 +249,13 @@ pub fn optional_reasoning_first(gbnf: &str, open: &str, close: &str) -> String {
 /// answer any text without the opener, then the calls (`calls_gbnf`, as
 /// [`tool_calls`] builds it). A call made before any reasoning still
 /// starts at the opener. The triggers to use come back with the grammar.
-pub fn calls_after_reasoning(calls_gbnf: &str, opener: &str, open: &str, close: &str, prompt_opened: bool) -> (String, Vec<String>) {
+pub fn calls_after_reasoning(
+    calls_gbnf: &str,
+    opener: &str,
+    open: &str,
+    close: &str,
+    prompt_opened: bool,
+) -> (String, Vec<String>) {
     let mut out = prefix_rules(calls_gbnf, "g-");
     out.push('\n');
     out.push_str(&text_without("answer-text", opener));
@@ -200,7 +265,11 @@ pub fn calls_after_reasoning(calls_gbnf: &str, opener: &str, open: &str, close: 
         return (out, vec![close.to_string()]);
     }
     out.push_str(&text_without("think-text", close));
-    out.push_str(&format!("root ::= {} think-text ({} answer)? | g-root\n", literal(open), literal(close)));
+    out.push_str(&format!(
+        "root ::= {} think-text ({} answer)? | g-root\n",
+        literal(open),
+        literal(close)
+    ));
     (out, vec![open.to_string(), opener.to_string()])
 }
 
@@ -216,7 +285,12 @@ pub fn text_without(name: &str, word: &str) -> String {
     chars.sort_unstable();
     chars.dedup();
     // The longest prefix of `word` that ends `seen`.
-    let longest = |seen: &[char]| (0..=seen.len().min(w.len() - 1)).rev().find(|&k| seen.ends_with(&w[..k])).unwrap_or(0);
+    let longest = |seen: &[char]| {
+        (0..=seen.len().min(w.len() - 1))
+            .rev()
+            .find(|&k| seen.ends_with(&w[..k]))
+            .unwrap_or(0)
+    };
     let class: String = chars.iter().map(|&c| class_char(c)).collect();
     let mut out = format!("{name} ::= {name}-0\n");
     for state in 0..w.len() {
@@ -227,7 +301,11 @@ pub fn text_without(name: &str, word: &str) -> String {
             if seen.len() == w.len() && seen == w {
                 continue; // the word itself: not allowed
             }
-            alts.push(format!("{} {name}-{}", literal(&c.to_string()), longest(&seen)));
+            alts.push(format!(
+                "{} {name}-{}",
+                literal(&c.to_string()),
+                longest(&seen)
+            ));
         }
         out.push_str(&format!("{name}-{state} ::= ( {} )?\n", alts.join(" | ")));
     }
@@ -345,7 +423,11 @@ mod tests {
             let mut other = usize::MAX;
             for alt in body.split(" | ") {
                 let (sym, next) = alt.rsplit_once(' ').unwrap();
-                let next: usize = next.strip_prefix(&format!("{name}-")).unwrap().parse().unwrap();
+                let next: usize = next
+                    .strip_prefix(&format!("{name}-"))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 if sym.starts_with("[^") {
                     other = next;
                 } else {
@@ -355,7 +437,15 @@ mod tests {
             }
             table.push((lits, other));
         }
-        let word_chars: HashSet<char> = rules.lines().nth(1).unwrap().split("[^").nth(1).unwrap().chars().collect();
+        let word_chars: HashSet<char> = rules
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split("[^")
+            .nth(1)
+            .unwrap()
+            .chars()
+            .collect();
         let mut state = 0;
         for c in s.chars() {
             let (lits, other) = &table[state];
@@ -375,15 +465,21 @@ mod tests {
             let alphabet: Vec<char> = word.chars().chain(['x']).collect();
             let mut seed = 7u64;
             for _ in 0..3000 {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let len = (seed >> 60) as usize + word.len();
                 let s: String = (0..len)
-                    .map(|i| alphabet[((seed >> (i % 50)) as usize ^ i * 31) % alphabet.len()])
+                    .map(|i| alphabet[((seed >> (i % 50)) as usize ^ (i * 31)) % alphabet.len()])
                     .collect();
                 // Also the word itself, at a random place.
                 let with = format!("{}{word}{}", &s[..s.len() / 2], &s[s.len() / 2..]);
                 for t in [&s, &with] {
-                    assert_eq!(allows(&rules, "t", t), !t.contains(word), "{word:?} in {t:?}\n{rules}");
+                    assert_eq!(
+                        allows(&rules, "t", t),
+                        !t.contains(word),
+                        "{word:?} in {t:?}\n{rules}"
+                    );
                 }
             }
         }
@@ -392,14 +488,19 @@ mod tests {
     #[test]
     fn calls_wait_for_the_end_of_the_reasoning() {
         let calls = "root ::= \"<tool_call>\" x\nx ::= \"{}\"\n";
-        let (g, triggers) = calls_after_reasoning(calls, "<tool_call>", "<think>", "</think>", true);
+        let (g, triggers) =
+            calls_after_reasoning(calls, "<tool_call>", "<think>", "</think>", true);
         assert_eq!(triggers, vec!["</think>"]);
         assert!(g.contains("root ::= \"</think>\" answer\n"), "{g}");
         assert!(g.contains("answer ::= answer-text g-root?\n"), "{g}");
         assert!(g.contains("g-root ::= \"<tool_call>\" g-x"), "{g}");
-        let (g, triggers) = calls_after_reasoning(calls, "<tool_call>", "<think>", "</think>", false);
+        let (g, triggers) =
+            calls_after_reasoning(calls, "<tool_call>", "<think>", "</think>", false);
         assert_eq!(triggers, vec!["<think>", "<tool_call>"]);
-        assert!(g.contains("root ::= \"<think>\" think-text (\"</think>\" answer)? | g-root\n"), "{g}");
+        assert!(
+            g.contains("root ::= \"<think>\" think-text (\"</think>\" answer)? | g-root\n"),
+            "{g}"
+        );
         assert!(g.contains("think-text-0 ::="), "{g}");
     }
 
@@ -414,17 +515,39 @@ mod tests {
                 "n": {"type": "integer"},
             }, "required": ["path"]}),
         };
-        let g = tool_calls(ToolFormat::DeepSeekV4Dsml, &[&tool], false).unwrap().unwrap();
+        let g = tool_calls(ToolFormat::DeepSeekV4Dsml, &[&tool], false)
+            .unwrap()
+            .unwrap();
         // Required first and always, the others optional, in schema order.
         assert!(g.contains("t0-call ::= \"<｜DSML｜invoke name=\\\"f\\\">\\n\" t0-p0 t0-p1? t0-p2? \"</｜DSML｜invoke>\"\n"), "{g}");
         // Raw text for a string, the values for a string enum, JSON for the rest.
         assert!(g.contains("t0-p0 ::= \"<｜DSML｜parameter name=\\\"path\\\" string=\\\"true\\\">\" dsml-text "), "{g}");
-        assert!(g.contains("string=\\\"true\\\">\" ( \"r\" | \"w\" )"), "{g}");
-        assert!(g.contains("t0-p2 ::= \"<｜DSML｜parameter name=\\\"n\\\" string=\\\"false\\\">\" t0-p2-root "), "{g}");
-        assert!(g.contains("root ::= \"<｜DSML｜tool_calls>\\n\" call \"\\n</｜DSML｜tool_calls>\"\n"), "{g}");
-        let free = ToolSpec { name: "g".into(), description: String::new(), parameters: json!({}) };
-        let g = tool_calls(ToolFormat::DeepSeekV4Dsml, &[&free], true).unwrap().unwrap();
-        assert!(g.contains("t0-call ::= \"<｜DSML｜invoke name=\\\"g\\\">\\n\" dsml-any* "), "{g}");
+        assert!(
+            g.contains("string=\\\"true\\\">\" ( \"r\" | \"w\" )"),
+            "{g}"
+        );
+        assert!(
+            g.contains(
+                "t0-p2 ::= \"<｜DSML｜parameter name=\\\"n\\\" string=\\\"false\\\">\" t0-p2-root "
+            ),
+            "{g}"
+        );
+        assert!(
+            g.contains("root ::= \"<｜DSML｜tool_calls>\\n\" call \"\\n</｜DSML｜tool_calls>\"\n"),
+            "{g}"
+        );
+        let free = ToolSpec {
+            name: "g".into(),
+            description: String::new(),
+            parameters: json!({}),
+        };
+        let g = tool_calls(ToolFormat::DeepSeekV4Dsml, &[&free], true)
+            .unwrap()
+            .unwrap();
+        assert!(
+            g.contains("t0-call ::= \"<｜DSML｜invoke name=\\\"g\\\">\\n\" dsml-any* "),
+            "{g}"
+        );
         assert!(g.contains("call (\"\\n\" call)*"), "{g}");
     }
 
@@ -437,11 +560,18 @@ mod tests {
         assert!(g.contains("a-root ::= a-obj\n"), "{g}");
         assert!(g.contains("a-obj ::= \"{\" a-space \"}\""), "{g}");
         assert!(g.ends_with("root ::= c-root | a-root\n"), "{g}");
-        assert_eq!(g.lines().filter(|l| l.starts_with("root ::=")).count(), 1, "{g}");
+        assert_eq!(
+            g.lines().filter(|l| l.starts_with("root ::=")).count(),
+            1,
+            "{g}"
+        );
     }
 
     #[test]
     fn literals_escape_markup() {
-        assert_eq!(literal("<tool_call>\n{\"a\\"), "\"<tool_call>\\n{\\\"a\\\\\"");
+        assert_eq!(
+            literal("<tool_call>\n{\"a\\"),
+            "\"<tool_call>\\n{\\\"a\\\\\""
+        );
     }
 }

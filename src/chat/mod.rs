@@ -59,12 +59,26 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into(), ..Default::default() }
+        Self {
+            role,
+            content: content.into(),
+            ..Default::default()
+        }
     }
 
     /// A tool's result.
-    pub fn tool_result(call_id: impl Into<String>, name: Option<String>, content: impl Into<String>) -> Self {
-        Self { role: Role::Tool, content: content.into(), tool_call_id: Some(call_id.into()), name, ..Default::default() }
+    pub fn tool_result(
+        call_id: impl Into<String>,
+        name: Option<String>,
+        content: impl Into<String>,
+    ) -> Self {
+        Self {
+            role: Role::Tool,
+            content: content.into(),
+            tool_call_id: Some(call_id.into()),
+            name,
+            ..Default::default()
+        }
     }
 }
 
@@ -84,8 +98,8 @@ impl Serialize for ChatMessage {
                 .tool_calls
                 .iter()
                 .map(|c| {
-                    let args: serde_json::Value =
-                        serde_json::from_str(&c.arguments).unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
+                    let args: serde_json::Value = serde_json::from_str(&c.arguments)
+                        .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
                     serde_json::json!({
                         "id": c.id,
                         "type": "function",
@@ -154,6 +168,10 @@ pub struct ChatRequest {
 
 impl ChatRequest {
     pub fn new(messages: Vec<ChatMessage>) -> Self {
-        Self { messages, parallel_tool_calls: true, ..Default::default() }
+        Self {
+            messages,
+            parallel_tool_calls: true,
+            ..Default::default()
+        }
     }
 }

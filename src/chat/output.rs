@@ -16,11 +16,20 @@ pub enum OutputEvent {
     Reasoning(String),
     Text(String),
     /// A call begins; `id` is fresh, in the protocol's style.
-    CallStart { index: usize, id: String, name: String },
+    CallStart {
+        index: usize,
+        id: String,
+        name: String,
+    },
     /// A fragment of the call's arguments JSON; a call's fragments
     /// concatenate to its full arguments.
-    CallArgs { index: usize, fragment: String },
-    CallEnd { index: usize },
+    CallArgs {
+        index: usize,
+        fragment: String,
+    },
+    CallEnd {
+        index: usize,
+    },
 }
 
 /// How to read one reply: decided by `prompt::prepare` from the template
@@ -62,10 +71,16 @@ impl OutputParser {
     /// `toolu_` (Anthropic).
     pub fn new(spec: &OutputSpec, id_prefix: &'static str) -> Self {
         OutputParser {
-            splitter: spec.reasoning.as_ref().map(|(o, c, opened)| ReasoningSplitter::new(o.clone(), c.clone(), *opened)),
+            splitter: spec
+                .reasoning
+                .as_ref()
+                .map(|(o, c, opened)| ReasoningSplitter::new(o.clone(), c.clone(), *opened)),
             tools: spec.tools.map(ToolFormat::parser),
             id_prefix,
-            out: Output { raw: spec.replay_prefix.clone(), ..Output::default() },
+            out: Output {
+                raw: spec.replay_prefix.clone(),
+                ..Output::default()
+            },
         }
     }
 
@@ -138,8 +153,16 @@ impl OutputParser {
                     events.push(OutputEvent::Text(t));
                 }
                 ToolEvent::CallStart { index, name } => {
-                    let id = format!("{}{}", self.id_prefix, &uuid::Uuid::new_v4().simple().to_string()[..24]);
-                    self.out.calls.push(ToolCall { id: id.clone(), name: name.clone(), arguments: String::new() });
+                    let id = format!(
+                        "{}{}",
+                        self.id_prefix,
+                        &uuid::Uuid::new_v4().simple().to_string()[..24]
+                    );
+                    self.out.calls.push(ToolCall {
+                        id: id.clone(),
+                        name: name.clone(),
+                        arguments: String::new(),
+                    });
                     events.push(OutputEvent::CallStart { index, id, name });
                 }
                 ToolEvent::CallArgs { index, fragment } => {
@@ -171,7 +194,13 @@ mod tests {
     #[test]
     fn plain_text_passes_through() {
         let (ev, out) = run(&OutputSpec::default(), &["Hel", "lo"]);
-        assert_eq!(ev, vec![OutputEvent::Text("Hel".into()), OutputEvent::Text("lo".into())]);
+        assert_eq!(
+            ev,
+            vec![
+                OutputEvent::Text("Hel".into()),
+                OutputEvent::Text("lo".into())
+            ]
+        );
         assert_eq!(out.text, "Hello");
         assert_eq!(out.raw, "Hello");
     }
@@ -205,7 +234,8 @@ mod tests {
             tools: Some(ToolFormat::Hermes),
             replay_prefix: "<think>\n".into(),
         };
-        let raw = "hmm\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>";
+        let raw =
+            "hmm\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>";
         let (_, out) = run(&spec, &[raw]);
         assert_eq!(out.reasoning, "hmm");
         assert_eq!(out.calls.len(), 1);

@@ -91,7 +91,9 @@ impl Protector<'_> {
     }
 
     fn protect(&mut self, s: &str) -> String {
-        let Some((first, _)) = self.specials.find(s, 0) else { return s.to_string() };
+        let Some((first, _)) = self.specials.find(s, 0) else {
+            return s.to_string();
+        };
         let mut out = String::with_capacity(s.len() + 32);
         let mut at = 0;
         let mut next = Some(first);
@@ -155,7 +157,12 @@ pub struct Prepared {
 
 /// Whether `raw`, a reply the model wrote, makes exactly `calls` (names and
 /// arguments as JSON values, in order): only then may it stand for them.
-fn replay_matches(raw: &str, calls: &[super::ToolCall], format: ToolFormat, markers: Option<&(String, String, bool)>) -> bool {
+fn replay_matches(
+    raw: &str,
+    calls: &[super::ToolCall],
+    format: ToolFormat,
+    markers: Option<&(String, String, bool)>,
+) -> bool {
     // A reply replays from the reasoning marker on when the prompt opened it.
     let spec = OutputSpec {
         reasoning: markers.map(|(open, close, _)| (open.clone(), close.clone(), false)),
@@ -168,7 +175,11 @@ fn replay_matches(raw: &str, calls: &[super::ToolCall], format: ToolFormat, mark
     let made = parser.into_output().calls;
     let value = |s: &str| serde_json::from_str::<Value>(s).ok();
     made.len() == calls.len()
-        && made.iter().zip(calls).all(|(a, b)| a.name == b.name && value(&a.arguments).is_some() && value(&a.arguments) == value(&b.arguments))
+        && made.iter().zip(calls).all(|(a, b)| {
+            a.name == b.name
+                && value(&a.arguments).is_some()
+                && value(&a.arguments) == value(&b.arguments)
+        })
 }
 
 /// Check the history's tool calls and results; fill in each result's
@@ -185,15 +196,18 @@ fn check_history(messages: &mut [ChatMessage]) -> Result<(), PromptError> {
                             return Err(PromptError::History {
                                 index,
                                 message: format!(
-                                    "the arguments of tool call `{}` must be a JSON object, got {:?}",
-                                    c.id,
-                                    truncate(&c.arguments, 80)
-                                ),
+                                "the arguments of tool call `{}` must be a JSON object, got {:?}",
+                                c.id,
+                                truncate(&c.arguments, 80)
+                            ),
                             })
                         }
                     }
                     if c.name.is_empty() {
-                        return Err(PromptError::History { index, message: format!("tool call `{}` has no function name", c.id) });
+                        return Err(PromptError::History {
+                            index,
+                            message: format!("tool call `{}` has no function name", c.id),
+                        });
                     }
                     names.insert(c.id.clone(), c.name.clone());
                 }
@@ -243,7 +257,11 @@ fn tool_values(tools: &[ToolSpec]) -> Vec<Value> {
 /// Tools and tool turns in hearth's fallback convention, for templates that
 /// cannot express them: the tools in the system message, calls as Hermes
 /// markup in the assistant's text, results as user turns.
-fn to_fallback(messages: Vec<ChatMessage>, tools: &[ToolSpec], format: ToolFormat) -> Vec<ChatMessage> {
+fn to_fallback(
+    messages: Vec<ChatMessage>,
+    tools: &[ToolSpec],
+    format: ToolFormat,
+) -> Vec<ChatMessage> {
     let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
     if !tools.is_empty() {
         let prompt = fallback_system_prompt(tools);
@@ -278,14 +296,20 @@ fn to_fallback(messages: Vec<ChatMessage>, tools: &[ToolSpec], format: ToolForma
                 let text = fallback_tool_result(m.name.as_deref().unwrap_or(""), &m.content);
                 match out.last_mut() {
                     // Results of one turn's calls go back together.
-                    Some(prev) if prev.role == Role::User && prev.content.ends_with("</tool_response>") => {
+                    Some(prev)
+                        if prev.role == Role::User
+                            && prev.content.ends_with("</tool_response>") =>
+                    {
                         prev.content.push('\n');
                         prev.content.push_str(&text);
                     }
                     _ => out.push(ChatMessage::new(Role::User, text)),
                 }
             }
-            _ => out.push(ChatMessage { reasoning: None, ..m }),
+            _ => out.push(ChatMessage {
+                reasoning: None,
+                ..m
+            }),
         }
     }
     out
@@ -293,7 +317,10 @@ fn to_fallback(messages: Vec<ChatMessage>, tools: &[ToolSpec], format: ToolForma
 
 /// A system message after the conversation started.
 fn has_late_system(messages: &[ChatMessage]) -> bool {
-    messages.iter().skip_while(|m| m.role == Role::System).any(|m| m.role == Role::System)
+    messages
+        .iter()
+        .skip_while(|m| m.role == Role::System)
+        .any(|m| m.role == Role::System)
 }
 
 /// Late system messages become part of the next user turn (or a user turn
@@ -306,7 +333,10 @@ fn fold_late_system(messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
         match m.role {
             Role::System if started => pending.push(m.content),
             Role::User if !pending.is_empty() => {
-                let mut text: String = pending.drain(..).map(|p| format!("<system>\n{p}\n</system>\n\n")).collect();
+                let mut text: String = pending
+                    .drain(..)
+                    .map(|p| format!("<system>\n{p}\n</system>\n\n"))
+                    .collect();
                 text.push_str(&m.content);
                 out.push(ChatMessage { content: text, ..m });
             }
@@ -317,7 +347,11 @@ fn fold_late_system(messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
         }
     }
     if !pending.is_empty() {
-        let text: String = pending.drain(..).map(|p| format!("<system>\n{p}\n</system>")).collect::<Vec<_>>().join("\n\n");
+        let text: String = pending
+            .drain(..)
+            .map(|p| format!("<system>\n{p}\n</system>"))
+            .collect::<Vec<_>>()
+            .join("\n\n");
         out.push(ChatMessage::new(Role::User, text));
     }
     out
@@ -325,21 +359,40 @@ fn fold_late_system(messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
 
 /// Build the prompt for `req`.
 pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, PromptError> {
-    let ChatRequest { mut messages, tools, tool_choice, parallel_tool_calls, response_format, thinking } = req;
+    let ChatRequest {
+        mut messages,
+        tools,
+        tool_choice,
+        parallel_tool_calls,
+        response_format,
+        thinking,
+    } = req;
     check_history(&mut messages)?;
     if let ToolChoice::Named(name) = &tool_choice {
         if !tools.iter().any(|t| &t.name == name) {
-            return Err(PromptError::ToolChoice(format!("tool_choice names `{name}`, which is not among the tools")));
+            return Err(PromptError::ToolChoice(format!(
+                "tool_choice names `{name}`, which is not among the tools"
+            )));
         }
     }
     if matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_)) && tools.is_empty() {
-        return Err(PromptError::ToolChoice("tool_choice requires a tool call, but no tools were given".into()));
+        return Err(PromptError::ToolChoice(
+            "tool_choice requires a tool call, but no tools were given".into(),
+        ));
     }
 
     let template = setup.template;
     let native = template.handles_tools() && setup.format != ToolFormat::Fallback;
-    let format = if native { setup.format } else { ToolFormat::Fallback };
-    let markers = if template.is_fallback() { None } else { detect_markers(template.source()) };
+    let format = if native {
+        setup.format
+    } else {
+        ToolFormat::Fallback
+    };
+    let markers = if template.is_fallback() {
+        None
+    } else {
+        detect_markers(template.source())
+    };
 
     // Safe text: protect client strings before anything is added around them.
     // Every client string a template may write: names and ids too.
@@ -350,20 +403,29 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
             || has(&m.name)
             || has(&m.tool_call_id)
             || m.tool_calls.iter().any(|c| {
-                setup.specials.contains_any(&c.arguments) || setup.specials.contains_any(&c.name) || setup.specials.contains_any(&c.id)
+                setup.specials.contains_any(&c.arguments)
+                    || setup.specials.contains_any(&c.name)
+                    || setup.specials.contains_any(&c.id)
             })
     }) || tools.iter().any(|t| {
         setup.specials.contains_any(&t.name)
             || setup.specials.contains_any(&t.description)
             || setup.specials.contains_any(&t.parameters.to_string())
     });
-    let mut protector = Protector { specials: setup.specials, nonce: nonce(), literals: Vec::new() };
+    let mut protector = Protector {
+        specials: setup.specials,
+        nonce: nonce(),
+        literals: Vec::new(),
+    };
 
     // Exact replay of past calls, then protection of what the client wrote.
     let mut rendered_msgs = Vec::with_capacity(messages.len());
     for mut m in messages {
         if m.role == Role::Assistant && !m.tool_calls.is_empty() {
-            if let Some(raw) = setup.replay.lookup(m.tool_calls.iter().map(|c| c.id.as_str())) {
+            if let Some(raw) = setup
+                .replay
+                .lookup(m.tool_calls.iter().map(|c| c.id.as_str()))
+            {
                 // The model's own bytes, rendered as they are. Not when they
                 // spell a control token: the text alone cannot tell a
                 // generated control token from the same characters
@@ -373,8 +435,15 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
                 // re-rendered from their structure, and protected below.
                 // And only when the reply made the very calls the client
                 // sends back: a client may have changed them.
-                if !setup.specials.contains_any(&raw) && replay_matches(&raw, &m.tool_calls, format, markers.as_ref()) {
-                    rendered_msgs.push(ChatMessage { content: raw.to_string(), tool_calls: vec![], reasoning: None, ..m });
+                if !setup.specials.contains_any(&raw)
+                    && replay_matches(&raw, &m.tool_calls, format, markers.as_ref())
+                {
+                    rendered_msgs.push(ChatMessage {
+                        content: raw.to_string(),
+                        tool_calls: vec![],
+                        reasoning: None,
+                        ..m
+                    });
                     continue;
                 }
             }
@@ -400,11 +469,14 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
         }
     }
 
-    let has_tool_turns = rendered_msgs.iter().any(|m| m.role == Role::Tool || !m.tool_calls.is_empty());
+    let has_tool_turns = rendered_msgs
+        .iter()
+        .any(|m| m.role == Role::Tool || !m.tool_calls.is_empty());
     // A reply held to a grammar from its first token: a forced call, or an
     // answer in the response format (which, with `auto` tools, may also be
     // calls; a forced call leaves the format nothing to shape).
-    let forced_call = !tools.is_empty() && matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_));
+    let forced_call =
+        !tools.is_empty() && matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_));
     let format_applies = response_format.is_some() && !forced_call;
     let forced = forced_call || format_applies;
     // A forced grammar leaves no room for a thinking block: turn thinking
@@ -415,7 +487,11 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
         Thinking::Default if forced && markers.is_some() => Some(false),
         Thinking::Default => None,
     };
-    let mut opts = RenderOptions { add_generation_prompt: true, enable_thinking, ..Default::default() };
+    let mut opts = RenderOptions {
+        add_generation_prompt: true,
+        enable_thinking,
+        ..Default::default()
+    };
     if native {
         if !tool_specs.is_empty() {
             opts.tools = Some(tool_values(&tool_specs));
@@ -449,10 +525,17 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
     // A reply that starts inside reasoning the prompt opened is replayed
     // with the prompt's opening (`<think>\n`): the bytes the KV cache holds.
     let replay_prefix = match &reasoning {
-        Some((open, _, true)) => text.rfind(open.as_str()).map(|at| text[at..].to_string()).unwrap_or_default(),
+        Some((open, _, true)) => text
+            .rfind(open.as_str())
+            .map(|at| text[at..].to_string())
+            .unwrap_or_default(),
         _ => String::new(),
     };
-    let output = OutputSpec { reasoning: reasoning.clone(), tools: parse_tools.then_some(format), replay_prefix };
+    let output = OutputSpec {
+        reasoning: reasoning.clone(),
+        tools: parse_tools.then_some(format),
+        replay_prefix,
+    };
 
     // How to constrain it.
     let mut grammar = None;
@@ -469,18 +552,38 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
         let parallel = parallel_tool_calls && !forced;
         if let Some(gbnf) = grammar::tool_calls(format, &offered, parallel)? {
             grammar = Some(match (&reasoning, &response_format) {
-                _ if forced_call => Grammar { gbnf, triggers: vec![] },
-                (_, Some(rf)) => Grammar { gbnf: grammar::calls_or_answer(&gbnf, &grammar::response(rf)?), triggers: vec![] },
+                _ if forced_call => Grammar {
+                    gbnf,
+                    triggers: vec![],
+                },
+                (_, Some(rf)) => Grammar {
+                    gbnf: grammar::calls_or_answer(&gbnf, &grammar::response(rf)?),
+                    triggers: vec![],
+                },
                 // The model may reason first: calls only after the reasoning.
-                (Some((open, close, opened)), None) if enable_thinking != Some(false) || *opened => {
-                    let (gbnf, triggers) = grammar::calls_after_reasoning(&gbnf, format.call_opener(), open, close, *opened);
+                (Some((open, close, opened)), None)
+                    if enable_thinking != Some(false) || *opened =>
+                {
+                    let (gbnf, triggers) = grammar::calls_after_reasoning(
+                        &gbnf,
+                        format.call_opener(),
+                        open,
+                        close,
+                        *opened,
+                    );
                     Grammar { gbnf, triggers }
                 }
-                _ => Grammar { gbnf, triggers: vec![format.call_opener().to_string()] },
+                _ => Grammar {
+                    gbnf,
+                    triggers: vec![format.call_opener().to_string()],
+                },
             });
         }
     } else if let Some(rf) = &response_format {
-        grammar = Some(Grammar { gbnf: grammar::response(rf)?, triggers: vec![] });
+        grammar = Some(Grammar {
+            gbnf: grammar::response(rf)?,
+            triggers: vec![],
+        });
     }
     // A prompt that ends inside reasoning: the constraint starts after it.
     // Thinking asked for, and the model opens its reasoning itself: the
@@ -490,14 +593,19 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
             g.gbnf = grammar::after_marker(&g.gbnf, close);
             g.triggers = vec![close.clone()];
         }
-        (Some(g), Some((open, close, false))) if g.triggers.is_empty() && enable_thinking == Some(true) => {
+        (Some(g), Some((open, close, false)))
+            if g.triggers.is_empty() && enable_thinking == Some(true) =>
+        {
             g.gbnf = grammar::optional_reasoning_first(&g.gbnf, open, close);
         }
         _ => {}
     }
 
     let reasoning_budget = match (thinking, &reasoning) {
-        (Thinking::On { budget: Some(b) }, Some((_, close, _))) => Some(ReasoningBudget { max_tokens: b, close: close.clone() }),
+        (Thinking::On { budget: Some(b) }, Some((_, close, _))) => Some(ReasoningBudget {
+            max_tokens: b,
+            close: close.clone(),
+        }),
         _ => None,
     };
     Ok(Prepared {
@@ -534,7 +642,9 @@ fn resolve_sentinels(model: &Model, rendered: &str, p: &Protector<'_>) -> (Strin
     while let Some(at) = rest.find(&head) {
         let after = &rest[at + head.len()..];
         let Some(z) = after.find('Z') else { break };
-        let Ok(i) = after[..z].parse::<usize>() else { break };
+        let Ok(i) = after[..z].parse::<usize>() else {
+            break;
+        };
         let Some(lit) = p.literals.get(i) else { break };
         text.push_str(&rest[..at]);
         literals.push((text.len(), text.len() + lit.len()));
@@ -545,7 +655,8 @@ fn resolve_sentinels(model: &Model, rendered: &str, p: &Protector<'_>) -> (Strin
 
     let mut tokens = Vec::new();
     let bos = model.bos_text();
-    let template_wrote_bos = !bos.is_empty() && text.starts_with(&bos) && !literals.first().is_some_and(|&(s, _)| s == 0);
+    let template_wrote_bos =
+        !bos.is_empty() && text.starts_with(&bos) && literals.first().is_none_or(|&(s, _)| s != 0);
     if model.adds_bos() && !template_wrote_bos {
         tokens.extend(model.bos());
     }
@@ -578,16 +689,27 @@ mod tests {
     use crate::chat::ToolCall;
 
     fn specials() -> SpecialTexts {
-        SpecialTexts::new(vec!["<|im_end|>".into(), "<|im_start|>".into(), "<｜end▁of▁sentence｜>".into()])
+        SpecialTexts::new(vec![
+            "<|im_end|>".into(),
+            "<|im_start|>".into(),
+            "<｜end▁of▁sentence｜>".into(),
+        ])
     }
 
     #[test]
     fn protects_every_occurrence() {
         let s = specials();
-        let mut p = Protector { specials: &s, nonce: "X".into(), literals: vec![] };
+        let mut p = Protector {
+            specials: &s,
+            nonce: "X".into(),
+            literals: vec![],
+        };
         let out = p.protect("a<|im_end|>b<|im_start|><｜end▁of▁sentence｜>");
         assert_eq!(out, "aHEARTHLITXN0ZbHEARTHLITXN1ZHEARTHLITXN2Z");
-        assert_eq!(p.literals, vec!["<|im_end|>", "<|im_start|>", "<｜end▁of▁sentence｜>"]);
+        assert_eq!(
+            p.literals,
+            vec!["<|im_end|>", "<|im_start|>", "<｜end▁of▁sentence｜>"]
+        );
         assert_eq!(p.protect("plain"), "plain");
         assert!(!s.contains_any("<|im_en"));
         // Schema property names are rendered too: keys are protected, in place.
@@ -611,7 +733,16 @@ mod tests {
         assert!(has_late_system(&msgs));
         let out = fold_late_system(msgs);
         let roles: Vec<Role> = out.iter().map(|m| m.role).collect();
-        assert_eq!(roles, vec![Role::System, Role::User, Role::Assistant, Role::User, Role::User]);
+        assert_eq!(
+            roles,
+            vec![
+                Role::System,
+                Role::User,
+                Role::Assistant,
+                Role::User,
+                Role::User
+            ]
+        );
         assert_eq!(out[2].content, "ok");
         assert_eq!(out[3].content, "<system>\nagents: a, b\n</system>\n\ngo");
         assert_eq!(out[4].content, "<system>\nlast\n</system>");
@@ -622,49 +753,103 @@ mod tests {
     fn a_reply_is_replayed_only_for_the_calls_it_made() {
         let raw = "<think>\nhm\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1, \"b\": [2]}}\n</tool_call>";
         let markers = ("<think>".to_string(), "</think>".to_string(), true);
-        let call = |name: &str, args: &str| ToolCall { id: "c".into(), name: name.into(), arguments: args.into() };
+        let call = |name: &str, args: &str| ToolCall {
+            id: "c".into(),
+            name: name.into(),
+            arguments: args.into(),
+        };
         let m = |calls: &[ToolCall]| replay_matches(raw, calls, ToolFormat::Hermes, Some(&markers));
-        assert!(m(&[call("f", "{\"b\":[2],\"a\":1}")]), "the same call, spelled differently");
-        assert!(!m(&[call("f", "{\"a\": 2, \"b\": [2]}")]), "other arguments");
-        assert!(!m(&[call("g", "{\"a\": 1, \"b\": [2]}")]), "another function");
-        assert!(!m(&[call("f", "{\"a\": 1, \"b\": [2]}"), call("f", "{}")]), "more calls");
+        assert!(
+            m(&[call("f", "{\"b\":[2],\"a\":1}")]),
+            "the same call, spelled differently"
+        );
+        assert!(
+            !m(&[call("f", "{\"a\": 2, \"b\": [2]}")]),
+            "other arguments"
+        );
+        assert!(
+            !m(&[call("g", "{\"a\": 1, \"b\": [2]}")]),
+            "another function"
+        );
+        assert!(
+            !m(&[call("f", "{\"a\": 1, \"b\": [2]}"), call("f", "{}")]),
+            "more calls"
+        );
         assert!(!m(&[]));
     }
 
     #[test]
     fn history_checks() {
-        let call = ToolCall { id: "c1".into(), name: "f".into(), arguments: "{\"a\":1}".into() };
+        let call = ToolCall {
+            id: "c1".into(),
+            name: "f".into(),
+            arguments: "{\"a\":1}".into(),
+        };
         let mut ok = vec![
             ChatMessage::new(Role::User, "hi"),
-            ChatMessage { role: Role::Assistant, tool_calls: vec![call.clone()], ..Default::default() },
+            ChatMessage {
+                role: Role::Assistant,
+                tool_calls: vec![call.clone()],
+                ..Default::default()
+            },
             ChatMessage::tool_result("c1", None, "42"),
         ];
         check_history(&mut ok).unwrap();
         assert_eq!(ok[2].name.as_deref(), Some("f"));
 
-        let mut unknown = vec![ChatMessage::new(Role::User, "hi"), ChatMessage::tool_result("nope", None, "42")];
-        assert!(matches!(check_history(&mut unknown), Err(PromptError::History { index: 1, .. })));
+        let mut unknown = vec![
+            ChatMessage::new(Role::User, "hi"),
+            ChatMessage::tool_result("nope", None, "42"),
+        ];
+        assert!(matches!(
+            check_history(&mut unknown),
+            Err(PromptError::History { index: 1, .. })
+        ));
 
-        let bad = ToolCall { arguments: "{not json".into(), ..call };
-        let mut bad = vec![ChatMessage { role: Role::Assistant, tool_calls: vec![bad], ..Default::default() }];
-        assert!(matches!(check_history(&mut bad), Err(PromptError::History { index: 0, .. })));
+        let bad = ToolCall {
+            arguments: "{not json".into(),
+            ..call
+        };
+        let mut bad = vec![ChatMessage {
+            role: Role::Assistant,
+            tool_calls: vec![bad],
+            ..Default::default()
+        }];
+        assert!(matches!(
+            check_history(&mut bad),
+            Err(PromptError::History { index: 0, .. })
+        ));
     }
 
     #[test]
     fn fallback_puts_tools_in_the_system_message_and_results_in_user_turns() {
-        let tools = vec![ToolSpec { name: "get".into(), description: "d".into(), parameters: json!({"type": "object"}) }];
-        let call = ToolCall { id: "c1".into(), name: "get".into(), arguments: "{}".into() };
+        let tools = vec![ToolSpec {
+            name: "get".into(),
+            description: "d".into(),
+            parameters: json!({"type": "object"}),
+        }];
+        let call = ToolCall {
+            id: "c1".into(),
+            name: "get".into(),
+            arguments: "{}".into(),
+        };
         let msgs = vec![
             ChatMessage::new(Role::System, "be brief"),
             ChatMessage::new(Role::User, "go"),
-            ChatMessage { role: Role::Assistant, tool_calls: vec![call], ..Default::default() },
+            ChatMessage {
+                role: Role::Assistant,
+                tool_calls: vec![call],
+                ..Default::default()
+            },
             ChatMessage::tool_result("c1", Some("get".into()), "r1"),
             ChatMessage::tool_result("c1", Some("get".into()), "r2"),
         ];
         let out = to_fallback(msgs, &tools, ToolFormat::Fallback);
         assert_eq!(out.len(), 4);
         assert!(out[0].content.starts_with("be brief\n\n# Tools"));
-        assert!(out[2].content.contains("<tool_call>\n{\"name\": \"get\", \"arguments\": {}}\n</tool_call>"));
+        assert!(out[2]
+            .content
+            .contains("<tool_call>\n{\"name\": \"get\", \"arguments\": {}}\n</tool_call>"));
         assert_eq!(out[3].role, Role::User);
         assert_eq!(out[3].content.matches("<tool_response>").count(), 2);
     }

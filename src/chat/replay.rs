@@ -24,7 +24,13 @@ struct Inner {
 
 impl ReplayStore {
     pub fn new(capacity: usize) -> Self {
-        ReplayStore { inner: Mutex::new(Inner { map: HashMap::new(), tick: 0 }), capacity }
+        ReplayStore {
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                tick: 0,
+            }),
+            capacity,
+        }
     }
 
     /// Remember the reply `raw` that made the calls `ids`.
@@ -40,7 +46,11 @@ impl ReplayStore {
             inner.map.insert(id.to_string(), (raw.clone(), tick));
         }
         while inner.map.len() > self.capacity {
-            let oldest = inner.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| k.clone());
+            let oldest = inner
+                .map
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone());
             match oldest {
                 Some(k) => inner.map.remove(&k),
                 None => break,
@@ -66,7 +76,11 @@ impl ReplayStore {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

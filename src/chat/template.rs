@@ -84,7 +84,12 @@ impl ChatTemplate {
         // empty, so `tools is iterable and tools | length` fails), and
         // strings and dicts are sequences (they have len and []).
         env.add_test("iterable", |v: Value| !v.is_none() && v.try_iter().is_ok());
-        env.add_test("sequence", |v: Value| matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String));
+        env.add_test("sequence", |v: Value| {
+            matches!(
+                v.kind(),
+                ValueKind::Seq | ValueKind::Map | ValueKind::String
+            )
+        });
         env.add_template_owned("chat", jinja2_source(source))
             .map_err(|e| TemplateError::Syntax(describe(&e)))?;
         Ok(Self {
@@ -99,7 +104,8 @@ impl ChatTemplate {
 
     /// The plain-text fallback; its format is documented on [`FALLBACK`].
     pub fn fallback(bos_token: &str, eos_token: &str) -> Self {
-        let mut t = Self::new(FALLBACK, bos_token, eos_token).expect("the fallback template compiles");
+        let mut t =
+            Self::new(FALLBACK, bos_token, eos_token).expect("the fallback template compiles");
         t.fallback = true;
         t.stops = FALLBACK_STOPS.iter().map(|s| s.to_string()).collect();
         t
@@ -123,14 +129,28 @@ impl ChatTemplate {
     /// Render a conversation; `add_generation_prompt` opens the assistant's
     /// turn. The variables are the ones transformers passes when there are
     /// no tools: `tools` and `documents` are defined but none.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
-        self.render_with(messages, &RenderOptions { add_generation_prompt, ..Default::default() })
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        self.render_with(
+            messages,
+            &RenderOptions {
+                add_generation_prompt,
+                ..Default::default()
+            },
+        )
     }
 
     /// Render with tools and template switches, the variables transformers
     /// passes to `apply_chat_template`: `tools` (OpenAI function objects) and
     /// extra keyword arguments such as `enable_thinking`.
-    pub fn render_with(&self, messages: &[ChatMessage], opts: &RenderOptions) -> Result<String, TemplateError> {
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        opts: &RenderOptions,
+    ) -> Result<String, TemplateError> {
         #[derive(Serialize)]
         struct Ctx<'a> {
             messages: &'a [ChatMessage],
@@ -158,8 +178,12 @@ impl ChatTemplate {
             thinking: opts.enable_thinking,
             reasoning_effort: opts.reasoning_effort.as_deref(),
         };
-        let tmpl = self.env.get_template("chat").map_err(|e| TemplateError::Syntax(describe(&e)))?;
-        tmpl.render(ctx).map_err(|e| TemplateError::Render(describe(&e)))
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| TemplateError::Syntax(describe(&e)))?;
+        tmpl.render(ctx)
+            .map_err(|e| TemplateError::Render(describe(&e)))
     }
 
     /// Whether the template renders a `tools` list itself.
@@ -186,7 +210,9 @@ pub struct RenderOptions {
 struct Raised;
 
 impl fmt::Display for Raised {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str("raised by the template") }
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("raised by the template")
+    }
 }
 
 impl std::error::Error for Raised {}
@@ -245,7 +271,10 @@ fn jinja2_source(source: &str) -> String {
         let verbatim = if tag.starts_with("{#") {
             Some(tag.find("#}").map(|i| i + 2))
         } else if block_word(tag) == Some("raw") {
-            Some(tag.find("endraw").and_then(|i| tag[i..].find("%}").map(|j| i + j + 2)))
+            Some(
+                tag.find("endraw")
+                    .and_then(|i| tag[i..].find("%}").map(|j| i + j + 2)),
+            )
         } else {
             None
         };
@@ -263,7 +292,11 @@ fn jinja2_source(source: &str) -> String {
                 "generation" | "endgeneration" => {
                     let at = tag.find(word).unwrap_or(2);
                     out.push_str(&tag[..at]);
-                    out.push_str(if word == "generation" { "if true" } else { "endif" });
+                    out.push_str(if word == "generation" {
+                        "if true"
+                    } else {
+                        "endif"
+                    });
                     ("%}", &tag[at + word.len()..])
                 }
                 _ => {
@@ -284,8 +317,15 @@ fn jinja2_source(source: &str) -> String {
 
 /// The statement name of a `{% ... %}` tag.
 fn block_word(tag: &str) -> Option<&str> {
-    let body = tag.strip_prefix("{%")?.trim_start_matches(['-', '+']).trim_start();
-    Some(&body[..body.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(body.len())])
+    let body = tag
+        .strip_prefix("{%")?
+        .trim_start_matches(['-', '+'])
+        .trim_start();
+    Some(
+        &body[..body
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .unwrap_or(body.len())],
+    )
 }
 
 /// Copies a tag's code up to and including `end` (outside strings and
@@ -322,7 +362,9 @@ fn copy_code<'a>(code: &'a str, end: &str, out: &mut String) -> &'a str {
 /// `strftime_now(format)`: local time, as Python's `datetime.now()` gives
 /// it, for templates that date their system prompt (Llama 3.1 and later).
 fn strftime_now(format: String) -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     strftime(now + local_offset(now), &format)
 }
 
@@ -360,9 +402,29 @@ fn local_offset(_unix: i64) -> i64 {
     0
 }
 
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
 
 /// C `strftime` for the specifiers chat templates use, on seconds since the
 /// epoch already shifted to local time. Unknown specifiers stay as written.
@@ -393,7 +455,13 @@ fn strftime(secs: i64, format: &str) -> String {
             Some('-') => (false, chars.next()),
             other => (true, other),
         };
-        let num = |n: i64| if pad { format!("{n:02}") } else { n.to_string() };
+        let num = |n: i64| {
+            if pad {
+                format!("{n:02}")
+            } else {
+                n.to_string()
+            }
+        };
         match spec {
             Some('Y') => out.push_str(&y.to_string()),
             Some('y') => out.push_str(&num(y.rem_euclid(100))),
@@ -424,22 +492,40 @@ fn strftime(secs: i64, format: &str) -> String {
 /// model was trained to read.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let bad = |msg: &str| Error::new(ErrorKind::InvalidOperation, format!("tojson: {msg}"));
-    let indent = match kwargs.get::<Option<Value>>("indent")?.filter(|v| !v.is_none()) {
+    let indent = match kwargs
+        .get::<Option<Value>>("indent")?
+        .filter(|v| !v.is_none())
+    {
         None => None,
         Some(v) if v.as_str().is_some() => v.as_str().map(str::to_string),
-        Some(v) => Some(" ".repeat(v.as_usize().ok_or_else(|| bad("indent must be a count or a string"))?)),
+        Some(v) => Some(
+            " ".repeat(
+                v.as_usize()
+                    .ok_or_else(|| bad("indent must be a count or a string"))?,
+            ),
+        ),
     };
     let (item_sep, key_sep) = match kwargs.get::<Option<Vec<String>>>("separators")?.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
         Some(_) => return Err(bad("separators must be two strings")),
-        None => ((if indent.is_some() { "," } else { ", " }).to_string(), ": ".to_string()),
+        None => (
+            (if indent.is_some() { "," } else { ", " }).to_string(),
+            ": ".to_string(),
+        ),
     };
     let ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
     let sort = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
     kwargs.assert_all_used()?;
     let json = serde_json::to_value(&value).map_err(|e| bad(&e.to_string()))?;
     let mut out = String::new();
-    JsonFmt { indent, item_sep, key_sep, ascii, sort }.write(&json, 0, &mut out);
+    JsonFmt {
+        indent,
+        item_sep,
+        key_sep,
+        ascii,
+        sort,
+    }
+    .write(&json, 0, &mut out);
     Ok(Value::from_safe_string(out))
 }
 
@@ -455,8 +541,12 @@ impl JsonFmt {
     fn write(&self, v: &serde_json::Value, depth: usize, out: &mut String) {
         use serde_json::Value as J;
         let (open, close, mut entries): (_, _, Vec<(Option<&String>, &J)>) = match v {
-            J::Array(items) if !items.is_empty() => ('[', ']', items.iter().map(|i| (None, i)).collect()),
-            J::Object(map) if !map.is_empty() => ('{', '}', map.iter().map(|(k, i)| (Some(k), i)).collect()),
+            J::Array(items) if !items.is_empty() => {
+                ('[', ']', items.iter().map(|i| (None, i)).collect())
+            }
+            J::Object(map) if !map.is_empty() => {
+                ('{', '}', map.iter().map(|(k, i)| (Some(k), i)).collect())
+            }
             J::String(s) => return self.string(s, out),
             other => return out.push_str(&other.to_string()),
         };
@@ -548,16 +638,33 @@ mod tests {
     fn llama3_style_strip_namespace_slices_and_raise() {
         let t = ChatTemplate::new(LLAMA3, "<|begin_of_text|>", "<|eot_id|>").unwrap();
         assert_eq!(
-            render(&t, &[(System, "  Be brief. \n"), (User, " Hi \n"), (Assistant, "Hello."), (User, "Bye")], true),
+            render(
+                &t,
+                &[
+                    (System, "  Be brief. \n"),
+                    (User, " Hi \n"),
+                    (Assistant, "Hello."),
+                    (User, "Bye")
+                ],
+                true
+            ),
             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
              <|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>\
              <|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
-        assert_eq!(render(&t, &[(User, "Hi")], false), "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>");
-        let err = t.render(&msgs(&[(User, "Hi"), (System, "late")]), true).unwrap_err();
-        assert_eq!(err.to_string(), "chat template failed: Unexpected role: system");
+        assert_eq!(
+            render(&t, &[(User, "Hi")], false),
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        );
+        let err = t
+            .render(&msgs(&[(User, "Hi"), (System, "late")]), true)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "chat template failed: Unexpected role: system"
+        );
     }
 
     #[test]
@@ -568,8 +675,13 @@ mod tests {
             "<bos><start_of_turn>user\nBe kind.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n\
              <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
         );
-        assert_eq!(render(&t, &[(User, "Hi")], false), "<bos><start_of_turn>user\nHi<end_of_turn>\n");
-        let err = t.render(&msgs(&[(User, "Hi"), (User, "again")]), true).unwrap_err();
+        assert_eq!(
+            render(&t, &[(User, "Hi")], false),
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n"
+        );
+        let err = t
+            .render(&msgs(&[(User, "Hi"), (User, "again")]), true)
+            .unwrap_err();
         assert!(
             matches!(&err, TemplateError::Render(m) if m == "Conversation roles must alternate user/assistant/user/assistant/..."),
             "{err}"
@@ -579,7 +691,12 @@ mod tests {
     #[test]
     fn python_methods_filters_tojson_and_python_output() {
         let t = ChatTemplate::new(PYCOMPAT, "", "").unwrap();
-        let list = [(System, "be very brief."), (User, "/help me now"), (Assistant, "Sure!"), (User, "thanks a lot")];
+        let list = [
+            (System, "be very brief."),
+            (User, "/help me now"),
+            (Assistant, "Sure!"),
+            (User, "thanks a lot"),
+        ];
         assert_eq!(
             render(&t, &list, true),
             "commands=1 words=10 last=USER\na=1\nb=[true, null, \"é\\\"\"]\nc={}\n\
@@ -603,13 +720,32 @@ mod tests {
 
     #[test]
     fn errors_say_what_went_wrong() {
-        let t = ChatTemplate::new("{{ raise_exception('No ' ~ messages[0].role ~ ' here') }}", "", "").unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('No ' ~ messages[0].role ~ ' here') }}",
+            "",
+            "",
+        )
+        .unwrap();
         let err = t.render(&msgs(&[(Assistant, "x")]), true).unwrap_err();
-        assert!(matches!(&err, TemplateError::Render(m) if m == "No assistant here"), "{err}");
-        let err = ChatTemplate::new("{% for m in messages %}\n{{ m.content }", "", "").err().unwrap();
-        assert!(matches!(&err, TemplateError::Syntax(m) if m.ends_with("(line 2)")), "{err}");
-        let err = ChatTemplate::new("{{ messages.x.y }}", "", "").unwrap().render(&[], false).unwrap_err();
-        assert!(matches!(&err, TemplateError::Render(m) if m.starts_with("undefined value")), "{err}");
+        assert!(
+            matches!(&err, TemplateError::Render(m) if m == "No assistant here"),
+            "{err}"
+        );
+        let err = ChatTemplate::new("{% for m in messages %}\n{{ m.content }", "", "")
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&err, TemplateError::Syntax(m) if m.ends_with("(line 2)")),
+            "{err}"
+        );
+        let err = ChatTemplate::new("{{ messages.x.y }}", "", "")
+            .unwrap()
+            .render(&[], false)
+            .unwrap_err();
+        assert!(
+            matches!(&err, TemplateError::Render(m) if m.starts_with("undefined value")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -619,7 +755,10 @@ mod tests {
         let src = "{% set s = 'a.\\\nb' %}{{ s }}\r\n{% for m in messages %}{%- generation -%}\r\n[{{ m.content }}]\n{%- endgeneration %}{% endfor %}\
                    {# it's {{ #}{% raw %}{{ 'x\\\n' }}{% endraw %}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        assert_eq!(render(&t, &[(User, "a"), (Assistant, "b")], false), "a.b\n[a][b]{{ 'x\\\n' }}");
+        assert_eq!(
+            render(&t, &[(User, "a"), (Assistant, "b")], false),
+            "a.b\n[a][b]{{ 'x\\\n' }}"
+        );
         assert_eq!(t.source(), src);
         // Python's tests: none is not iterable; strings and dicts are sequences.
         let t = ChatTemplate::new("{{ tools is iterable and tools | length }} {{ 'ab' is sequence }} {{ {} is sequence }}", "", "");
@@ -629,8 +768,14 @@ mod tests {
     #[test]
     fn strftime_formats_dates() {
         // 2024-07-26 13:25:09, a Friday.
-        assert_eq!(strftime(1_722_000_309, "%d %b %Y %H:%M:%S %A"), "26 Jul 2024 13:25:09 Friday");
-        assert_eq!(strftime(1_722_000_309, "%-d %B %y, %I:%M %p %e %q"), "26 July 24, 01:25 PM 26 %q");
+        assert_eq!(
+            strftime(1_722_000_309, "%d %b %Y %H:%M:%S %A"),
+            "26 Jul 2024 13:25:09 Friday"
+        );
+        assert_eq!(
+            strftime(1_722_000_309, "%-d %B %y, %I:%M %p %e %q"),
+            "26 July 24, 01:25 PM 26 %q"
+        );
         assert_eq!(strftime(0, "%Y-%m-%d %a %%"), "1970-01-01 Thu %");
         assert_eq!(strftime(-1, "%Y-%m-%d %H:%M:%S"), "1969-12-31 23:59:59");
         let t = ChatTemplate::new("{{ strftime_now('%Y-%m-%d') }}", "", "").unwrap();
@@ -642,9 +787,20 @@ mod tests {
     fn fallback_format() {
         let t = ChatTemplate::fallback("<s>", "</s>");
         assert!(t.is_fallback());
-        let list = [(System, "Be kind."), (User, "Hi"), (Assistant, " Hello."), (User, "Bye")];
-        assert_eq!(render(&t, &list, true), "Be kind.\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: Bye\n\nAssistant:");
-        assert_eq!(render(&t, &[(System, ""), (User, "Hi"), (Assistant, "Yo")], false), "User: Hi\n\nAssistant: Yo\n\n");
+        let list = [
+            (System, "Be kind."),
+            (User, "Hi"),
+            (Assistant, " Hello."),
+            (User, "Bye"),
+        ];
+        assert_eq!(
+            render(&t, &list, true),
+            "Be kind.\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: Bye\n\nAssistant:"
+        );
+        assert_eq!(
+            render(&t, &[(System, ""), (User, "Hi"), (Assistant, "Yo")], false),
+            "User: Hi\n\nAssistant: Yo\n\n"
+        );
         assert_eq!(t.fallback_stops(), ["\nUser:"]);
         let real = ChatTemplate::new(SMOLLM2, "", "").unwrap();
         assert!(!real.is_fallback() && real.fallback_stops().is_empty());

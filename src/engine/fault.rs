@@ -18,6 +18,12 @@ pub enum FaultKind {
     /// The fifth decode step's compute fails (aborts with no client gone):
     /// how an engine error looks to the rest of the server.
     DecodeError,
+    /// The engine step that samples the request's fifth token panics (a
+    /// bug in the step): the step's requests fail, the engine goes on.
+    StepPanic,
+    /// The engine thread panics outside any step when it takes the
+    /// request: the engine is gone, `/health` says so.
+    EnginePanic,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,17 +35,31 @@ pub struct FaultPlan {
 }
 
 impl FaultPlan {
-    /// Parse `prefill_stall:SECS[:COUNT]`, `decode_stall:SECS[:COUNT]` or
-    /// `decode_error[:COUNT]`.
+    /// Parse `prefill_stall:SECS[:COUNT]`, `decode_stall:SECS[:COUNT]`,
+    /// `decode_error[:COUNT]`, `step_panic[:COUNT]` or `engine_panic`.
     pub fn parse(spec: &str) -> Result<FaultPlan, String> {
         let spec = spec.trim();
-        if let Some(rest) = spec.strip_prefix("decode_error") {
+        for (name, kind) in [
+            ("decode_error", FaultKind::DecodeError),
+            ("step_panic", FaultKind::StepPanic),
+            ("engine_panic", FaultKind::EnginePanic),
+        ] {
+            let Some(rest) = spec.strip_prefix(name) else {
+                continue;
+            };
             let count = match rest.strip_prefix(':') {
-                Some(c) => Some(c.parse::<u64>().map_err(|_| "count must be a whole number".to_string())?),
+                Some(c) => Some(
+                    c.parse::<u64>()
+                        .map_err(|_| "count must be a whole number".to_string())?,
+                ),
                 None if rest.is_empty() => None,
                 None => return Err(format!("unknown fault {spec:?}")),
             };
-            return Ok(FaultPlan { kind: FaultKind::DecodeError, stall: Duration::ZERO, count });
+            return Ok(FaultPlan {
+                kind,
+                stall: Duration::ZERO,
+                count,
+            });
         }
         let mut parts = spec.split(':');
         let kind = match parts.next() {
@@ -56,13 +76,20 @@ impl FaultPlan {
             return Err("seconds out of range".into());
         }
         let count = match parts.next() {
-            Some(c) => Some(c.parse::<u64>().map_err(|_| "count must be a whole number".to_string())?),
+            Some(c) => Some(
+                c.parse::<u64>()
+                    .map_err(|_| "count must be a whole number".to_string())?,
+            ),
             None => None,
         };
         if parts.next().is_some() {
             return Err("too many fields".into());
         }
-        Ok(FaultPlan { kind, stall: Duration::from_secs_f64(secs), count })
+        Ok(FaultPlan {
+            kind,
+            stall: Duration::from_secs_f64(secs),
+            count,
+        })
     }
 
     /// Read `HEARTH_FAULT`; a malformed value is an error, not ignored.
@@ -103,11 +130,27 @@ mod tests {
         assert_eq!(FaultPlan::parse("decode_error").unwrap().count, None);
         assert!(FaultPlan::parse("decode_errorx").is_err());
         assert!(FaultPlan::parse("decode_error:x").is_err());
+        assert_eq!(
+            FaultPlan::parse("step_panic:2").unwrap().kind,
+            FaultKind::StepPanic
+        );
+        assert_eq!(
+            FaultPlan::parse("engine_panic").unwrap().kind,
+            FaultKind::EnginePanic
+        );
     }
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "stall:1", "prefill_stall", "prefill_stall:x", "prefill_stall:1:y", "prefill_stall:1:2:3", "decode_stall:-1"] {
+        for bad in [
+            "",
+            "stall:1",
+            "prefill_stall",
+            "prefill_stall:x",
+            "prefill_stall:1:y",
+            "prefill_stall:1:2:3",
+            "decode_stall:-1",
+        ] {
             assert!(FaultPlan::parse(bad).is_err(), "{bad}");
         }
     }

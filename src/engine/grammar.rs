@@ -49,17 +49,26 @@ pub const MAX_SCHEMA_DEPTH: usize = 64;
 pub fn json_schema_to_grammar(schema: &serde_json::Value) -> Result<String, GrammarError> {
     let depth = json_depth(schema);
     if depth > MAX_SCHEMA_DEPTH {
-        return Err(GrammarError::Schema(format!("nested {depth} levels deep (at most {MAX_SCHEMA_DEPTH})")));
+        return Err(GrammarError::Schema(format!(
+            "nested {depth} levels deep (at most {MAX_SCHEMA_DEPTH})"
+        )));
     }
     match schema {
         serde_json::Value::Object(_) | serde_json::Value::Bool(_) => {}
-        _ => return Err(GrammarError::Schema("a schema must be an object or a boolean".into())),
+        _ => {
+            return Err(GrammarError::Schema(
+                "a schema must be an object or a boolean".into(),
+            ))
+        }
     }
     // serde_json escapes NUL inside strings, so the text has none.
     let text = serde_json::to_string(schema).map_err(|e| GrammarError::Schema(e.to_string()))?;
-    let text = CString::new(text).map_err(|_| GrammarError::Schema("contains a NUL byte".into()))?;
+    let text =
+        CString::new(text).map_err(|_| GrammarError::Schema("contains a NUL byte".into()))?;
     let mut out: *mut c_char = std::ptr::null_mut();
-    let (status, log) = capture_log(|| unsafe { sys::llama_rs_json_schema_to_grammar(text.as_ptr(), true, &mut out) });
+    let (status, log) = capture_log(|| unsafe {
+        sys::llama_rs_json_schema_to_grammar(text.as_ptr(), true, &mut out)
+    });
     if status != sys::LLAMA_RS_STATUS_OK || out.is_null() {
         if !out.is_null() {
             unsafe { sys::llama_rs_string_free(out) };
@@ -73,7 +82,9 @@ pub fn json_schema_to_grammar(schema: &serde_json::Value) -> Result<String, Gram
         };
         return Err(GrammarError::Schema(reason));
     }
-    let gbnf = unsafe { CStr::from_ptr(out) }.to_string_lossy().into_owned();
+    let gbnf = unsafe { CStr::from_ptr(out) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { sys::llama_rs_string_free(out) };
     Ok(gbnf)
 }
@@ -89,14 +100,21 @@ pub fn validate(model: &Model, grammar: &Grammar) -> Result<(), GrammarError> {
 
 /// Build llama.cpp's grammar sampler for `grammar` (lazy when it has
 /// triggers). The caller owns (and frees) the sampler.
-pub(crate) fn init_sampler(model: &Model, grammar: &Grammar) -> Result<NonNull<sys::llama_sampler>, GrammarError> {
-    let gbnf = CString::new(grammar.gbnf.as_str()).map_err(|_| GrammarError::Grammar("contains a NUL byte".into()))?;
+pub(crate) fn init_sampler(
+    model: &Model,
+    grammar: &Grammar,
+) -> Result<NonNull<sys::llama_sampler>, GrammarError> {
+    let gbnf = CString::new(grammar.gbnf.as_str())
+        .map_err(|_| GrammarError::Grammar("contains a NUL byte".into()))?;
     if grammar.gbnf.trim().is_empty() {
         return Err(GrammarError::Grammar("empty grammar".into()));
     }
     let patterns = trigger_patterns(&grammar.triggers)?;
-    let patterns: Vec<CString> =
-        patterns.into_iter().map(CString::new).collect::<Result<_, _>>().map_err(|_| GrammarError::Trigger("contains a NUL byte".into()))?;
+    let patterns: Vec<CString> = patterns
+        .into_iter()
+        .map(CString::new)
+        .collect::<Result<_, _>>()
+        .map_err(|_| GrammarError::Trigger("contains a NUL byte".into()))?;
     let root = c"root";
     let vocab = model.vocab_ptr();
     let (raw, log) = capture_log(|| unsafe {
@@ -119,7 +137,11 @@ pub(crate) fn init_sampler(model: &Model, grammar: &Grammar) -> Result<NonNull<s
         // llama.cpp prints the parser's detailed complaint to stderr and
         // logs a summary ("failed to parse grammar", "grammar does not
         // contain a 'root' symbol", "left recursion detected ...").
-        let msg = if log.is_empty() { "llama.cpp could not parse it".to_string() } else { log.join("; ") };
+        let msg = if log.is_empty() {
+            "llama.cpp could not parse it".to_string()
+        } else {
+            log.join("; ")
+        };
         GrammarError::Grammar(msg)
     })
 }
@@ -146,7 +168,10 @@ pub fn trigger_patterns(triggers: &[String]) -> Result<Vec<String>, GrammarError
 pub fn regex_escape(word: &str) -> String {
     let mut out = String::with_capacity(word.len() + 8);
     for c in word.chars() {
-        if matches!(c, '.' | '^' | '$' | '|' | '(' | ')' | '*' | '+' | '?' | '[' | ']' | '{' | '}' | '\\') {
+        if matches!(
+            c,
+            '.' | '^' | '$' | '|' | '(' | ')' | '*' | '+' | '?' | '[' | ']' | '{' | '}' | '\\'
+        ) {
             out.push('\\');
         }
         out.push(c);
@@ -184,8 +209,14 @@ mod tests {
     fn trigger_words_are_matched_literally() {
         assert_eq!(regex_escape("<tool_call>"), "<tool_call>");
         assert_eq!(regex_escape("[TOOL_CALLS]"), "\\[TOOL_CALLS\\]");
-        assert_eq!(regex_escape("a.b*c+d?(e)|f{1}^$\\"), "a\\.b\\*c\\+d\\?\\(e\\)\\|f\\{1\\}\\^\\$\\\\");
-        assert_eq!(regex_escape("<｜tool▁calls▁begin｜>"), "<｜tool▁calls▁begin｜>");
+        assert_eq!(
+            regex_escape("a.b*c+d?(e)|f{1}^$\\"),
+            "a\\.b\\*c\\+d\\?\\(e\\)\\|f\\{1\\}\\^\\$\\\\"
+        );
+        assert_eq!(
+            regex_escape("<｜tool▁calls▁begin｜>"),
+            "<｜tool▁calls▁begin｜>"
+        );
         assert_eq!(regex_escape("<|python_tag|>"), "<\\|python_tag\\|>");
     }
 
@@ -193,26 +224,44 @@ mod tests {
     fn empty_triggers_are_refused() {
         assert!(trigger_patterns(&["".into()]).is_err());
         assert!(trigger_patterns(&["a\0b".into()]).is_err());
-        assert_eq!(trigger_patterns(&["x".into(), "[y]".into()]).unwrap(), vec!["x".to_string(), "\\[y\\]".to_string()]);
+        assert_eq!(
+            trigger_patterns(&["x".into(), "[y]".into()]).unwrap(),
+            vec!["x".to_string(), "\\[y\\]".to_string()]
+        );
     }
 
     #[test]
     fn schema_to_grammar_works_without_a_model() {
-        let g = json_schema_to_grammar(&json!({"type":"object","properties":{"city":{"type":"string"}},"required":["city"]})).unwrap();
+        let g = json_schema_to_grammar(
+            &json!({"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}),
+        )
+        .unwrap();
         assert!(g.contains("root ::="), "{g}");
         assert!(g.contains("city"), "{g}");
     }
 
     #[test]
     fn bad_schemas_are_errors_not_aborts() {
-        assert!(matches!(json_schema_to_grammar(&json!({"$ref": "#/definitions/missing"})), Err(GrammarError::Schema(_))));
-        assert!(matches!(json_schema_to_grammar(&json!({"type": "string", "pattern": "^(a$"})), Err(GrammarError::Schema(_))));
-        assert!(matches!(json_schema_to_grammar(&json!(42)), Err(GrammarError::Schema(_))));
+        assert!(matches!(
+            json_schema_to_grammar(&json!({"$ref": "#/definitions/missing"})),
+            Err(GrammarError::Schema(_))
+        ));
+        assert!(matches!(
+            json_schema_to_grammar(&json!({"type": "string", "pattern": "^(a$"})),
+            Err(GrammarError::Schema(_))
+        ));
+        assert!(matches!(
+            json_schema_to_grammar(&json!(42)),
+            Err(GrammarError::Schema(_))
+        ));
         let mut deep = json!({"type": "string"});
         for _ in 0..100 {
             deep = json!({"type": "array", "items": deep});
         }
-        assert!(matches!(json_schema_to_grammar(&deep), Err(GrammarError::Schema(_))));
+        assert!(matches!(
+            json_schema_to_grammar(&deep),
+            Err(GrammarError::Schema(_))
+        ));
     }
 
     #[test]

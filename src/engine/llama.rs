@@ -47,6 +47,27 @@ fn init_backend() {
     });
 }
 
+/// llama.cpp's lines reporting KV buffer sizes, gathered while a context is
+/// created (they are how much memory the KV takes).
+static KV_SIZE_LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Sum the MiB of `size = X MiB` lines.
+fn kv_bytes_of(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| {
+            l.split("size =")
+                .nth(1)?
+                .split("MiB")
+                .next()?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|mib| (mib * (1 << 20) as f64) as u64)
+        .sum()
+}
+
 thread_local! {
     /// llama.cpp's warnings and errors on this thread, while `capture_log`
     /// collects them.
@@ -59,7 +80,9 @@ thread_local! {
 pub(crate) fn capture_log<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
     let prev = CAPTURED.with(|c| c.borrow_mut().replace(Vec::new()));
     let out = f();
-    let lines = CAPTURED.with(|c| std::mem::replace(&mut *c.borrow_mut(), prev)).unwrap_or_default();
+    let lines = CAPTURED
+        .with(|c| std::mem::replace(&mut *c.borrow_mut(), prev))
+        .unwrap_or_default();
     (out, lines)
 }
 
@@ -67,8 +90,12 @@ pub(crate) fn capture_log<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
 fn capture_line(level: sys::ggml_log_level, msg: &str) -> bool {
     CAPTURED
         .try_with(|c| {
-            let Ok(mut c) = c.try_borrow_mut() else { return false };
-            let Some(lines) = c.as_mut() else { return false };
+            let Ok(mut c) = c.try_borrow_mut() else {
+                return false;
+            };
+            let Some(lines) = c.as_mut() else {
+                return false;
+            };
             match level {
                 sys::GGML_LOG_LEVEL_ERROR | sys::GGML_LOG_LEVEL_WARN => lines.push(msg.to_string()),
                 sys::GGML_LOG_LEVEL_CONT => {
@@ -83,7 +110,11 @@ fn capture_line(level: sys::ggml_log_level, msg: &str) -> bool {
         .unwrap_or(false)
 }
 
-unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
+unsafe extern "C" fn log_to_tracing(
+    level: sys::ggml_log_level,
+    text: *const c_char,
+    _: *mut c_void,
+) {
     if text.is_null() {
         return;
     }
@@ -91,6 +122,14 @@ unsafe extern "C" fn log_to_tracing(level: sys::ggml_log_level, text: *const c_c
     let msg = msg.trim_end();
     if msg.is_empty() {
         return;
+    }
+    if (msg.starts_with("llama_kv_cache") || msg.starts_with("llama_memory_recurrent"))
+        && msg.contains(" cells,")
+        && msg.contains("size =")
+    {
+        if let Ok(mut lines) = KV_SIZE_LINES.lock() {
+            lines.push(msg.to_string());
+        }
     }
     if capture_line(level, msg) {
         tracing::debug!(target: "llama.cpp", "{msg}");
@@ -128,18 +167,37 @@ impl Model {
     pub fn load(path: &Path, n_gpu_layers: i32) -> Result<Arc<Model>, LlamaError> {
         init_backend();
         let shown = path.display().to_string();
-        let fail = |reason: &str| LlamaError::Load { path: shown.clone(), reason: reason.into() };
+        let fail = |reason: &str| LlamaError::Load {
+            path: shown.clone(),
+            reason: reason.into(),
+        };
         if !path.is_file() {
             return Err(fail("no such file"));
         }
-        let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| fail("path contains NUL"))?;
+        let cpath = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| fail("path contains NUL"))?;
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = n_gpu_layers;
+        if cpu_has_amx() {
+            // llama.cpp's AMX matmul kernels crash (SIGSEGV in
+            // ggml_backend_amx_mul_mat) on the first prefill on CPUs with
+            // AMX; the AMX buffer type is one of the "extra" ones, so
+            // weights stay in plain CPU buffers there.
+            tracing::info!("CPU has AMX: llama.cpp's extra (AMX, repacked) weight buffers are off");
+            params.use_extra_bufts = false;
+        }
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
-        let ptr = NonNull::new(raw).ok_or_else(|| fail("llama.cpp could not load it (not a GGUF, or an unsupported architecture)"))?;
+        let ptr = NonNull::new(raw).ok_or_else(|| {
+            fail("llama.cpp could not load it (not a GGUF, or an unsupported architecture)")
+        })?;
         let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };
-        let vocab = NonNull::new(vocab as *mut sys::llama_vocab).ok_or_else(|| fail("model has no vocabulary"))?;
-        Ok(Arc::new(Model { ptr, vocab, path: shown }))
+        let vocab = NonNull::new(vocab as *mut sys::llama_vocab)
+            .ok_or_else(|| fail("model has no vocabulary"))?;
+        Ok(Arc::new(Model {
+            ptr,
+            vocab,
+            path: shown,
+        }))
     }
 
     pub fn path(&self) -> &str {
@@ -195,7 +253,14 @@ impl Model {
         let mut buf = vec![0u8; 32];
         loop {
             let n = unsafe {
-                sys::llama_token_to_piece(self.vocab(), token, buf.as_mut_ptr() as *mut c_char, buf.len() as i32, 0, special)
+                sys::llama_token_to_piece(
+                    self.vocab(),
+                    token,
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len() as i32,
+                    0,
+                    special,
+                )
             };
             if n >= 0 {
                 buf.truncate(n as usize);
@@ -222,7 +287,9 @@ impl Model {
 
     /// The text of a special token (`<|im_end|>`), for templates.
     pub fn special_text(&self, token: Option<Token>) -> String {
-        token.map(|t| String::from_utf8_lossy(&self.piece(t, true)).into_owned()).unwrap_or_default()
+        token
+            .map(|t| String::from_utf8_lossy(&self.piece(t, true)).into_owned())
+            .unwrap_or_default()
     }
 
     pub fn bos_text(&self) -> String {
@@ -249,7 +316,10 @@ impl Model {
 
     /// Recurrent state cannot be rewound at all, only extended or cleared.
     pub fn is_recurrent(&self) -> bool {
-        unsafe { sys::llama_model_is_recurrent(self.ptr.as_ptr()) || sys::llama_model_is_hybrid(self.ptr.as_ptr()) }
+        unsafe {
+            sys::llama_model_is_recurrent(self.ptr.as_ptr())
+                || sys::llama_model_is_hybrid(self.ptr.as_ptr())
+        }
     }
 
     /// Identifies the weights: a KV snapshot is only valid for the model
@@ -304,7 +374,12 @@ impl Model {
         let mut buf = vec![0u8; 256];
         loop {
             let n = unsafe {
-                sys::llama_model_meta_val_str(self.ptr.as_ptr(), key.as_ptr(), buf.as_mut_ptr() as *mut c_char, buf.len())
+                sys::llama_model_meta_val_str(
+                    self.ptr.as_ptr(),
+                    key.as_ptr(),
+                    buf.as_mut_ptr() as *mut c_char,
+                    buf.len(),
+                )
             };
             if n < 0 {
                 return None;
@@ -320,10 +395,25 @@ impl Model {
     /// A short human description ("llama 135M Q4_1").
     pub fn description(&self) -> String {
         let mut buf = vec![0u8; 256];
-        let n = unsafe { sys::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr() as *mut c_char, buf.len()) };
+        let n = unsafe {
+            sys::llama_model_desc(
+                self.ptr.as_ptr(),
+                buf.as_mut_ptr() as *mut c_char,
+                buf.len(),
+            )
+        };
         buf.truncate(n.max(0) as usize);
         String::from_utf8_lossy(&buf).into_owned()
     }
+}
+
+/// Whether this CPU has AMX (Linux reports it in /proc/cpuinfo).
+fn cpu_has_amx() -> bool {
+    cfg!(target_arch = "x86_64")
+        && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+            c.lines()
+                .any(|l| l.starts_with("flags") && l.contains(" amx_int8"))
+        })
 }
 
 /// Called by llama.cpp inside graph compute; `true` aborts the decode.
@@ -332,13 +422,30 @@ pub type AbortFn = dyn Fn() -> bool + Send + Sync;
 /// How a context is created.
 #[derive(Debug, Clone, Copy)]
 pub struct ContextParams {
+    /// KV cells in all: shared by every sequence (one unified buffer).
     pub n_ctx: u32,
     pub n_batch: u32,
     pub n_threads: i32,
+    /// Sequences the KV holds at once (1: today's single sequence).
+    pub n_seq_max: u32,
 }
 
-/// A llama.cpp context with one sequence (id 0). Owned by exactly one
-/// thread at a time.
+/// The sequence id of a KV row.
+pub type SeqId = i32;
+
+/// One row of a batch: a token of one sequence at one position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    pub token: Token,
+    pub pos: usize,
+    pub seq: SeqId,
+    /// Keep this row's logits (read back with [`Context::logits`] by the
+    /// row's index in the batch).
+    pub logits: bool,
+}
+
+/// A llama.cpp context: one unified KV buffer holding up to `n_seq_max`
+/// sequences. Owned by exactly one thread at a time.
 pub struct Context {
     ptr: NonNull<sys::llama_context>,
     batch: sys::llama_batch,
@@ -346,6 +453,8 @@ pub struct Context {
     /// Boxed twice so llama.cpp holds a stable thin pointer to it for the
     /// context's whole life.
     _abort: Box<Box<AbortFn>>,
+    /// Bytes of KV buffers, as llama.cpp reported them at creation.
+    kv_bytes: u64,
     /// Keeps the weights alive as long as the context that reads them.
     model: Arc<Model>,
 }
@@ -360,7 +469,11 @@ unsafe extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
 }
 
 impl Context {
-    pub fn new(model: Arc<Model>, params: ContextParams, abort: Box<AbortFn>) -> Result<Context, LlamaError> {
+    pub fn new(
+        model: Arc<Model>,
+        params: ContextParams,
+        abort: Box<AbortFn>,
+    ) -> Result<Context, LlamaError> {
         let abort: Box<Box<AbortFn>> = Box::new(abort);
         let mut p = unsafe { sys::llama_context_default_params() };
         p.n_ctx = params.n_ctx;
@@ -368,7 +481,10 @@ impl Context {
         // One micro-batch per chunk: an abort then drops exactly the chunk
         // in flight, and progress is reported per computed chunk.
         p.n_ubatch = params.n_batch;
-        p.n_seq_max = 1;
+        p.n_seq_max = params.n_seq_max.max(1);
+        // One buffer for every sequence, so a prefix copied between
+        // sequences (`seq_cp`) shares its cells instead of duplicating them.
+        p.kv_unified = params.n_seq_max > 1;
         if params.n_threads > 0 {
             p.n_threads = params.n_threads;
             p.n_threads_batch = params.n_threads;
@@ -380,11 +496,26 @@ impl Context {
         p.swa_full = model.has_swa();
         p.abort_callback = Some(abort_trampoline);
         p.abort_callback_data = &*abort as *const Box<AbortFn> as *mut c_void;
+        if let Ok(mut lines) = KV_SIZE_LINES.lock() {
+            lines.clear();
+        }
+        // SAFETY: the model outlives the context (the Arc is kept in it);
+        // the abort data pointer stays valid as long as `abort` lives.
         let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), p) };
-        let ptr = NonNull::new(raw).ok_or(LlamaError::Context { n_ctx: params.n_ctx })?;
+        let ptr = NonNull::new(raw).ok_or(LlamaError::Context {
+            n_ctx: params.n_ctx,
+        })?;
+        let kv_bytes = KV_SIZE_LINES.lock().map(|l| kv_bytes_of(&l)).unwrap_or(0);
         let batch_cap = params.n_batch.max(1) as usize;
         let batch = unsafe { sys::llama_batch_init(batch_cap as i32, 0, 1) };
-        Ok(Context { ptr, batch, batch_cap, _abort: abort, model })
+        Ok(Context {
+            ptr,
+            batch,
+            batch_cap,
+            _abort: abort,
+            kv_bytes,
+            model,
+        })
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -395,24 +526,64 @@ impl Context {
         unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
     }
 
-    /// Evaluate `tokens` at positions `pos..`, in one micro-batch. Logits
-    /// are kept for the last token only when `want_logits`.
-    pub fn decode(&mut self, tokens: &[Token], pos: usize, want_logits: bool) -> Result<(), DecodeError> {
-        assert!(!tokens.is_empty() && tokens.len() <= self.batch_cap, "batch of {} tokens", tokens.len());
+    /// Bytes the KV buffers take (0 when llama.cpp did not say).
+    pub fn kv_bytes(&self) -> u64 {
+        self.kv_bytes
+    }
+
+    pub fn n_seq_max(&self) -> u32 {
+        unsafe { sys::llama_n_seq_max(self.ptr.as_ptr()) }
+    }
+
+    pub fn n_batch(&self) -> usize {
+        self.batch_cap
+    }
+
+    /// Evaluate `tokens` of sequence 0 at positions `pos..`, in one
+    /// micro-batch. Logits are kept for the last token only when
+    /// `want_logits`.
+    pub fn decode(
+        &mut self,
+        tokens: &[Token],
+        pos: usize,
+        want_logits: bool,
+    ) -> Result<(), DecodeError> {
+        let n = tokens.len();
+        let rows: Vec<Row> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| Row {
+                token,
+                pos: pos + i,
+                seq: 0,
+                logits: want_logits && i + 1 == n,
+            })
+            .collect();
+        self.decode_rows(&rows)
+    }
+
+    /// Evaluate one batch of rows (any sequences, each sequence's rows at
+    /// consecutive positions following what its KV holds) in one
+    /// micro-batch: an abort then drops exactly this batch.
+    pub fn decode_rows(&mut self, rows: &[Row]) -> Result<(), DecodeError> {
+        assert!(
+            !rows.is_empty() && rows.len() <= self.batch_cap,
+            "batch of {} rows",
+            rows.len()
+        );
         let b = &mut self.batch;
         // SAFETY: the batch was allocated for batch_cap tokens and one
         // sequence id each; we write within those bounds.
         unsafe {
-            for (i, &t) in tokens.iter().enumerate() {
-                *b.token.add(i) = t;
-                *b.pos.add(i) = (pos + i) as i32;
+            for (i, r) in rows.iter().enumerate() {
+                *b.token.add(i) = r.token;
+                *b.pos.add(i) = r.pos as i32;
                 *b.n_seq_id.add(i) = 1;
-                *(*b.seq_id.add(i)) = 0;
-                *b.logits.add(i) = 0;
+                *(*b.seq_id.add(i)) = r.seq;
+                *b.logits.add(i) = r.logits as i8;
             }
-            *b.logits.add(tokens.len() - 1) = want_logits as i8;
         }
-        b.n_tokens = tokens.len() as i32;
+        b.n_tokens = rows.len() as i32;
         match unsafe { sys::llama_decode(self.ptr.as_ptr(), self.batch) } {
             0 => Ok(()),
             1 => Err(DecodeError::NoSlot),
@@ -423,9 +594,18 @@ impl Context {
 
     /// Logits of the last token decoded with `want_logits`.
     pub fn last_logits(&self) -> &[f32] {
+        self.logits(-1)
+    }
+
+    /// Logits of batch row `i` of the last decode (negative: from the
+    /// end); empty when that row kept none.
+    pub fn logits(&self, i: i32) -> &[f32] {
         let n = self.model.n_vocab() as usize;
+        // SAFETY: llama.cpp returns null for a row without logits, else a
+        // pointer to n_vocab floats that live until the next decode; the
+        // borrow of self keeps a decode from happening meanwhile.
         unsafe {
-            let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), -1);
+            let p = sys::llama_get_logits_ith(self.ptr.as_ptr(), i);
             if p.is_null() {
                 return &[];
             }
@@ -440,39 +620,88 @@ impl Context {
     /// How many positions of sequence 0 the KV cache holds (they are always
     /// a prefix `0..n`).
     pub fn kv_len(&self) -> usize {
-        let max = unsafe { sys::llama_memory_seq_pos_max(self.memory(), 0) };
+        self.seq_len(0)
+    }
+
+    /// How many positions of `seq` the KV holds (always a prefix `0..n`).
+    pub fn seq_len(&self, seq: SeqId) -> usize {
+        // SAFETY: the memory handle lives as long as the context.
+        let max = unsafe { sys::llama_memory_seq_pos_max(self.memory(), seq) };
         (max + 1).max(0) as usize
     }
 
-    /// Drop positions `from..` of sequence 0. Returns false when the memory
-    /// cannot drop a partial range (recurrent models); the caller then
-    /// clears everything.
+    /// Drop positions `from..` of sequence 0 (see [`Context::seq_truncate`]).
     pub fn kv_truncate(&mut self, from: usize) -> bool {
-        unsafe { sys::llama_memory_seq_rm(self.memory(), 0, from as i32, -1) }
+        self.seq_truncate(0, from)
+    }
+
+    /// Drop positions `from..` of `seq`. Returns false when the memory
+    /// cannot drop a partial range (recurrent models); the caller then
+    /// clears the sequence.
+    pub fn seq_truncate(&mut self, seq: SeqId, from: usize) -> bool {
+        // SAFETY: plain call on a live memory handle.
+        unsafe { sys::llama_memory_seq_rm(self.memory(), seq, from as i32, -1) }
+    }
+
+    /// Drop every position of `seq`.
+    pub fn seq_clear(&mut self, seq: SeqId) {
+        // SAFETY: plain call on a live memory handle; a full removal always
+        // succeeds.
+        unsafe {
+            sys::llama_memory_seq_rm(self.memory(), seq, -1, -1);
+        }
+    }
+
+    /// Make `dst` hold positions `0..n` of `src`: in the unified buffer the
+    /// cells are shared, not copied (no compute, no new cells).
+    pub fn seq_copy(&mut self, src: SeqId, dst: SeqId, n: usize) {
+        // SAFETY: both ids are below n_seq_max (checked by the caller's
+        // slot table); plain call on a live memory handle.
+        unsafe { sys::llama_memory_seq_cp(self.memory(), src, dst, 0, n as i32) }
     }
 
     pub fn kv_clear(&mut self) {
+        // SAFETY: plain call on a live memory handle.
         unsafe { sys::llama_memory_clear(self.memory(), true) }
     }
 
     /// Copy sequence 0's KV state out (for a snapshot).
     pub fn state_get(&self) -> Vec<u8> {
+        self.seq_state_get(0)
+    }
+
+    /// Copy one sequence's KV state out (for a snapshot).
+    pub fn seq_state_get(&self, seq: SeqId) -> Vec<u8> {
+        // SAFETY: the buffer is sized by llama.cpp's own size query and the
+        // write is bounded by it.
         unsafe {
-            let size = sys::llama_state_seq_get_size(self.ptr.as_ptr(), 0);
+            let size = sys::llama_state_seq_get_size(self.ptr.as_ptr(), seq);
             let mut buf = vec![0u8; size];
-            let n = sys::llama_state_seq_get_data(self.ptr.as_ptr(), buf.as_mut_ptr(), size, 0);
+            let n = sys::llama_state_seq_get_data(self.ptr.as_ptr(), buf.as_mut_ptr(), size, seq);
             buf.truncate(n);
             buf
         }
     }
 
-    /// Replace sequence 0's KV state with a snapshot. False when llama.cpp
-    /// refuses it (wrong shape, does not fit); the sequence is then empty.
+    /// Replace sequence 0's whole KV with a snapshot (see
+    /// [`Context::seq_state_set`]).
     pub fn state_set(&mut self, state: &[u8]) -> bool {
         self.kv_clear();
-        let n = unsafe { sys::llama_state_seq_set_data(self.ptr.as_ptr(), state.as_ptr(), state.len(), 0) };
+        self.seq_state_set(0, state)
+    }
+
+    /// Replace one sequence's KV state with a snapshot. False when
+    /// llama.cpp refuses it (wrong shape, no room); the sequence is then
+    /// empty.
+    pub fn seq_state_set(&mut self, seq: SeqId, state: &[u8]) -> bool {
+        self.seq_clear(seq);
+        // SAFETY: llama.cpp reads at most `state.len()` bytes and validates
+        // what it reads.
+        let n = unsafe {
+            sys::llama_state_seq_set_data(self.ptr.as_ptr(), state.as_ptr(), state.len(), seq)
+        };
         if n == 0 {
-            self.kv_clear();
+            self.seq_clear(seq);
         }
         n != 0
     }
@@ -497,7 +726,11 @@ impl Model {
         let mut out = Vec::new();
         for id in 0..n {
             let attr = unsafe { sys::llama_vocab_get_attr(self.vocab(), id) };
-            if attr & (sys::LLAMA_TOKEN_ATTR_CONTROL | sys::LLAMA_TOKEN_ATTR_UNKNOWN) as sys::llama_token_attr != 0 {
+            if attr
+                & (sys::LLAMA_TOKEN_ATTR_CONTROL | sys::LLAMA_TOKEN_ATTR_UNKNOWN)
+                    as sys::llama_token_attr
+                != 0
+            {
                 let text = String::from_utf8_lossy(&self.piece(id, true)).into_owned();
                 if !text.is_empty() {
                     out.push(text);

@@ -1,22 +1,35 @@
 //! The engine: the only code that touches llama.cpp.
 //!
-//! One dedicated OS thread (`worker`) owns the context, the KV cache and the
-//! sampler. The async side holds an [`EngineHandle`]: it submits [`Job`]s on
-//! a channel and reads each job's [`Event`]s from an unbounded channel of its
-//! own, so the engine never blocks on a client (DESIGN invariant 1). The
-//! model weights are shared read-only through [`llama::Model`], which the
-//! HTTP side also uses to tokenize before a job is queued.
+//! One dedicated OS thread (`worker`) owns the context, the unified KV
+//! cache of every sequence and their samplers. The async side holds an
+//! [`EngineHandle`]: it submits [`Job`]s on a channel and reads each job's
+//! [`Event`]s from an unbounded channel of its own, so the engine never
+//! blocks on a client (DESIGN invariant 1). Up to `--parallel` jobs run at
+//! once, one sequence each, decoded together in one batch per step
+//! (DESIGN invariant 9). The model weights are shared read-only through
+//! [`llama::Model`], which the HTTP side also uses to tokenize before a job
+//! is queued.
 
+mod admit;
 pub mod cache;
+pub mod cells;
 pub mod fault;
 pub mod grammar;
+mod hook;
 pub mod llama;
+mod output;
+mod prefix;
 pub mod sampling;
+pub mod schedule;
+mod sequence;
+pub mod spec;
+pub mod status;
+mod step;
 pub mod text;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -122,7 +135,8 @@ pub struct TopLogprob {
 pub enum PrefixSource {
     /// Nothing reused.
     None,
-    /// The live sequence in the context.
+    /// A sequence in the context (its own slot's, or shared by copy from
+    /// another running or idle sequence).
     Live,
     /// A snapshot kept in RAM.
     Ram,
@@ -178,17 +192,29 @@ pub struct Timings {
 pub enum Event {
     /// The engine picked the job up. `cached` prompt tokens are reused,
     /// found in `source`.
-    Started { prompt_tokens: u32, cached: u32, source: PrefixSource },
+    Started {
+        prompt_tokens: u32,
+        cached: u32,
+        source: PrefixSource,
+    },
     /// A prefill chunk finished: `done` of `total` prompt tokens are in the
     /// KV cache.
-    PrefillProgress { done: u32, total: u32, elapsed: Duration },
+    PrefillProgress {
+        done: u32,
+        total: u32,
+        elapsed: Duration,
+    },
     /// Generated text: always whole UTF-8, never part of a stop sequence.
     Text(String),
     /// The sampled tokens since the last `Logprobs`, sent just before the
     /// `Text` that holds them (only when the request asked for logprobs).
     Logprobs(Vec<TokenLogprob>),
     /// The last event of a successful job.
-    Finished { reason: FinishReason, usage: Usage, timings: Timings },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        timings: Timings,
+    },
     /// The last event of a failed job.
     Failed(EngineError),
 }
@@ -203,6 +229,10 @@ pub enum EngineError {
     PromptTooLong { prompt: u32, ctx: u32 },
     #[error("the engine stopped")]
     Stopped,
+    /// A bug inside one step (a panic): the requests of that step fail,
+    /// the engine carries on.
+    #[error("the engine failed while computing this request: {0}")]
+    Crashed(String),
 }
 
 /// Shared cancel flag. Set by the HTTP side when a client goes away; read by
@@ -234,7 +264,7 @@ impl Drop for CancelOnDrop {
 
 /// What the engine thread is asked to do, in order.
 pub(crate) enum Command {
-    Run(Job),
+    Run(Box<Job>),
     /// Save what the KV cache keeps across restarts, then stop taking work.
     /// Answered when done.
     Shutdown(tokio::sync::oneshot::Sender<()>),
@@ -248,6 +278,17 @@ pub(crate) struct Job {
     pub events: mpsc::UnboundedSender<Event>,
     pub cancel: CancelFlag,
     pub span: tracing::Span,
+    /// More choices of the same prompt: once this job's prompt is
+    /// prefilled, each takes a copy of its sequence and samples from the
+    /// same logits (one prefill forked `n` ways).
+    pub forks: Vec<Job>,
+}
+
+impl Job {
+    /// The client has gone: its stream was dropped or it cancelled.
+    pub fn is_abandoned(&self) -> bool {
+        self.cancel.is_cancelled() || self.events.is_closed()
+    }
 }
 
 /// Counters the HTTP side can read without asking the engine thread.
@@ -257,6 +298,40 @@ pub struct EngineStats {
     pub queued: AtomicUsize,
     /// Jobs ever submitted.
     pub submitted: AtomicU64,
+    /// Sequences running now (prefilling or decoding).
+    pub running: AtomicUsize,
+    /// Jobs received by the engine and waiting for a sequence or KV room.
+    pub waiting: AtomicUsize,
+    /// KV cells in use (a cell shared by several sequences counts once).
+    pub kv_used: AtomicUsize,
+    /// KV cells in all.
+    pub kv_cells: AtomicUsize,
+    /// Prompt tokens taken from another sequence by copy, ever.
+    pub shared_tokens: AtomicU64,
+    /// Engine steps, ever, and the rows they held (batch size = rows/steps).
+    pub steps: AtomicU64,
+    pub step_rows: AtomicU64,
+    /// Steps whose batch held more than one sequence.
+    pub multi_steps: AtomicU64,
+    /// Sequences preempted for KV room (their cells freed, resumed later).
+    pub preempted: AtomicU64,
+    /// Longest step, in microseconds, and the longest one that also took a
+    /// snapshot copy.
+    pub max_step_us: AtomicU64,
+    pub max_snapshot_step_us: AtomicU64,
+    /// Tokens drafted by prompt lookup, and those the model accepted.
+    pub spec_drafted: AtomicU64,
+    pub spec_accepted: AtomicU64,
+    /// Steps that failed (a decode error or a panic) and were survived.
+    pub failed_steps: AtomicU64,
+    /// False once the engine thread has stopped (shutdown or a fault it
+    /// could not survive): `/health` then answers 503.
+    pub alive: AtomicBool,
+    /// Why the engine stopped, when it did.
+    pub stopped_why: Mutex<Option<String>>,
+    /// What each sequence is doing, for `GET /slots`; refreshed by the
+    /// engine after each step, only when nobody is reading it.
+    pub status: Mutex<status::EngineStatus>,
 }
 
 /// The async side's handle on the engine. Cheap to clone.
@@ -290,26 +365,67 @@ impl EngineHandle {
     }
 
     /// Queue a job. Never waits: the queue is unbounded and the engine
-    /// thread drains it in arrival order.
+    /// thread admits jobs in arrival order.
     pub fn submit(&self, request: GenerateRequest) -> JobHandle {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let cancel = CancelFlag::default();
-        let seq = self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        self.submit_group(vec![request])
+            .pop()
+            .expect("one request, one handle")
+    }
+
+    /// Queue several choices of one prompt (their requests differ at most
+    /// in sampling): the first is prefilled, the others fork from it and
+    /// decode beside it. One handle per request, in order.
+    pub fn submit_group(&self, requests: Vec<GenerateRequest>) -> Vec<JobHandle> {
+        let mut handles = Vec::with_capacity(requests.len());
+        let mut jobs: Vec<Job> = requests
+            .into_iter()
+            .map(|request| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let cancel = CancelFlag::default();
+                handles.push(JobHandle {
+                    events: rx,
+                    cancel: cancel.clone(),
+                });
+                let seq = self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                Job {
+                    seq,
+                    request,
+                    events: tx,
+                    cancel,
+                    span: tracing::Span::current(),
+                    forks: Vec::new(),
+                }
+            })
+            .collect();
+        if jobs.is_empty() {
+            return handles;
+        }
+        let mut leader = jobs.remove(0);
+        leader.forks = jobs;
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        let job = Job {
-            seq,
-            request,
-            events: tx,
-            cancel: cancel.clone(),
-            span: tracing::Span::current(),
-        };
-        if let Err(err) = self.jobs.send(Command::Run(job)) {
+        if let Err(err) = self.jobs.send(Command::Run(Box::new(leader))) {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             if let Command::Run(job) = err.0 {
-                let _ = job.events.send(Event::Failed(EngineError::Stopped));
+                for j in std::iter::once(&*job).chain(job.forks.iter()) {
+                    let _ = j.events.send(Event::Failed(EngineError::Stopped));
+                }
             }
         }
-        JobHandle { events: rx, cancel }
+        handles
+    }
+
+    /// Whether the engine thread is running and taking jobs.
+    pub fn is_alive(&self) -> bool {
+        self.stats.alive.load(Ordering::Acquire)
+    }
+
+    /// What each sequence and the queue are doing now (a copy).
+    pub fn status(&self) -> status::EngineStatus {
+        self.stats
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     /// Ask the engine to save its KV state for the next start and stop.
@@ -326,8 +442,16 @@ impl EngineHandle {
 /// How the engine thread is set up.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Context size in tokens; 0 means the model's trained length.
+    /// What one request may use, in tokens; 0 means the model's trained
+    /// length.
     pub n_ctx: u32,
+    /// Sequences decoded together (`--parallel`).
+    pub n_parallel: u32,
+    /// Speculative decoding by prompt lookup (None: `--no-spec`).
+    pub spec: Option<spec::SpecConfig>,
+    /// KV cells shared by all sequences; 0: `n_ctx` times `n_parallel`,
+    /// at most 65536 (and at least `n_ctx`).
+    pub kv_size: u32,
     /// Prefill chunk size (llama.cpp's n_batch and n_ubatch).
     pub n_batch: u32,
     /// CPU threads; 0 lets llama.cpp decide.
@@ -349,5 +473,10 @@ pub fn start(model: Arc<Model>, config: EngineConfig) -> Result<EngineHandle, ll
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let stats = Arc::new(EngineStats::default());
     let n_ctx = worker::spawn(model.clone(), config, jobs_rx, stats.clone())?;
-    Ok(EngineHandle { jobs: jobs_tx, model, stats, n_ctx })
+    Ok(EngineHandle {
+        jobs: jobs_tx,
+        model,
+        stats,
+        n_ctx,
+    })
 }

@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 use llama_cpp_sys_2 as sys;
 
 use super::grammar::GrammarError;
-use super::llama::{Context, Model, Token};
+use super::llama::{Model, Token};
 use super::Grammar;
 
 /// How to pick each next token. Defaults are the official APIs' own
@@ -27,7 +27,13 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, min_p: 0.0, seed: None }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: None,
+        }
     }
 }
 
@@ -62,8 +68,14 @@ impl Sampler {
     /// order: truncation (top-k, top-p, min-p), then temperature, then a
     /// seeded draw. Greedy replaces the chain with an argmax, still under
     /// the grammar.
-    pub fn new(params: &SamplingParams, model: &Model, grammar: Option<&Grammar>) -> Result<Sampler, GrammarError> {
-        let grammar = grammar.map(|g| super::grammar::init_sampler(model, g)).transpose()?;
+    pub fn new(
+        params: &SamplingParams,
+        model: &Model,
+        grammar: Option<&Grammar>,
+    ) -> Result<Sampler, GrammarError> {
+        let grammar = grammar
+            .map(|g| super::grammar::init_sampler(model, g))
+            .transpose()?;
         unsafe {
             let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
             let add = |s: *mut sys::llama_sampler| sys::llama_sampler_chain_add(chain, s);
@@ -84,11 +96,16 @@ impl Sampler {
                 add(sys::llama_sampler_init_dist(seed));
             }
             let chain = NonNull::new(chain).expect("llama_sampler_chain_init returned null");
-            Ok(Sampler { chain, grammar, broken: false, cur: Vec::new() })
+            Ok(Sampler {
+                chain,
+                grammar,
+                broken: false,
+                cur: Vec::new(),
+            })
         }
     }
 
-    /// Pick the next token from the context's last logits and record it in
+    /// Pick the next token from a row's logits and record it in
     /// the samplers' state. None when nothing can follow: the grammar
     /// allows no token (not even end-of-generation), or its state broke.
     ///
@@ -96,11 +113,10 @@ impl Sampler {
     /// and the grammar only checks the pick; only when it refuses is the
     /// grammar applied to the whole vocabulary and the chain run again.
     /// Greedy gets exactly the grammar-constrained argmax either way.
-    pub fn sample(&mut self, ctx: &Context) -> Option<Token> {
+    pub fn sample(&mut self, logits: &[f32]) -> Option<Token> {
         if self.broken {
             return None;
         }
-        let logits = ctx.last_logits();
         if logits.is_empty() {
             return None;
         }
@@ -122,7 +138,10 @@ impl Sampler {
             return;
         }
         if self.grammar.is_some() && !self.allows(token) {
-            tracing::debug!(token, "forced token outside the grammar; the grammar does not see it");
+            tracing::debug!(
+                token,
+                "forced token outside the grammar; the grammar does not see it"
+            );
             unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
             return;
         }
@@ -134,8 +153,22 @@ impl Sampler {
     /// candidate.
     fn run_chain(&mut self, logits: &[f32], with_grammar: bool) -> Option<Token> {
         self.cur.clear();
-        self.cur.extend(logits.iter().enumerate().map(|(i, &logit)| sys::llama_token_data { id: i as Token, logit, p: 0.0 }));
-        let mut arr = sys::llama_token_data_array { data: self.cur.as_mut_ptr(), size: self.cur.len(), selected: -1, sorted: false };
+        self.cur.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &logit)| sys::llama_token_data {
+                    id: i as Token,
+                    logit,
+                    p: 0.0,
+                }),
+        );
+        let mut arr = sys::llama_token_data_array {
+            data: self.cur.as_mut_ptr(),
+            size: self.cur.len(),
+            selected: -1,
+            sorted: false,
+        };
         if let (true, Some(g)) = (with_grammar, self.grammar) {
             unsafe { sys::llama_sampler_apply(g.as_ptr(), &mut arr) };
             // SAFETY: apply may shrink or reorder the array, within `cur`.
@@ -159,8 +192,17 @@ impl Sampler {
     /// Whether the grammar allows `token` next.
     fn allows(&mut self, token: Token) -> bool {
         let Some(g) = self.grammar else { return true };
-        let mut one = sys::llama_token_data { id: token, logit: 1.0, p: 0.0 };
-        let mut arr = sys::llama_token_data_array { data: &mut one, size: 1, selected: -1, sorted: false };
+        let mut one = sys::llama_token_data {
+            id: token,
+            logit: 1.0,
+            p: 0.0,
+        };
+        let mut arr = sys::llama_token_data_array {
+            data: &mut one,
+            size: 1,
+            selected: -1,
+            sorted: false,
+        };
         unsafe { sys::llama_sampler_apply(g.as_ptr(), &mut arr) };
         one.logit != f32::NEG_INFINITY
     }
@@ -169,7 +211,11 @@ impl Sampler {
         if let Some(g) = self.grammar {
             let status = unsafe { sys::llama_rs_sampler_accept(g.as_ptr(), token) };
             if status != sys::LLAMA_RS_STATUS_OK {
-                tracing::warn!(token, status, "the grammar refused a token it allowed; generation ends");
+                tracing::warn!(
+                    token,
+                    status,
+                    "the grammar refused a token it allowed; generation ends"
+                );
                 self.broken = true;
             }
         }
@@ -193,10 +239,22 @@ impl Drop for Sampler {
 /// first (ties: lower id first, as greedy sampling picks). NaN logits count
 /// as impossible.
 pub fn logprobs(logits: &[f32], chosen: Token, n: usize) -> (f32, Vec<(Token, f32)>) {
-    let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
-    let n_inf = if max == f32::INFINITY { logits.iter().filter(|&&l| l == f32::INFINITY).count() } else { 0 };
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let n_inf = if max == f32::INFINITY {
+        logits.iter().filter(|&&l| l == f32::INFINITY).count()
+    } else {
+        0
+    };
     let lse = if max.is_finite() {
-        let sum: f64 = logits.iter().filter(|l| !l.is_nan()).map(|&l| ((l - max) as f64).exp()).sum();
+        let sum: f64 = logits
+            .iter()
+            .filter(|l| !l.is_nan())
+            .map(|&l| ((l - max) as f64).exp())
+            .sum();
         max as f64 + sum.ln()
     } else {
         0.0
@@ -206,13 +264,23 @@ pub fn logprobs(logits: &[f32], chosen: Token, n: usize) -> (f32, Vec<(Token, f3
             f32::NEG_INFINITY
         } else if n_inf > 0 {
             // Infinite logits share all the probability.
-            if l == f32::INFINITY { -(n_inf as f32).ln() } else { f32::NEG_INFINITY }
+            if l == f32::INFINITY {
+                -(n_inf as f32).ln()
+            } else {
+                f32::NEG_INFINITY
+            }
         } else {
             ((l as f64 - lse) as f32).min(0.0)
         }
     };
-    let chosen_lp = logits.get(chosen as usize).copied().map_or(f32::NEG_INFINITY, lp);
-    let top = top_n(logits, n).into_iter().map(|(t, l)| (t, lp(l))).collect();
+    let chosen_lp = logits
+        .get(chosen as usize)
+        .copied()
+        .map_or(f32::NEG_INFINITY, lp);
+    let top = top_n(logits, n)
+        .into_iter()
+        .map(|(t, l)| (t, lp(l)))
+        .collect();
     (chosen_lp, top)
 }
 
@@ -258,13 +326,19 @@ mod tests {
         assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1, 0]);
         assert!(close(top[0].1, (3.0f32.exp() / z).ln()));
         assert!(close(top[1].1, lp));
-        let total: f32 = logits.iter().enumerate().map(|(i, _)| logprobs(&logits, i as Token, 0).0.exp()).sum();
+        let total: f32 = logits
+            .iter()
+            .enumerate()
+            .map(|(i, _)| logprobs(&logits, i as Token, 0).0.exp())
+            .sum();
         assert!(close(total, 1.0));
     }
 
     #[test]
     fn top_n_is_sorted_and_capped() {
-        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 10.0).collect();
+        let logits: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 10.0)
+            .collect();
         let (_, top) = logprobs(&logits, 0, 20);
         assert_eq!(top.len(), 20);
         assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));

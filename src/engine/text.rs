@@ -28,7 +28,10 @@ pub struct StopScanner {
 impl StopScanner {
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { stops, ..Self::default() }
+        Self {
+            stops,
+            ..Self::default()
+        }
     }
 
     /// Feed the bytes of one token.
@@ -39,7 +42,10 @@ impl StopScanner {
             let text = self.held[..at].to_string();
             self.held.clear();
             self.raw.clear();
-            return Released { text, stop: Some(stop) };
+            return Released {
+                text,
+                stop: Some(stop),
+            };
         }
         let keep = self.partial_stop_len();
         let cut = self.held.len() - keep;
@@ -70,7 +76,8 @@ impl StopScanner {
                 Err(e) => {
                     let valid = e.valid_up_to();
                     // SAFETY-free: from_utf8 vouched for this prefix.
-                    self.held.push_str(std::str::from_utf8(&self.raw[..valid]).unwrap_or_default());
+                    self.held
+                        .push_str(std::str::from_utf8(&self.raw[..valid]).unwrap_or_default());
                     match e.error_len() {
                         // Incomplete tail: wait for the next token.
                         None => {
@@ -129,7 +136,10 @@ mod tests {
 
     #[test]
     fn passes_plain_text() {
-        assert_eq!(run(&[], &[b"Hello", b" world"]), ("Hello world".into(), None));
+        assert_eq!(
+            run(&[], &[b"Hello", b" world"]),
+            ("Hello world".into(), None)
+        );
     }
 
     #[test]
@@ -154,7 +164,13 @@ mod tests {
         assert_eq!(s.push(b"abc S").text, "abc ");
         assert_eq!(s.push(b"TO").text, "");
         let r = s.push(b"Pxyz");
-        assert_eq!(r, Released { text: String::new(), stop: Some("STOP".into()) });
+        assert_eq!(
+            r,
+            Released {
+                text: String::new(),
+                stop: Some("STOP".into())
+            }
+        );
     }
 
     #[test]
@@ -164,12 +180,18 @@ mod tests {
 
     #[test]
     fn earliest_of_several_stops_wins() {
-        assert_eq!(run(&["b", "a"], &[b"xxab"]), ("xx".into(), Some("a".into())));
+        assert_eq!(
+            run(&["b", "a"], &[b"xxab"]),
+            ("xx".into(), Some("a".into()))
+        );
     }
 
     #[test]
     fn unfinished_character_at_the_end_becomes_replacement() {
-        assert_eq!(run(&[], &[b"ok", &[0xE2, 0x82]]), ("ok\u{FFFD}".into(), None));
+        assert_eq!(
+            run(&[], &[b"ok", &[0xE2, 0x82]]),
+            ("ok\u{FFFD}".into(), None)
+        );
     }
 
     #[test]
@@ -179,6 +201,9 @@ mod tests {
 
     #[test]
     fn multibyte_stop_prefix_is_held_on_char_boundaries() {
-        assert_eq!(run(&["é!"], &["caf".as_bytes(), "é".as_bytes(), b"!"]), ("caf".into(), Some("é!".into())));
+        assert_eq!(
+            run(&["é!"], &["caf".as_bytes(), "é".as_bytes(), b"!"]),
+            ("caf".into(), Some("é!".into()))
+        );
     }
 }

@@ -15,19 +15,30 @@ use std::time::{Duration, Instant};
 pub fn default_model() -> PathBuf {
     let home = std::env::var_os("HEARTH_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("hearth"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache")
+                .join("hearth")
+        });
     home.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 /// A fresh, empty directory for one test.
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hearth-test-{tag}-{}-{}", std::process::id(), nanos()));
+    let dir = std::env::temp_dir().join(format!(
+        "hearth-test-{tag}-{}-{}",
+        std::process::id(),
+        nanos()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 fn nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 /// One `hearth serve` process. Killed when dropped; its log is printed when
@@ -46,15 +57,26 @@ impl Server {
     pub fn try_start(args: &[&str], env: &[(&str, &str)]) -> Result<Server, String> {
         let log = temp_dir("log").join("server.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
-        cmd.args(["serve", "--port", "0", "--model"]).arg(default_model()).args(args);
+        cmd.args(["serve", "--port", "0", "--model"])
+            .arg(default_model())
+            .args(args);
         for (k, _) in std::env::vars() {
             if k.starts_with("HEARTH_") && k != "HEARTH_HOME" {
                 cmd.env_remove(k);
             }
         }
-        cmd.env("NO_COLOR", "1").envs(env.iter().copied());
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap());
-        let mut child = cmd.spawn().map_err(|e| format!("cannot start hearth: {e}"))?;
+        // One sequence at a time unless a test asks for more
+        // (HEARTH_TEST_PARALLEL runs the suite with more).
+        let parallel = std::env::var("HEARTH_TEST_PARALLEL").unwrap_or_else(|_| "1".into());
+        cmd.env("NO_COLOR", "1")
+            .env("HEARTH_PARALLEL", parallel)
+            .envs(env.iter().copied());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start hearth: {e}"))?;
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -65,7 +87,11 @@ impl Server {
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => Ok(Server { addr: addr.parse().unwrap(), child, log }),
+            Ok(addr) => Ok(Server {
+                addr: addr.parse().unwrap(),
+                child,
+                log,
+            }),
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
@@ -87,7 +113,12 @@ impl Server {
 
     /// Send a signal by name (`TERM`, `INT`).
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap().success();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "kill -{sig} failed");
     }
 
@@ -135,11 +166,15 @@ pub struct Resp {
 
 impl Resp {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 }
 
@@ -150,9 +185,18 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
     let mut s = connect(addr);
-    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -167,24 +211,46 @@ pub fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &st
 
 /// Parse a complete HTTP/1.1 response, de-chunking the body.
 pub fn parse_response(raw: &[u8]) -> Resp {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
     let rest = &raw[split + 4..];
-    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_vec() };
-    Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    Resp {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
 }
 
 /// Undo chunked transfer encoding; a body cut short keeps what arrived.
 pub fn dechunk(mut rest: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else { break };
-        let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap_or(0);
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }
@@ -214,7 +280,10 @@ impl Streaming {
         );
         sock.write_all(head.as_bytes()).unwrap();
         sock.write_all(body.as_bytes()).unwrap();
-        Streaming { sock, raw: Vec::new() }
+        Streaming {
+            sock,
+            raw: Vec::new(),
+        }
     }
 
     /// Read until the bytes so far contain `needle`, or panic after `limit`.
@@ -222,9 +291,16 @@ impl Streaming {
         let until = Instant::now() + limit;
         let mut buf = [0u8; 8192];
         while !String::from_utf8_lossy(&self.raw).contains(needle) {
-            assert!(Instant::now() < until, "no {needle:?} within {limit:?}: {:?}", String::from_utf8_lossy(&self.raw));
+            assert!(
+                Instant::now() < until,
+                "no {needle:?} within {limit:?}: {:?}",
+                String::from_utf8_lossy(&self.raw)
+            );
             match self.sock.read(&mut buf) {
-                Ok(0) => panic!("connection closed before {needle:?}: {:?}", String::from_utf8_lossy(&self.raw)),
+                Ok(0) => panic!(
+                    "connection closed before {needle:?}: {:?}",
+                    String::from_utf8_lossy(&self.raw)
+                ),
                 Ok(n) => self.raw.extend_from_slice(&buf[..n]),
                 Err(e) => panic!("read failed before {needle:?}: {e}"),
             }
@@ -240,6 +316,10 @@ impl Streaming {
 
 /// A prompt long enough (> 256 tokens) for the disk KV cache to keep.
 pub fn long_prompt() -> String {
-    let line = "The quick brown fox jumps over the lazy dog while the river runs past the old mill. ";
-    format!("{}Summarize the text above in one sentence.", line.repeat(24))
+    let line =
+        "The quick brown fox jumps over the lazy dog while the river runs past the old mill. ";
+    format!(
+        "{}Summarize the text above in one sentence.",
+        line.repeat(24)
+    )
 }

@@ -52,6 +52,9 @@ export async function startServer({ args = [], env = {}, model = SMOLLM2 } = {})
     if (!k.startsWith('HEARTH_') || k === 'HEARTH_HOME') childEnv[k] = v;
   }
   childEnv.NO_COLOR = '1'; // plain logs
+  // One sequence at a time unless a test asks for more (HEARTH_TEST_PARALLEL
+  // runs the suite with more).
+  childEnv.HEARTH_PARALLEL = process.env.HEARTH_TEST_PARALLEL ?? '1';
   Object.assign(childEnv, env);
   const argv = ['serve', '--port', '0', '--model', model, ...args];
   const proc = spawn(HEARTH_BIN, argv, { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });

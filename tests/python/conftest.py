@@ -54,6 +54,10 @@ class HearthServer:
         self.stdout_lines: list[str] = []
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("HEARTH_") or k == "HEARTH_HOME"}
         full_env["NO_COLOR"] = "1"  # plain logs
+        # One sequence at a time unless a test asks for more (--parallel):
+        # the suites written for one sequence check exact single-sequence
+        # behaviour. HEARTH_TEST_PARALLEL=4 runs them with four.
+        full_env["HEARTH_PARALLEL"] = os.environ.get("HEARTH_TEST_PARALLEL", "1")
         full_env.update(env)
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(

@@ -52,26 +52,39 @@ fn age(secs: u64) -> String {
 
 fn first_line(e: &DiskEntry) -> String {
     let text = String::from_utf8_lossy(e.seq.text());
-    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
     line.chars().take(60).collect()
 }
 
 pub fn run(args: CacheArgs) -> anyhow::Result<()> {
-    let dir = args.kv_disk_dir.ok_or_else(|| anyhow::anyhow!("--kv-disk-dir DIR is required"))?;
+    let dir = args
+        .kv_disk_dir
+        .ok_or_else(|| anyhow::anyhow!("--kv-disk-dir DIR is required"))?;
     if !dir.is_dir() {
         anyhow::bail!("{} is not a directory", dir.display());
     }
     match args.action {
         CacheAction::List => {
             let all = entries(&dir)?;
-            println!("{:<35} {:>8} {:>9} {:>5} {:>6}  text", "file", "tokens", "MiB", "hits", "used");
+            println!(
+                "{:<35} {:>8} {:>9} {:>5} {:>6}  text",
+                "file", "tokens", "MiB", "hits", "used"
+            );
             let (mut n, mut bytes) = (0, 0u64);
             for e in &all {
                 match e {
                     Ok(e) => {
                         n += 1;
                         bytes += e.header.file_len();
-                        let name = e.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        let name = e
+                            .path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default();
                         println!(
                             "{name:<35} {:>8} {:>9.1} {:>5} {:>6}  {}",
                             e.header.token_count,
@@ -90,7 +103,11 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
             let all: Vec<DiskEntry> = entries(&dir)?.into_iter().filter_map(Result::ok).collect();
             let found: Vec<&DiskEntry> = all
                 .iter()
-                .filter(|e| e.path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&name)))
+                .filter(|e| {
+                    e.path
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&name))
+                })
                 .collect();
             let e = match found.as_slice() {
                 [one] => *one,
@@ -103,21 +120,38 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
             println!("model:       {}", hex::encode(h.model));
             println!("context:     {} tokens", h.n_ctx);
             println!("tokens:      {}", h.token_count);
-            println!("size:        {} bytes (state {} bytes)", h.file_len(), h.state_len);
+            println!(
+                "size:        {} bytes (state {} bytes)",
+                h.file_len(),
+                h.state_len
+            );
             println!("created:     {} ago", age(h.created));
             println!("last used:   {} ago", age(h.last_used));
             println!("hits:        {}", h.hits);
             println!("checksum:    {}", hex::encode(h.checksum));
             let text = String::from_utf8_lossy(e.seq.text());
             let head: String = text.chars().take(2000).collect();
-            println!("text ({} bytes):\n{head}{}", e.seq.text().len(), if text.len() > head.len() { "\n[...]" } else { "" });
+            println!(
+                "text ({} bytes):\n{head}{}",
+                e.seq.text().len(),
+                if text.len() > head.len() {
+                    "\n[...]"
+                } else {
+                    ""
+                }
+            );
         }
         CacheAction::Clear => {
             let mut n = 0;
             for item in std::fs::read_dir(&dir)? {
                 let path = item?.path();
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                if path.extension().and_then(|e| e.to_str()) == Some("kv") || name.contains(".kv.tmp-") {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if path.extension().and_then(|e| e.to_str()) == Some("kv")
+                    || name.contains(".kv.tmp-")
+                {
                     std::fs::remove_file(&path)?;
                     n += 1;
                 }

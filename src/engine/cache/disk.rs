@@ -36,7 +36,10 @@ pub const HEADER_LEN: usize = 128;
 const EXT: &str = "kv";
 
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,19 +128,33 @@ pub fn read_entry(path: &Path) -> Result<DiskEntry, String> {
     let mut f = File::open(path).map_err(|e| e.to_string())?;
     let len = f.metadata().map_err(|e| e.to_string())?.len();
     let mut hb = [0u8; HEADER_LEN];
-    f.read_exact(&mut hb).map_err(|_| "truncated header".to_string())?;
+    f.read_exact(&mut hb)
+        .map_err(|_| "truncated header".to_string())?;
     let header = Header::decode(&hb)?;
     if header.file_len() != len {
-        return Err(format!("truncated or padded: {len} bytes, header says {}", header.file_len()));
+        return Err(format!(
+            "truncated or padded: {len} bytes, header says {}",
+            header.file_len()
+        ));
     }
     let n = header.token_count as usize;
     let mut text = vec![0u8; header.text_len as usize];
     f.read_exact(&mut text).map_err(|e| e.to_string())?;
     let mut raw = vec![0u8; 8 * n];
     f.read_exact(&mut raw).map_err(|e| e.to_string())?;
-    let lens: Vec<usize> = raw[..4 * n].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default()) as usize).collect();
-    let tokens: Vec<i32> = raw[4 * n..].chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default())).collect();
-    Ok(DiskEntry { path: path.to_path_buf(), header, seq: Sequence::from_parts(tokens, text, &lens) })
+    let lens: Vec<usize> = raw[..4 * n]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default()) as usize)
+        .collect();
+    let tokens: Vec<i32> = raw[4 * n..]
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    Ok(DiskEntry {
+        path: path.to_path_buf(),
+        header,
+        seq: Sequence::from_parts(tokens, text, &lens),
+    })
 }
 
 /// Read a whole snapshot and verify its checksum. Returns the state bytes.
@@ -184,7 +201,13 @@ fn encode_payload(seq: &Sequence, state: &[u8]) -> Vec<u8> {
 }
 
 /// Write a snapshot atomically: temporary file, sync, rename.
-pub fn write_snapshot(dir: &Path, model: [u8; 32], n_ctx: u32, seq: &Sequence, state: &[u8]) -> std::io::Result<(PathBuf, Header)> {
+pub fn write_snapshot(
+    dir: &Path,
+    model: [u8; 32],
+    n_ctx: u32,
+    seq: &Sequence,
+    state: &[u8],
+) -> std::io::Result<(PathBuf, Header)> {
     let payload = encode_payload(seq, state);
     let now = now_secs();
     let header = Header {
@@ -241,12 +264,20 @@ fn remove_bad(path: &Path, why: &str) {
 
 impl DiskStore {
     /// Open (creating) the directory and index what is valid in it.
-    pub fn open(dir: &Path, model: [u8; 32], n_ctx: u32, budget: u64) -> std::io::Result<DiskStore> {
+    pub fn open(
+        dir: &Path,
+        model: [u8; 32],
+        n_ctx: u32,
+        budget: u64,
+    ) -> std::io::Result<DiskStore> {
         fs::create_dir_all(dir)?;
         let mut entries = Vec::new();
         for item in fs::read_dir(dir)? {
             let path = item?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if name.starts_with('.') && name.contains(".tmp-") {
                 // A write that never finished.
                 let _ = fs::remove_file(&path);
@@ -285,7 +316,14 @@ impl DiskStore {
                 }
             }
         })?;
-        Ok(DiskStore { dir: dir.to_path_buf(), model, n_ctx, budget, index, writer: tx })
+        Ok(DiskStore {
+            dir: dir.to_path_buf(),
+            model,
+            n_ctx,
+            budget,
+            index,
+            writer: tx,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -298,7 +336,9 @@ impl DiskStore {
         match self.writer.try_send(WriteJob::Save(seq, state)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => info!("KV snapshot skipped: the disk writer is busy"),
-            Err(TrySendError::Disconnected(_)) => warn!("KV snapshot skipped: the disk writer stopped"),
+            Err(TrySendError::Disconnected(_)) => {
+                warn!("KV snapshot skipped: the disk writer stopped")
+            }
         }
     }
 
@@ -333,7 +373,10 @@ impl DiskStore {
             }
             Err(why) => {
                 remove_bad(path, &why);
-                self.index.lock().unwrap_or_else(|p| p.into_inner()).retain(|e| e.path != path);
+                self.index
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|e| e.path != path);
                 None
             }
         }
@@ -342,7 +385,10 @@ impl DiskStore {
     /// Forget a snapshot that llama.cpp refused.
     pub fn discard(&self, path: &Path, why: &str) {
         remove_bad(path, why);
-        self.index.lock().unwrap_or_else(|p| p.into_inner()).retain(|e| e.path != path);
+        self.index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|e| e.path != path);
     }
 
     /// Record a hit: last-used time and hit count, in the header in place.
@@ -350,10 +396,13 @@ impl DiskStore {
         let mut header = entry.header.clone();
         header.hits += 1;
         header.last_used = now_secs();
-        let res = OpenOptions::new().write(true).open(&entry.path).and_then(|mut f| {
-            f.seek(SeekFrom::Start(0))?;
-            f.write_all(&header.encode())
-        });
+        let res = OpenOptions::new()
+            .write(true)
+            .open(&entry.path)
+            .and_then(|mut f| {
+                f.seek(SeekFrom::Start(0))?;
+                f.write_all(&header.encode())
+            });
         if res.is_ok() {
             let mut idx = self.index.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(e) = idx.iter_mut().find(|e| e.path == entry.path) {
@@ -380,7 +429,10 @@ fn evict(idx: &mut Vec<DiskEntry>, budget: u64) {
             .iter()
             .enumerate()
             .map(|(i, e)| (i, keep_score(&e.header, e.header.file_len(), now)))
-            .fold((0, f64::INFINITY), |best, cur| if cur.1 < best.1 { cur } else { best });
+            .fold(
+                (0, f64::INFINITY),
+                |best, cur| if cur.1 < best.1 { cur } else { best },
+            );
         let e = idx.remove(worst);
         total -= e.header.file_len();
         info!(file = %e.path.display(), tokens = e.header.token_count, "KV snapshot evicted (disk budget)");

@@ -36,10 +36,18 @@ pub fn match_prompt(seq: &Sequence, prompt: &[Token], prompt_text: Option<&str>)
     if let Some(text) = prompt_text {
         let (k, bytes) = seq.text_match(text);
         if k > by_tokens {
-            return Match { tokens: k, by_text: true, text_bytes: bytes };
+            return Match {
+                tokens: k,
+                by_text: true,
+                text_bytes: bytes,
+            };
         }
     }
-    Match { tokens: by_tokens, by_text: false, text_bytes: 0 }
+    Match {
+        tokens: by_tokens,
+        by_text: false,
+        text_bytes: 0,
+    }
 }
 
 /// One sequence's KV state, kept in memory.
@@ -59,7 +67,10 @@ pub struct RamStore {
 
 impl RamStore {
     pub fn new(budget_bytes: usize) -> Self {
-        Self { budget: budget_bytes, items: Vec::new() }
+        Self {
+            budget: budget_bytes,
+            items: Vec::new(),
+        }
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -84,13 +95,28 @@ impl RamStore {
         if state.len() > self.budget {
             return;
         }
-        if self.items.iter().any(|s| s.seq.len() >= seq.len() && s.seq.common_tokens(seq.tokens()) == seq.len()) {
+        if self
+            .items
+            .iter()
+            .any(|s| s.seq.len() >= seq.len() && s.seq.common_tokens(seq.tokens()) == seq.len())
+        {
             return;
         }
-        self.items.retain(|s| seq.common_tokens(s.seq.tokens()) < s.seq.len());
-        self.items.push(RamSnapshot { seq, state, last_used: Instant::now(), hits: 0 });
+        self.items
+            .retain(|s| seq.common_tokens(s.seq.tokens()) < s.seq.len());
+        self.items.push(RamSnapshot {
+            seq,
+            state,
+            last_used: Instant::now(),
+            hits: 0,
+        });
         while self.bytes() > self.budget {
-            let oldest = self.items.iter().enumerate().min_by_key(|(_, s)| s.last_used).map(|(i, _)| i);
+            let oldest = self
+                .items
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(i, _)| i);
             match oldest {
                 Some(i) => {
                     self.items.remove(i);
@@ -134,11 +160,21 @@ mod tests {
     #[test]
     fn text_match_wins_only_when_it_reaches_further() {
         let s = seq(&[1, 2, 3]);
-        assert_eq!(match_prompt(&s, &[1, 2, 3, 4], Some("<1><2><3><4>")).tokens, 3);
+        assert_eq!(
+            match_prompt(&s, &[1, 2, 3, 4], Some("<1><2><3><4>")).tokens,
+            3
+        );
         assert!(!match_prompt(&s, &[1, 2, 3, 4], Some("<1><2><3><4>")).by_text);
         // Same text, tokenized differently after the first token.
         let m = match_prompt(&s, &[1, 99], Some("<1><2><3>rest"));
-        assert_eq!(m, Match { tokens: 3, by_text: true, text_bytes: 9 });
+        assert_eq!(
+            m,
+            Match {
+                tokens: 3,
+                by_text: true,
+                text_bytes: 9
+            }
+        );
     }
 
     #[test]

@@ -24,7 +24,12 @@ pub struct Sequence {
 
 impl Default for Sequence {
     fn default() -> Self {
-        Self { tokens: Vec::new(), text: Vec::new(), ends: Vec::new(), text_ok: true }
+        Self {
+            tokens: Vec::new(),
+            text: Vec::new(),
+            ends: Vec::new(),
+            text_ok: true,
+        }
     }
 }
 
@@ -38,11 +43,18 @@ impl Sequence {
             at += l;
             ends.push(at);
         }
-        let text_ok = piece_lens.len() == tokens.len() && at == text.len() && (tokens.is_empty() || !text.is_empty());
+        let text_ok = piece_lens.len() == tokens.len()
+            && at == text.len()
+            && (tokens.is_empty() || !text.is_empty());
         if !text_ok {
             ends = vec![0; tokens.len()];
         }
-        Self { tokens, text, ends, text_ok }
+        Self {
+            tokens,
+            text,
+            ends,
+            text_ok,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -107,9 +119,21 @@ impl Sequence {
         }
     }
 
+    /// The text token `i` added (empty when the text is not known).
+    pub fn piece(&self, i: usize) -> &[u8] {
+        if !self.text_ok || i >= self.tokens.len() {
+            return &[];
+        }
+        &self.text[self.text_len_at(i)..self.ends[i]]
+    }
+
     /// How many leading tokens equal `tokens`'.
     pub fn common_tokens(&self, tokens: &[Token]) -> usize {
-        self.tokens.iter().zip(tokens).take_while(|(a, b)| a == b).count()
+        self.tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
     }
 
     /// The most leading tokens whose text is a prefix of `prompt`, ending
@@ -118,7 +142,12 @@ impl Sequence {
         if !self.text_ok {
             return (0, 0);
         }
-        let common = self.text.iter().zip(prompt.as_bytes()).take_while(|(a, b)| a == b).count();
+        let common = self
+            .text
+            .iter()
+            .zip(prompt.as_bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
         let mut k = self.ends.partition_point(|&e| e <= common);
         while k > 0 && !prompt.is_char_boundary(self.ends[k - 1]) {
             k -= 1;

@@ -180,7 +180,7 @@ def shared_prefix(kind: str, bin_: str, threads: int, logs: Path, reps: int) -> 
     """TTFT of a second agent sharing a 9k-token prefix with a running one,
     against cold; KV cells of four such agents against one."""
     start = hearth if kind == "hearth" else llama_server
-    system = " ".join(f"Tool {i}: reads file {i}.rs and reports the functions it defines, one per line." for i in range(520))
+    system = " ".join(f"Tool {i}: reads file {i}.rs and reports the functions it defines, one per line." for i in range(365))
 
     def prompt(user: str) -> list[dict]:
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]

@@ -388,8 +388,14 @@ fn a_full_queue_refuses_at_once() {
         "refusals took {:?}",
         t0.elapsed()
     );
-    // Other routes still answer.
-    let metrics = srv.get("/metrics", &[]).body;
+    // Other routes still answer. (The first request's opening event goes
+    // out before the engine takes it: wait until it runs.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut metrics = srv.get("/metrics", &[]).body;
+    while !metrics.contains("hearth_sequences_running 1") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        metrics = srv.get("/metrics", &[]).body;
+    }
     assert!(metrics.contains("hearth_requests_in_flight 2"), "{metrics}");
     assert!(metrics.contains("hearth_queue_depth 1"), "{metrics}");
 

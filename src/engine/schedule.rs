@@ -5,10 +5,9 @@
 //! A step holds one token for every decoding sequence first, then the
 //! drafted tokens those sequences want verified (speculative decoding),
 //! then prefill rows of the sequences still reading their prompts, up to
-//! the batch. While
-//! anything is decoding, the prefill rows of a step are capped by
-//! [`PrefillPacer`] so that the step takes at most about `1 + SHARE` times a
-//! decode-only step: a stream decoding beside a long prefill keeps more
+//! the batch. While anything is decoding, the prefill rows of a step are
+//! capped by [`StepCost`] (what a step costs, fitted from the steps run) so
+//! that the step takes at most about `1 + SHARE` times a decode-only step: a stream decoding beside a long prefill keeps more
 //! than half its speed. With nothing decoding, a prefill takes whole
 //! chunks. A prefill piece never crosses a multiple of the chunk size, so
 //! chunk ends fall where a cold start puts them.
@@ -108,58 +107,62 @@ pub fn preemption_victim(running: &[(usize, u64)]) -> Option<usize> {
 /// How much longer than a decode-only step a step with prefill rows may
 /// take: decoding keeps `1 / (1 + SHARE)` of its speed beside a prefill.
 const SHARE: f64 = 0.7;
-/// A step that decodes still takes at least this many prefill rows, so a
-/// prefill always advances.
-const MIN_PREFILL_ROWS: usize = 8;
 /// Prefill rows beside decoding before anything has been measured.
 const FIRST_PREFILL_ROWS: usize = 32;
-/// Weight of the newest measurement in the moving averages.
-const EMA: f64 = 0.2;
+/// Weight of the newest step in the cost model's moving sums (a window of
+/// about 50 steps).
+const DECAY: f64 = 0.02;
 
-/// Measures steps to size the prefill share of steps that also decode.
+/// What a step costs: `base + per_row * rows` seconds, fitted online (a
+/// least-squares line over recent steps) from the steps the engine runs.
+/// It sizes the prefill share of steps that also decode, and how many
+/// drafted tokens are worth their rows.
 #[derive(Debug, Clone, Default)]
-pub struct PrefillPacer {
-    /// Seconds of a decode-only step (moving average).
-    decode_step: Option<f64>,
-    /// Seconds one prefill row adds to a step (moving average).
-    per_row: Option<f64>,
+pub struct StepCost {
+    /// Decayed sums over recent steps: weight, rows, secs, rows², rows·secs.
+    w: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+    /// The last fit that had steps of different sizes to go on.
+    fit: Option<(f64, f64)>,
 }
 
-impl PrefillPacer {
-    /// A step with `decode` decode rows and `prefill` prefill rows took
-    /// `secs`.
-    pub fn observe(&mut self, decode: usize, prefill: usize, secs: f64) {
-        if prefill == 0 {
-            if decode > 0 {
-                self.decode_step = Some(ema(self.decode_step, secs));
-            }
-            return;
+impl StepCost {
+    /// A step of `rows` rows took `secs`.
+    pub fn observe(&mut self, rows: usize, secs: f64) {
+        let (x, y) = (rows as f64, secs);
+        let keep = 1.0 - DECAY;
+        self.w = self.w * keep + 1.0;
+        self.x = self.x * keep + x;
+        self.y = self.y * keep + y;
+        self.xx = self.xx * keep + x * x;
+        self.xy = self.xy * keep + x * y;
+        let (mx, my) = (self.x / self.w, self.y / self.w);
+        let var = self.xx / self.w - mx * mx;
+        if var > 0.25 {
+            let per_row = ((self.xy / self.w - mx * my) / var).max(1e-7);
+            let base = (my - per_row * mx).max(0.0);
+            self.fit = Some((base, per_row));
         }
-        let base = if decode > 0 {
-            self.decode_step.unwrap_or(0.0)
-        } else {
-            0.0
-        };
-        let per_row = ((secs - base) / prefill as f64).max(1e-7);
-        self.per_row = Some(ema(self.per_row, per_row));
     }
 
-    /// Prefill rows a step that also decodes may hold, at most `max`.
-    pub fn cap(&self, max: usize) -> usize {
-        match (self.decode_step, self.per_row) {
-            (Some(d), Some(p)) => {
-                ((SHARE * d / p) as usize).clamp(MIN_PREFILL_ROWS, max.max(MIN_PREFILL_ROWS))
-            }
-            _ => FIRST_PREFILL_ROWS.min(max),
-        }
-        .min(max)
+    /// (base, per row) seconds, once steps of different sizes were seen.
+    pub fn fit(&self) -> Option<(f64, f64)> {
+        self.fit
     }
-}
 
-fn ema(old: Option<f64>, new: f64) -> f64 {
-    match old {
-        Some(o) => o + EMA * (new - o),
-        None => new,
+    /// Prefill rows a step with `decode_rows` decode rows may add, at
+    /// most `max`: the step then takes about `1 + SHARE` times as long.
+    pub fn prefill_cap(&self, decode_rows: usize, max: usize) -> usize {
+        match self.fit {
+            Some((base, per_row)) => {
+                let step = base + per_row * decode_rows.max(1) as f64;
+                ((SHARE * step / per_row) as usize).clamp(1, max.max(1))
+            }
+            None => FIRST_PREFILL_ROWS.min(max),
+        }
     }
 }
 
@@ -338,23 +341,47 @@ mod tests {
     }
 
     #[test]
-    fn the_pacer_keeps_mixed_steps_near_a_decode_step() {
-        let mut p = PrefillPacer::default();
-        assert_eq!(p.cap(512), FIRST_PREFILL_ROWS);
-        // Decode steps of 10 ms; each prefill row adds 0.5 ms.
-        for _ in 0..50 {
-            p.observe(2, 0, 0.010);
-            p.observe(2, 40, 0.030);
+    fn the_cost_model_fits_a_line_and_sizes_the_prefill_share() {
+        let mut c = StepCost::default();
+        assert_eq!(c.prefill_cap(1, 512), FIRST_PREFILL_ROWS);
+        // Steps cost 7 ms plus 4 ms a row (a CPU: rows are dear).
+        for _ in 0..30 {
+            for rows in [1, 1, 9, 512] {
+                c.observe(rows, 0.007 + 0.004 * rows as f64);
+            }
         }
-        let cap = p.cap(512);
-        assert!((12..=16).contains(&cap), "{cap}");
-        // Mixed steps with that cap take at most (1 + SHARE) decode steps.
-        assert!(0.010 + cap as f64 * 0.0005 <= 0.010 * (1.0 + SHARE) + 1e-9);
-        assert_eq!(p.cap(4), 4);
-        // A fast prefill (a GPU) gets a large share, within the batch.
-        let mut fast = PrefillPacer::default();
-        fast.observe(1, 0, 0.010);
-        fast.observe(0, 512, 0.0512);
-        assert!((69..=70).contains(&fast.cap(512)), "{}", fast.cap(512));
+        let (base, per_row) = c.fit().unwrap();
+        assert!(
+            (base - 0.007).abs() < 1e-4 && (per_row - 0.004).abs() < 1e-5,
+            "{base} {per_row}"
+        );
+        // One decode row: a step of 11 ms may grow by 7.7 ms, one row.
+        assert_eq!(c.prefill_cap(1, 512), 1);
+        assert_eq!(c.prefill_cap(8, 512), 6);
+        // Rows nearly free (a GPU): the whole batch.
+        let mut g = StepCost::default();
+        for _ in 0..30 {
+            for rows in [1, 4, 512] {
+                g.observe(rows, 0.010 + 0.00001 * rows as f64);
+            }
+        }
+        assert_eq!(g.prefill_cap(1, 512), 512);
+        // The fit follows a machine that gets busy.
+        for _ in 0..100 {
+            for rows in [1, 4, 512] {
+                g.observe(rows, 0.020 + 0.002 * rows as f64);
+            }
+        }
+        let (base, per_row) = g.fit().unwrap();
+        assert!(
+            (base - 0.020).abs() < 2e-3 && (per_row - 0.002).abs() < 1e-4,
+            "{base} {per_row}"
+        );
+        // Steps all of one size tell nothing.
+        let mut one = StepCost::default();
+        for _ in 0..50 {
+            one.observe(1, 0.01);
+        }
+        assert_eq!(one.fit(), None);
     }
 }

@@ -68,67 +68,101 @@ pub fn propose(tokens: &[Token], cfg: &SpecConfig, max: usize) -> Vec<Token> {
     Vec::new()
 }
 
-/// After this many drafted tokens with low acceptance, a sequence stops
-/// drafting for a while.
-const JUDGE_AFTER: u32 = 16;
-/// Acceptance below this (accepted / drafted, moving) means the drafts do
-/// not pay for their rows.
-const MIN_ACCEPTANCE: f64 = 0.35;
-/// Steps a sequence goes without drafting after its drafts kept failing;
+/// Acceptance assumed for a sequence before any of its drafts was judged.
+const PRIOR: f64 = 0.6;
+/// Weight of each newly judged drafted token in the moving acceptance.
+const ALPHA_WEIGHT: f64 = 0.1;
+/// Steps a sequence goes without drafting when no draft pays for its rows;
 /// doubles each time it happens again, up to `MAX_COOLDOWN`.
 const COOLDOWN: u32 = 16;
 const MAX_COOLDOWN: u32 = 256;
-/// Weight of the newest step in the moving acceptance.
-const EMA: f64 = 0.25;
+/// Tokens drafted to probe again after a cooldown.
+const PROBE: usize = 2;
 
 /// One sequence's drafting record.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SpecState {
     pub drafted: u32,
     pub accepted: u32,
-    /// Moving acceptance over recent drafts.
-    acceptance: Option<f64>,
-    /// Drafted tokens since the last judgement.
-    since_judged: u32,
+    /// The chance that a drafted token is accepted, given the ones before
+    /// it were (moving, per judged token).
+    alpha: f64,
     /// Steps left without drafting.
     cooldown: u32,
     /// The next cooldown's length.
     next_cooldown: u32,
+    /// The cooldown just ended: draft a little to measure again.
+    probe: bool,
+}
+
+impl Default for SpecState {
+    fn default() -> Self {
+        Self {
+            drafted: 0,
+            accepted: 0,
+            alpha: PRIOR,
+            cooldown: 0,
+            next_cooldown: COOLDOWN,
+            probe: false,
+        }
+    }
+}
+
+/// Expected accepted tokens of a `k`-token draft when each is accepted with
+/// chance `alpha` once the ones before it were.
+fn expected(alpha: f64, k: usize) -> f64 {
+    (1..=k as i32).map(|i| alpha.powi(i)).sum()
 }
 
 impl SpecState {
-    /// Whether to look for a draft this step.
-    pub fn wants_draft(&mut self) -> bool {
+    /// How many tokens to draft this step, at most `max`: the length that
+    /// gives the most tokens per second for a step of `sequences` decoding
+    /// sequences, with steps costing `cost` = (base, per row) seconds (None:
+    /// not measured yet; rows are then taken as free). 0: do not draft.
+    pub fn draft_len(&mut self, max: usize, sequences: usize, cost: Option<(f64, f64)>) -> usize {
+        if max == 0 {
+            return 0;
+        }
         if self.cooldown > 0 {
             self.cooldown -= 1;
-            return false;
+            self.probe = self.cooldown == 0;
+            return 0;
         }
-        true
+        if std::mem::take(&mut self.probe) {
+            return PROBE.min(max);
+        }
+        let Some((base, per_row)) = cost else {
+            return max;
+        };
+        let n = sequences.max(1) as f64;
+        let step = base + per_row * n;
+        let rate = |k: usize| (n + expected(self.alpha, k)) / (step + per_row * k as f64);
+        let best = (0..=max)
+            .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
+            .unwrap_or(0);
+        if best == 0 {
+            self.cooldown = self.next_cooldown;
+            self.next_cooldown = (self.next_cooldown * 2).min(MAX_COOLDOWN);
+        }
+        best
     }
 
-    /// A verified step: `accepted` of `drafted` tokens were kept.
+    /// A verified step: the first `accepted` of `drafted` tokens were kept.
     pub fn record(&mut self, drafted: usize, accepted: usize) {
         if drafted == 0 {
             return;
         }
         self.drafted += drafted as u32;
         self.accepted += accepted as u32;
-        let rate = accepted as f64 / drafted as f64;
-        self.acceptance = Some(match self.acceptance {
-            Some(a) => a + EMA * (rate - a),
-            None => rate,
-        });
-        self.since_judged += drafted as u32;
-        if self.since_judged >= JUDGE_AFTER {
-            self.since_judged = 0;
-            if self.acceptance.unwrap_or(1.0) < MIN_ACCEPTANCE {
-                let next = self.next_cooldown.max(COOLDOWN);
-                self.cooldown = next;
-                self.next_cooldown = (next * 2).min(MAX_COOLDOWN);
-                self.acceptance = None;
-            } else {
-                self.next_cooldown = COOLDOWN;
-            }
+        for _ in 0..accepted {
+            self.alpha += ALPHA_WEIGHT * (1.0 - self.alpha);
+        }
+        if accepted < drafted {
+            self.alpha -= ALPHA_WEIGHT * self.alpha;
+        }
+        if accepted * 2 >= drafted {
+            // Drafts pay again: a later cooldown starts short.
+            self.next_cooldown = COOLDOWN;
         }
     }
 }
@@ -170,29 +204,55 @@ mod tests {
         assert!(propose(&[1, 1, 1], &cfg(), 0).is_empty());
     }
 
+    /// Steps cost 7 ms plus 4 ms a row: a small model on two CPU cores.
+    const CPU: Option<(f64, f64)> = Some((0.007, 0.004));
+
     #[test]
-    fn failing_drafts_cool_down_and_good_ones_keep_going() {
+    fn the_draft_length_follows_acceptance_and_cost() {
         let mut s = SpecState::default();
-        for _ in 0..4 {
-            assert!(s.wants_draft());
-            s.record(4, 0);
+        // Not measured yet: rows are free, draft all.
+        assert_eq!(s.draft_len(8, 1, None), 8);
+        // Acceptance 0.6 on a CPU: one token pays, more do not.
+        assert_eq!(s.draft_len(8, 1, CPU), 1);
+        // Acceptance about 0.8: a few tokens pay.
+        for _ in 0..20 {
+            s.record(5, 4);
         }
-        let skipped = (0..COOLDOWN).filter(|_| !s.wants_draft()).count();
+        let some = s.draft_len(8, 1, CPU);
+        assert!((2..=5).contains(&some), "{some}");
+        // Copying text: everything accepted, the longest draft pays most.
+        for _ in 0..40 {
+            s.record(4, 4);
+        }
+        assert_eq!(s.draft_len(8, 1, CPU), 8);
+        // On a GPU, rows are nearly free: the whole draft.
+        assert_eq!(s.draft_len(8, 1, Some((0.010, 0.00001))), 8);
+        // Four sequences already fill the step well: a 0.6 draft does not pay.
+        let mut four = SpecState::default();
+        assert_eq!(four.draft_len(8, 4, CPU), 0);
+    }
+
+    #[test]
+    fn failing_drafts_cool_down_then_probe() {
+        let mut s = SpecState::default();
+        for _ in 0..10 {
+            s.record(2, 0);
+        }
+        assert_eq!(s.draft_len(8, 1, CPU), 0);
+        let skipped = (0..COOLDOWN)
+            .filter(|_| s.draft_len(8, 1, CPU) == 0)
+            .count();
         assert_eq!(skipped as u32, COOLDOWN);
-        assert!(s.wants_draft());
-        // Failing again doubles the pause.
-        for _ in 0..4 {
-            s.record(4, 0);
-        }
+        assert_eq!(s.draft_len(8, 1, CPU), PROBE);
+        s.record(2, 0);
+        // Still failing: twice as long a pause.
+        assert_eq!(s.draft_len(8, 1, CPU), 0);
         assert_eq!(
-            (0..2 * COOLDOWN).filter(|_| !s.wants_draft()).count() as u32,
+            (0..2 * COOLDOWN)
+                .filter(|_| s.draft_len(8, 1, CPU) == 0)
+                .count() as u32,
             2 * COOLDOWN
         );
-        let mut good = SpecState::default();
-        for _ in 0..20 {
-            assert!(good.wants_draft());
-            good.record(4, 3);
-        }
-        assert_eq!((good.drafted, good.accepted), (80, 60));
+        assert_eq!((s.drafted, s.accepted), (22, 0));
     }
 }

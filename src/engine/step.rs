@@ -63,12 +63,20 @@ impl Worker {
     /// The rows of the next step, with the KV room they need made.
     fn plan(&mut self) -> Vec<Planned> {
         loop {
+            let candidates = self.candidates();
+            let decode_rows: usize = candidates
+                .iter()
+                .map(|c| match c.want {
+                    Want::Decode { draft } => 1 + draft,
+                    Want::Prefill { .. } => 0,
+                })
+                .sum();
             let lim = StepLimits {
                 max_rows: self.ctx.n_batch(),
                 chunk: self.chunk,
-                prefill_cap: self.pacer.cap(self.ctx.n_batch()),
+                prefill_cap: self.cost.prefill_cap(decode_rows, self.ctx.n_batch()),
             };
-            let plan = plan_step(&self.candidates(), &lim);
+            let plan = plan_step(&candidates, &lim);
             let need: usize = plan.iter().map(|p| p.rows).sum();
             if plan.is_empty() || self.ledger.free() >= need {
                 return plan;
@@ -94,6 +102,12 @@ impl Worker {
     fn prepare_drafts(&mut self) {
         let Some(cfg) = self.spec else { return };
         let n_ctx = self.n_ctx_seq;
+        let cost = self.cost.fit();
+        let decoding = self
+            .slots
+            .iter()
+            .filter(|s| s.run.as_ref().is_some_and(|r| r.phase != Phase::Prefill))
+            .count();
         for slot in &mut self.slots {
             let Some(run) = slot.run.as_mut() else {
                 continue;
@@ -109,13 +123,14 @@ impl Worker {
             let room = (run.job.request.max_tokens.saturating_sub(run.generated) as usize)
                 .min(n_ctx.saturating_sub(slot.seq.len() + 2))
                 .min(cfg.draft_max);
-            if room == 0 || !run.spec.wants_draft() {
+            let want = run.spec.draft_len(room, decoding, cost);
+            if want == 0 {
                 continue;
             }
             let tokens = slot.seq.tokens();
             let mut tail = tokens[tokens.len().saturating_sub(spec::LOOKBACK)..].to_vec();
             tail.push(pending);
-            run.draft = spec::propose(&tail, &cfg, room);
+            run.draft = spec::propose(&tail, &cfg, want);
         }
     }
 
@@ -205,6 +220,7 @@ impl Worker {
         let decoded = catch(|| self.ctx.decode_rows(&rows));
         self.hook.set_step(Vec::new());
         let secs = t.elapsed().as_secs_f64();
+        tracing::trace!(rows = rows.len(), sequences = parts.len(), secs, "step");
         let decode_rows: usize = parts.iter().filter(|p| p.decode).map(|p| p.rows).sum();
         let prefill_rows = rows.len() - decode_rows;
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -219,7 +235,7 @@ impl Worker {
             .touch(self.epoch, if prefill_rows > 0 { 1 } else { 2 }, rows.len());
         match decoded {
             Ok(Ok(())) => {
-                self.pacer.observe(decode_rows, prefill_rows, secs);
+                self.cost.observe(rows.len(), secs);
                 self.advance(&parts, &rows);
             }
             Ok(Err(DecodeError::Aborted)) if self.all_cancelled(&parts) => {

@@ -23,7 +23,7 @@ use super::cache::RamStore;
 use super::cells::CellLedger;
 use super::hook::{spawn_watchdog, AbortHook, Progress};
 use super::llama::{Context, ContextParams, LlamaError, Model};
-use super::schedule::PrefillPacer;
+use super::schedule::StepCost;
 use super::sequence::{Phase, Running};
 use super::status::{EngineStatus, SlotStatus};
 use super::{Command, EngineConfig, EngineError, EngineStats, Event, Job};
@@ -93,7 +93,8 @@ pub(super) struct Worker {
     pub n_ctx_seq: usize,
     /// Prefill chunk size (`--batch`): chunk ends fall on its multiples.
     pub chunk: usize,
-    pub pacer: PrefillPacer,
+    /// What steps cost, measured: paces prefill and sizes drafts.
+    pub cost: StepCost,
     /// Admission counter.
     pub admitted: u64,
     /// The memory cannot cut a sequence back or share part of one
@@ -230,7 +231,7 @@ pub(super) fn spawn(
         waiting: VecDeque::new(),
         n_ctx_seq,
         chunk: chunk as usize,
-        pacer: PrefillPacer::default(),
+        cost: StepCost::default(),
         admitted: 0,
         snapshot_taken: false,
         last_step_rows: 0,

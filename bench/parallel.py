@@ -271,9 +271,11 @@ def starvation(kind: str, bin_: str, threads: int, logs: Path, reps: int) -> dic
             ta.join()
             ts = a["times"]
             before = [t for t in ts if b_start - 3 <= t < b_start]
-            during = [t for t in ts if b_start <= t < b_first]
+            # Until the prompt's first token, or the stream's end if sooner.
+            window_end = min(b_first, ts[-1])
+            during = [t for t in ts if b_start <= t <= window_end]
             alone.append((len(before) - 1) / max(before[-1] - before[0], 1e-9) if len(before) > 1 else 0.0)
-            beside.append(len(during) / max(b_first - b_start, 1e-9))
+            beside.append(len(during) / max(window_end - b_start, 1e-9))
             prefill.append(b_first - b_start)
         finally:
             srv.stop()
@@ -317,6 +319,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-prefix", action="store_true", help="skip the shared-prefix (Gemma) part")
+    ap.add_argument("--only", choices=["aggregate", "prefix", "starvation", "determinism"], help="run one part")
     ap.add_argument("--out", default=str(HERE / "results" / "parallel.json"))
     args = ap.parse_args()
     logs = HERE / "results" / "parallel-logs"
@@ -328,7 +331,10 @@ def main() -> None:
         servers["llama-server"] = (llama_server, ls)
     counts = [int(x) for x in args.streams.split(",")]
     results: dict = {"tokens_per_stream": args.tokens, "reps": args.reps, "aggregate_tps": {}, "amx": has_amx()}
-    for name, (start, bin_) in servers.items():
+    def part(name: str) -> bool:
+        return args.only in (None, name)
+
+    for name, (start, bin_) in servers.items() if part("aggregate") else []:
         per: dict = {}
         for n in counts:
             srv = start(bin_, SMOL, n, 2048, args.threads, logs, f"{name}-{n}")
@@ -342,15 +348,16 @@ def main() -> None:
                   flush=True)
         base = per[counts[0]]["median"]
         results["aggregate_tps"][name] = {"streams": per, "scaling": {n: round(per[n]["median"] / base, 2) for n in counts}}
-    if not args.skip_prefix and GEMMA.exists():
+    if not args.skip_prefix and GEMMA.exists() and part("prefix"):
         for name, (_, bin_) in servers.items():
             results.setdefault("shared_prefix", {})[name] = shared_prefix(name, bin_, args.threads, logs, max(1, args.reps - 1))
             print(f"{name:13s} shared 9k prefix: {results['shared_prefix'][name]}", flush=True)
-    for name, (_, bin_) in servers.items():
+    for name, (_, bin_) in servers.items() if part("starvation") else []:
         results.setdefault("starvation", {})[name] = starvation(name, bin_, args.threads, logs, max(1, args.reps - 1))
         print(f"{name:13s} decode beside a 6k prefill: {results['starvation'][name]}", flush=True)
-    results["determinism"] = determinism(args.hearth, args.threads, logs)
-    print(f"determinism: {results['determinism']}")
+    if part("determinism"):
+        results["determinism"] = determinism(args.hearth, args.threads, logs)
+        print(f"determinism: {results['determinism']}")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["aggregate_tps"], indent=1))
 

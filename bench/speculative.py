@@ -55,8 +55,7 @@ def start_hearth(bin_: str, model: Path, spec: bool, parallel: int, logs: Path, 
     port = free_port()
     argv = [bin_, "serve", "--model", str(model), "--port", str(port), "--parallel", str(parallel), "--cache-ram-mb", "0",
             "--ctx", "8192"]
-    if not spec:
-        argv.append("--no-spec")
+    argv.append("--spec" if spec else "--no-spec")
     return Server(argv, port, logs / f"hearth-{tag}.log", "/health")
 
 
@@ -101,6 +100,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=400)
     ap.add_argument("--out", default=str(HERE / "results" / "speculative.json"))
+    ap.add_argument("--servers", default="hearth,llama-server", help="which servers to run, comma-separated")
+    ap.add_argument("--models", default="smollm2,gemma", help="which models to run, comma-separated")
+    ap.add_argument("--no-x4", action="store_true", help="skip the 4-stream figures")
     args = ap.parse_args()
     logs = HERE / "results" / "speculative-logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -110,10 +112,13 @@ def main() -> None:
                                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
         servers["llama-server"] = (start_llama, ls)
     results: dict = {"reps": args.reps, "tokens": args.tokens, "amx": has_amx(), "runs": {}}
-    for model in (SMOL, GEMMA):
+    models = [m for key, m in (("smollm2", SMOL), ("gemma", GEMMA)) if key in args.models.split(",")]
+    for model in models:
         if not model.exists():
             continue
         for name, (start, bin_) in servers.items():
+            if name not in args.servers.split(","):
+                continue
             for spec in (False, True):
                 tag = f"{name}-{model.stem}-{'spec' if spec else 'plain'}"
                 srv = start(bin_, model, spec, 1, logs, tag)
@@ -127,7 +132,7 @@ def main() -> None:
                         row["edit_drafted"] = d
                 finally:
                     srv.stop()
-                if model == SMOL:
+                if model == SMOL and not args.no_x4:
                     srv = start(bin_, model, spec, 4, logs, tag + "-x4")
                     try:
                         decode_tps(srv.url, "Say hi.", 8, 4)

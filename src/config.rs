@@ -30,7 +30,16 @@ pub struct ServeArgs {
     /// 65536 cells and at least --ctx).
     #[arg(long, env = "HEARTH_KV_SIZE", default_value_t = 0)]
     pub kv_size: u32,
-    /// Turn speculative decoding (prompt lookup) off.
+    /// Speculative decoding by prompt lookup. Off by default: on a CPU
+    /// where every batch row costs, it can cost more than it saves (README).
+    #[arg(
+        long,
+        env = "HEARTH_SPEC",
+        default_value_t = false,
+        conflicts_with = "no_spec"
+    )]
+    pub spec: bool,
+    /// Turn speculative decoding off (the default).
     #[arg(long, env = "HEARTH_NO_SPEC", default_value_t = false)]
     pub no_spec: bool,
     /// Most tokens drafted per step by prompt lookup.

@@ -135,7 +135,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = EngineConfig {
         n_ctx: args.ctx,
         n_parallel: args.parallel,
-        spec: (!args.no_spec).then(|| hearth::engine::spec::SpecConfig {
+        spec: (args.spec && !args.no_spec).then(|| hearth::engine::spec::SpecConfig {
             draft_max: args.draft_max as usize,
             ..Default::default()
         }),

@@ -5,10 +5,9 @@
 //! A step holds one token for every decoding sequence first, then the
 //! drafted tokens those sequences want verified (speculative decoding),
 //! then prefill rows of the sequences still reading their prompts, up to
-//! the batch. While anything is decoding, the prefill rows of a step are
-//! capped by [`StepCost`] (what a step costs, fitted from the steps run) so
-//! that the step takes at most about `1 + SHARE` times a decode-only step: a stream decoding beside a long prefill keeps more
-//! than half its speed. With nothing decoding, a prefill takes whole
+//! the batch. While anything is decoding, prefill is time-sliced by
+//! [`PrefillCredit`], so decoding keeps about `1 / (1 + SHARE)` of the
+//! time; with nothing decoding, a prefill takes whole
 //! chunks. A prefill piece never crosses a multiple of the chunk size, so
 //! chunk ends fall where a cold start puts them.
 
@@ -35,7 +34,8 @@ pub struct StepLimits {
     pub max_rows: usize,
     /// Prefill chunk size: pieces end on its multiples at the latest.
     pub chunk: usize,
-    /// Prefill rows allowed in a step that also decodes.
+    /// Prefill rows allowed in a step that also decodes (0: none this
+    /// step).
     pub prefill_cap: usize,
 }
 
@@ -74,7 +74,7 @@ pub fn plan_step(candidates: &[Candidate], lim: &StepLimits) -> Vec<Planned> {
     let decoding = !plan.is_empty();
     let mut room = left;
     if decoding {
-        room = room.min(lim.prefill_cap.max(1));
+        room = room.min(lim.prefill_cap);
     }
     let chunk = lim.chunk.max(1);
     for c in candidates {
@@ -107,8 +107,6 @@ pub fn preemption_victim(running: &[(usize, u64)]) -> Option<usize> {
 /// How much longer than a decode-only step a step with prefill rows may
 /// take: decoding keeps `1 / (1 + SHARE)` of its speed beside a prefill.
 const SHARE: f64 = 0.7;
-/// Prefill rows beside decoding before anything has been measured.
-const FIRST_PREFILL_ROWS: usize = 32;
 /// Weight of the newest step in the cost model's moving sums (a window of
 /// about 50 steps).
 const DECAY: f64 = 0.02;
@@ -152,16 +150,45 @@ impl StepCost {
     pub fn fit(&self) -> Option<(f64, f64)> {
         self.fit
     }
+}
 
-    /// Prefill rows a step with `decode_rows` decode rows may add, at
-    /// most `max`: the step then takes about `1 + SHARE` times as long.
-    pub fn prefill_cap(&self, decode_rows: usize, max: usize) -> usize {
-        match self.fit {
-            Some((base, per_row)) => {
-                let step = base + per_row * decode_rows.max(1) as f64;
-                ((SHARE * step / per_row) as usize).clamp(1, max.max(1))
+/// Time-sliced prefill beside decoding. Decode-only steps earn prefill
+/// time (`SHARE` of their own); a step may carry prefill rows (a whole
+/// chunk piece, the efficient size) only while the credit is not negative,
+/// and what its prefill rows added to it is then charged. Decoding streams
+/// so keep about `1 / (1 + SHARE)` of their speed, whatever a prompt row
+/// costs (deep in a long prompt a single row can cost more than a whole
+/// decode step), and the prompt gets the rest in chunks.
+#[derive(Debug, Clone, Default)]
+pub struct PrefillCredit {
+    /// Seconds of prefill the decoding streams can spare now.
+    credit: f64,
+    /// Seconds of a decode-only step (moving average).
+    decode_step: Option<f64>,
+}
+
+/// Credit saved up beyond this is not kept: a prefill gets its share
+/// as it goes, not in one long burst after a quiet spell.
+const MAX_CREDIT: f64 = 0.25;
+
+impl PrefillCredit {
+    /// Whether the next step that decodes may also prefill.
+    pub fn allows_prefill(&self) -> bool {
+        self.credit >= 0.0
+    }
+
+    /// A step with `decode_rows` and `prefill_rows` rows took `secs`.
+    pub fn observe(&mut self, decode_rows: usize, prefill_rows: usize, secs: f64) {
+        match (decode_rows, prefill_rows) {
+            (0, _) => self.credit = 0.0,
+            (_, 0) => {
+                self.decode_step = Some(match self.decode_step {
+                    Some(d) => d + 0.2 * (secs - d),
+                    None => secs,
+                });
+                self.credit = (self.credit + SHARE * secs).min(MAX_CREDIT);
             }
-            None => FIRST_PREFILL_ROWS.min(max),
+            _ => self.credit -= (secs - self.decode_step.unwrap_or(0.0)).max(0.0),
         }
     }
 }
@@ -341,9 +368,9 @@ mod tests {
     }
 
     #[test]
-    fn the_cost_model_fits_a_line_and_sizes_the_prefill_share() {
+    fn the_cost_model_fits_a_line() {
         let mut c = StepCost::default();
-        assert_eq!(c.prefill_cap(1, 512), FIRST_PREFILL_ROWS);
+        assert_eq!(c.fit(), None);
         // Steps cost 7 ms plus 4 ms a row (a CPU: rows are dear).
         for _ in 0..30 {
             for rows in [1, 1, 9, 512] {
@@ -355,24 +382,13 @@ mod tests {
             (base - 0.007).abs() < 1e-4 && (per_row - 0.004).abs() < 1e-5,
             "{base} {per_row}"
         );
-        // One decode row: a step of 11 ms may grow by 7.7 ms, one row.
-        assert_eq!(c.prefill_cap(1, 512), 1);
-        assert_eq!(c.prefill_cap(8, 512), 6);
-        // Rows nearly free (a GPU): the whole batch.
-        let mut g = StepCost::default();
-        for _ in 0..30 {
-            for rows in [1, 4, 512] {
-                g.observe(rows, 0.010 + 0.00001 * rows as f64);
-            }
-        }
-        assert_eq!(g.prefill_cap(1, 512), 512);
         // The fit follows a machine that gets busy.
         for _ in 0..100 {
             for rows in [1, 4, 512] {
-                g.observe(rows, 0.020 + 0.002 * rows as f64);
+                c.observe(rows, 0.020 + 0.002 * rows as f64);
             }
         }
-        let (base, per_row) = g.fit().unwrap();
+        let (base, per_row) = c.fit().unwrap();
         assert!(
             (base - 0.020).abs() < 2e-3 && (per_row - 0.002).abs() < 1e-4,
             "{base} {per_row}"
@@ -383,5 +399,29 @@ mod tests {
             one.observe(1, 0.01);
         }
         assert_eq!(one.fit(), None);
+    }
+
+    #[test]
+    fn prefill_beside_decoding_takes_its_share_of_time() {
+        let mut p = PrefillCredit::default();
+        assert!(p.allows_prefill());
+        // Decode steps of 10 ms; a prefill chunk adds 500 ms.
+        let (mut decode_time, mut prefill_time) = (0.0, 0.0);
+        for _ in 0..10_000 {
+            if p.allows_prefill() {
+                p.observe(1, 512, 0.510);
+                prefill_time += 0.5;
+                decode_time += 0.010;
+            } else {
+                p.observe(1, 0, 0.010);
+                decode_time += 0.010;
+            }
+        }
+        // Decoding keeps about 1 / (1 + SHARE) of the time.
+        let share = decode_time / (decode_time + prefill_time);
+        assert!((share - 1.0 / (1.0 + SHARE)).abs() < 0.02, "{share}");
+        // With nothing decoding, a prefill owes nothing.
+        p.observe(0, 512, 0.5);
+        assert!(p.allows_prefill());
     }
 }

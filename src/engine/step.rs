@@ -74,7 +74,11 @@ impl Worker {
             let lim = StepLimits {
                 max_rows: self.ctx.n_batch(),
                 chunk: self.chunk,
-                prefill_cap: self.cost.prefill_cap(decode_rows, self.ctx.n_batch()),
+                prefill_cap: if decode_rows == 0 || self.credit.allows_prefill() {
+                    self.ctx.n_batch()
+                } else {
+                    0
+                },
             };
             let plan = plan_step(&candidates, &lim);
             let need: usize = plan.iter().map(|p| p.rows).sum();
@@ -108,11 +112,22 @@ impl Worker {
             .iter()
             .filter(|s| s.run.as_ref().is_some_and(|r| r.phase != Phase::Prefill))
             .count();
+        // Where rows are dear (a CPU), a drafted row beside a prefill takes
+        // the place of a prompt row in the paced step, and the prompt waits
+        // for guesses. Where they are nearly free, both fit.
+        let prefilling = self
+            .slots
+            .iter()
+            .any(|s| s.run.as_ref().is_some_and(|r| r.phase == Phase::Prefill));
+        let dear = cost.is_some_and(|(base, per_row)| per_row > 0.1 * base);
         for slot in &mut self.slots {
             let Some(run) = slot.run.as_mut() else {
                 continue;
             };
             run.draft.clear();
+            if prefilling && dear {
+                continue;
+            }
             let Phase::Decode { pending } = run.phase else {
                 continue;
             };
@@ -236,6 +251,7 @@ impl Worker {
         match decoded {
             Ok(Ok(())) => {
                 self.cost.observe(rows.len(), secs);
+                self.credit.observe(decode_rows, prefill_rows, secs);
                 self.advance(&parts, &rows);
             }
             Ok(Err(DecodeError::Aborted)) if self.all_cancelled(&parts) => {

@@ -23,7 +23,7 @@ use super::cache::RamStore;
 use super::cells::CellLedger;
 use super::hook::{spawn_watchdog, AbortHook, Progress};
 use super::llama::{Context, ContextParams, LlamaError, Model};
-use super::schedule::StepCost;
+use super::schedule::{PrefillCredit, StepCost};
 use super::sequence::{Phase, Running};
 use super::status::{EngineStatus, SlotStatus};
 use super::{Command, EngineConfig, EngineError, EngineStats, Event, Job};
@@ -95,6 +95,8 @@ pub(super) struct Worker {
     pub chunk: usize,
     /// What steps cost, measured: paces prefill and sizes drafts.
     pub cost: StepCost,
+    /// Time-slices prefill beside decoding.
+    pub credit: PrefillCredit,
     /// Admission counter.
     pub admitted: u64,
     /// The memory cannot cut a sequence back or share part of one
@@ -232,6 +234,7 @@ pub(super) fn spawn(
         n_ctx_seq,
         chunk: chunk as usize,
         cost: StepCost::default(),
+        credit: PrefillCredit::default(),
         admitted: 0,
         snapshot_taken: false,
         last_step_rows: 0,

@@ -29,7 +29,7 @@ def pair(server_logs):
     from conftest import _factory
 
     start, started = _factory(server_logs)
-    spec = start("--heartbeat-secs", "1")
+    spec = start("--heartbeat-secs", "1", "--spec")
     plain = start("--heartbeat-secs", "1", "--no-spec")
     yield spec, plain
     for s in started:

@@ -531,10 +531,6 @@ impl Context {
         self.kv_bytes
     }
 
-    pub fn n_seq_max(&self) -> u32 {
-        unsafe { sys::llama_n_seq_max(self.ptr.as_ptr()) }
-    }
-
     pub fn n_batch(&self) -> usize {
         self.batch_cap
     }
@@ -592,11 +588,6 @@ impl Context {
         }
     }
 
-    /// Logits of the last token decoded with `want_logits`.
-    pub fn last_logits(&self) -> &[f32] {
-        self.logits(-1)
-    }
-
     /// Logits of batch row `i` of the last decode (negative: from the
     /// end); empty when that row kept none.
     pub fn logits(&self, i: i32) -> &[f32] {
@@ -617,22 +608,11 @@ impl Context {
         unsafe { sys::llama_get_memory(self.ptr.as_ptr()) }
     }
 
-    /// How many positions of sequence 0 the KV cache holds (they are always
-    /// a prefix `0..n`).
-    pub fn kv_len(&self) -> usize {
-        self.seq_len(0)
-    }
-
     /// How many positions of `seq` the KV holds (always a prefix `0..n`).
     pub fn seq_len(&self, seq: SeqId) -> usize {
         // SAFETY: the memory handle lives as long as the context.
         let max = unsafe { sys::llama_memory_seq_pos_max(self.memory(), seq) };
         (max + 1).max(0) as usize
-    }
-
-    /// Drop positions `from..` of sequence 0 (see [`Context::seq_truncate`]).
-    pub fn kv_truncate(&mut self, from: usize) -> bool {
-        self.seq_truncate(0, from)
     }
 
     /// Drop positions `from..` of `seq`. Returns false when the memory
@@ -665,11 +645,6 @@ impl Context {
         unsafe { sys::llama_memory_clear(self.memory(), true) }
     }
 
-    /// Copy sequence 0's KV state out (for a snapshot).
-    pub fn state_get(&self) -> Vec<u8> {
-        self.seq_state_get(0)
-    }
-
     /// Copy one sequence's KV state out (for a snapshot).
     pub fn seq_state_get(&self, seq: SeqId) -> Vec<u8> {
         // SAFETY: the buffer is sized by llama.cpp's own size query and the
@@ -681,13 +656,6 @@ impl Context {
             buf.truncate(n);
             buf
         }
-    }
-
-    /// Replace sequence 0's whole KV with a snapshot (see
-    /// [`Context::seq_state_set`]).
-    pub fn state_set(&mut self, state: &[u8]) -> bool {
-        self.kv_clear();
-        self.seq_state_set(0, state)
     }
 
     /// Replace one sequence's KV state with a snapshot. False when

@@ -56,6 +56,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         n_ctx,
         n_parallel: 1,
         spec: None,
+        draft_model: None,
         kv_size: 0,
         n_batch: args.batch,
         n_threads: args.threads,

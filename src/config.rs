@@ -42,7 +42,15 @@ pub struct ServeArgs {
     /// Turn speculative decoding off (the default).
     #[arg(long, env = "HEARTH_NO_SPEC", default_value_t = false)]
     pub no_spec: bool,
-    /// Most tokens drafted per step by prompt lookup.
+    /// Speculative decoding with this draft model (a small GGUF with the
+    /// model's vocabulary) instead of prompt lookup; turns speculation on.
+    #[arg(long, env = "HEARTH_DRAFT_MODEL", conflicts_with = "no_spec")]
+    pub draft_model: Option<std::path::PathBuf>,
+    /// Fewest tokens drafted per step, even where drafts are measured not
+    /// to pay (0: as many as pay).
+    #[arg(long, env = "HEARTH_DRAFT_MIN", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub draft_min: u32,
+    /// Most tokens drafted per step.
     #[arg(long, env = "HEARTH_DRAFT_MAX", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub draft_max: u32,
     /// CPU threads for compute (0: llama.cpp's default).

@@ -135,10 +135,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = EngineConfig {
         n_ctx: args.ctx,
         n_parallel: args.parallel,
-        spec: (args.spec && !args.no_spec).then(|| hearth::engine::spec::SpecConfig {
-            draft_max: args.draft_max as usize,
-            ..Default::default()
+        spec: ((args.spec || args.draft_model.is_some()) && !args.no_spec).then(|| {
+            hearth::engine::spec::SpecConfig {
+                draft_max: args.draft_max as usize,
+                draft_min: args.draft_min.min(args.draft_max) as usize,
+                ..Default::default()
+            }
         }),
+        draft_model: args.draft_model.clone(),
         kv_size: args.kv_size,
         n_batch: args.batch.max(1),
         n_threads: args.threads,

@@ -44,6 +44,7 @@ fn engine() -> &'static EngineHandle {
             n_ctx: 1024,
             n_parallel: 1,
             spec: None,
+            draft_model: None,
             kv_size: 0,
             n_batch: 256,
             n_threads: 0,

@@ -24,6 +24,8 @@ pub enum LlamaError {
     Load { path: String, reason: String },
     #[error("cannot create a llama.cpp context (n_ctx {n_ctx}): out of memory or unsupported parameters")]
     Context { n_ctx: u32 },
+    #[error("draft model {path} cannot draft for this model: {reason}")]
+    Draft { path: String, reason: String },
 }
 
 /// Why `Context::decode` failed.
@@ -706,5 +708,22 @@ impl Model {
             }
         }
         out
+    }
+}
+
+impl Model {
+    /// The tokenizer's kind (llama.cpp's `llama_vocab_type`: SPM, BPE,
+    /// WPM, ...), for telling whether two models share a vocabulary.
+    pub fn vocab_kind(&self) -> i32 {
+        // SAFETY: plain read of the vocabulary, which lives as long as the
+        // model.
+        unsafe { sys::llama_vocab_type(self.vocab()) as i32 }
+    }
+
+    /// The end-of-sequence token, if the vocabulary has one.
+    pub fn eos(&self) -> Option<Token> {
+        // SAFETY: plain read of the vocabulary.
+        let t = unsafe { sys::llama_vocab_eos(self.vocab()) };
+        (t >= 0).then_some(t)
     }
 }

@@ -13,6 +13,7 @@
 mod admit;
 pub mod cache;
 pub mod cells;
+mod draft;
 pub mod fault;
 pub mod grammar;
 mod hook;
@@ -447,8 +448,11 @@ pub struct EngineConfig {
     pub n_ctx: u32,
     /// Sequences decoded together (`--parallel`).
     pub n_parallel: u32,
-    /// Speculative decoding by prompt lookup (None: `--no-spec`).
+    /// Speculative decoding (None: off).
     pub spec: Option<spec::SpecConfig>,
+    /// Where drafts come from when speculating: this draft model (a GGUF
+    /// with the model's vocabulary), else prompt lookup.
+    pub draft_model: Option<std::path::PathBuf>,
     /// KV cells shared by all sequences; 0: `n_ctx` times `n_parallel`,
     /// at most 65536 (and at least `n_ctx`).
     pub kv_size: u32,

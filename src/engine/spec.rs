@@ -22,6 +22,9 @@ use super::llama::Token;
 pub struct SpecConfig {
     /// Most tokens drafted per step.
     pub draft_max: usize,
+    /// Fewest tokens drafted per step, whatever drafts are measured to
+    /// cost (0: as many as pay, possibly none).
+    pub draft_min: usize,
     /// Longest and shortest n-gram looked up.
     pub ngram_max: usize,
     pub ngram_min: usize,
@@ -31,6 +34,7 @@ impl Default for SpecConfig {
     fn default() -> Self {
         Self {
             draft_max: 8,
+            draft_min: 0,
             ngram_max: 4,
             ngram_min: 2,
         }
@@ -118,8 +122,16 @@ impl SpecState {
     /// How many tokens to draft this step, at most `max`: the length that
     /// gives the most tokens per second for a step of `sequences` decoding
     /// sequences, with steps costing `cost` = (base, per row) seconds (None:
-    /// not measured yet; rows are then taken as free). 0: do not draft.
-    pub fn draft_len(&mut self, max: usize, sequences: usize, cost: Option<(f64, f64)>) -> usize {
+    /// not measured yet; rows are then taken as free) and each drafted
+    /// token `price` seconds to draft (a draft model's step; 0 for prompt
+    /// lookup). 0: do not draft.
+    pub fn draft_len(
+        &mut self,
+        max: usize,
+        sequences: usize,
+        cost: Option<(f64, f64)>,
+        price: f64,
+    ) -> usize {
         if max == 0 {
             return 0;
         }
@@ -136,7 +148,7 @@ impl SpecState {
         };
         let n = sequences.max(1) as f64;
         let step = base + per_row * n;
-        let rate = |k: usize| (n + expected(self.alpha, k)) / (step + per_row * k as f64);
+        let rate = |k: usize| (n + expected(self.alpha, k)) / (step + (per_row + price) * k as f64);
         let best = (0..=max)
             .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
             .unwrap_or(0);
@@ -174,6 +186,7 @@ mod tests {
     fn cfg() -> SpecConfig {
         SpecConfig {
             draft_max: 8,
+            draft_min: 0,
             ngram_max: 3,
             ngram_min: 1,
         }
@@ -211,25 +224,38 @@ mod tests {
     fn the_draft_length_follows_acceptance_and_cost() {
         let mut s = SpecState::default();
         // Not measured yet: rows are free, draft all.
-        assert_eq!(s.draft_len(8, 1, None), 8);
+        assert_eq!(s.draft_len(8, 1, None, 0.0), 8);
         // Acceptance 0.6 on a CPU: one token pays, more do not.
-        assert_eq!(s.draft_len(8, 1, CPU), 1);
+        assert_eq!(s.draft_len(8, 1, CPU, 0.0), 1);
         // Acceptance about 0.8: a few tokens pay.
         for _ in 0..20 {
             s.record(5, 4);
         }
-        let some = s.draft_len(8, 1, CPU);
+        let some = s.draft_len(8, 1, CPU, 0.0);
         assert!((2..=5).contains(&some), "{some}");
         // Copying text: everything accepted, the longest draft pays most.
         for _ in 0..40 {
             s.record(4, 4);
         }
-        assert_eq!(s.draft_len(8, 1, CPU), 8);
+        assert_eq!(s.draft_len(8, 1, CPU, 0.0), 8);
         // On a GPU, rows are nearly free: the whole draft.
-        assert_eq!(s.draft_len(8, 1, Some((0.010, 0.00001))), 8);
+        assert_eq!(s.draft_len(8, 1, Some((0.010, 0.00001)), 0.0), 8);
         // Four sequences already fill the step well: a 0.6 draft does not pay.
         let mut four = SpecState::default();
-        assert_eq!(four.draft_len(8, 4, CPU), 0);
+        assert_eq!(four.draft_len(8, 4, CPU, 0.0), 0);
+    }
+
+    #[test]
+    fn a_draft_model_that_costs_as_much_as_a_row_drafts_less() {
+        let mut s = SpecState::default();
+        for _ in 0..20 {
+            s.record(5, 4);
+        }
+        let free = s.draft_len(8, 1, CPU, 0.0);
+        let priced = s.draft_len(8, 1, CPU, 0.004);
+        assert!(priced < free, "{priced} vs {free}");
+        // Guesses as dear as the target's own step never pay.
+        assert_eq!(s.draft_len(8, 1, CPU, 0.011), 0);
     }
 
     #[test]
@@ -238,18 +264,18 @@ mod tests {
         for _ in 0..10 {
             s.record(2, 0);
         }
-        assert_eq!(s.draft_len(8, 1, CPU), 0);
+        assert_eq!(s.draft_len(8, 1, CPU, 0.0), 0);
         let skipped = (0..COOLDOWN)
-            .filter(|_| s.draft_len(8, 1, CPU) == 0)
+            .filter(|_| s.draft_len(8, 1, CPU, 0.0) == 0)
             .count();
         assert_eq!(skipped as u32, COOLDOWN);
-        assert_eq!(s.draft_len(8, 1, CPU), PROBE);
+        assert_eq!(s.draft_len(8, 1, CPU, 0.0), PROBE);
         s.record(2, 0);
         // Still failing: twice as long a pause.
-        assert_eq!(s.draft_len(8, 1, CPU), 0);
+        assert_eq!(s.draft_len(8, 1, CPU, 0.0), 0);
         assert_eq!(
             (0..2 * COOLDOWN)
-                .filter(|_| s.draft_len(8, 1, CPU) == 0)
+                .filter(|_| s.draft_len(8, 1, CPU, 0.0) == 0)
                 .count() as u32,
             2 * COOLDOWN
         );

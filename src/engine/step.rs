@@ -17,6 +17,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::admit::catch;
+use super::draft::DraftWant;
 use super::llama::{DecodeError, Row};
 use super::schedule::{plan_step, Candidate, Planned, StepLimits, Want};
 use super::sequence::{self, Done, Phase, Running, Start};
@@ -101,8 +102,9 @@ impl Worker {
         }
     }
 
-    /// Draft tokens for each decoding sequence that wants them (prompt
-    /// lookup over its own tokens).
+    /// Draft tokens for each decoding sequence that wants them: the draft
+    /// model's guesses when there is one, else prompt lookup over the
+    /// sequence's own tokens.
     fn prepare_drafts(&mut self) {
         let Some(cfg) = self.spec else { return };
         let n_ctx = self.n_ctx_seq;
@@ -120,7 +122,9 @@ impl Worker {
             .iter()
             .any(|s| s.run.as_ref().is_some_and(|r| r.phase == Phase::Prefill));
         let dear = cost.is_some_and(|(base, per_row)| per_row > 0.1 * base);
-        for slot in &mut self.slots {
+        let price = self.drafter.as_ref().map_or(0.0, |d| d.round_secs());
+        let mut wants = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(run) = slot.run.as_mut() else {
                 continue;
             };
@@ -138,14 +142,39 @@ impl Worker {
             let room = (run.job.request.max_tokens.saturating_sub(run.generated) as usize)
                 .min(n_ctx.saturating_sub(slot.seq.len() + 2))
                 .min(cfg.draft_max);
-            let want = run.spec.draft_len(room, decoding, cost);
+            let want = run
+                .spec
+                .draft_len(room, decoding, cost, price)
+                .max(cfg.draft_min.min(room));
             if want == 0 {
                 continue;
             }
             let tokens = slot.seq.tokens();
+            if self.drafter.is_some() {
+                let mut all = tokens.to_vec();
+                all.push(pending);
+                wants.push(DraftWant {
+                    slot: i,
+                    tokens: all,
+                    k: want,
+                });
+                continue;
+            }
             let mut tail = tokens[tokens.len().saturating_sub(spec::LOOKBACK)..].to_vec();
             tail.push(pending);
             run.draft = spec::propose(&tail, &cfg, want);
+        }
+        let Some(drafter) = self.drafter.as_mut() else {
+            return;
+        };
+        if wants.is_empty() {
+            return;
+        }
+        let drafts = drafter.draft(&wants);
+        for (w, draft) in wants.iter().zip(drafts) {
+            if let Some(run) = self.slots[w.slot].run.as_mut() {
+                run.draft = draft;
+            }
         }
     }
 

@@ -21,6 +21,7 @@ use super::cache::disk::DiskStore;
 use super::cache::sequence::Sequence;
 use super::cache::RamStore;
 use super::cells::CellLedger;
+use super::draft::{check_compatible, Drafter};
 use super::hook::{spawn_watchdog, AbortHook, Progress};
 use super::llama::{Context, ContextParams, LlamaError, Model};
 use super::schedule::{PrefillCredit, StepCost};
@@ -106,8 +107,10 @@ pub(super) struct Worker {
     /// step with a snapshot).
     pub snapshot_taken: bool,
     pub last_step_rows: usize,
-    /// Prompt lookup drafting (None: off, or a model that cannot rewind).
+    /// Speculative decoding (None: off, or a model that cannot rewind).
     pub spec: Option<super::spec::SpecConfig>,
+    /// The draft model, when drafts come from one instead of prompt lookup.
+    pub drafter: Option<Drafter>,
 }
 
 /// Create the context and start the engine thread. Returns what one request
@@ -208,17 +211,32 @@ pub(super) fn spawn(
             info!("speculative decoding off: this model's memory cannot drop rejected drafts");
             None
         }
-        Some(s) => {
+        Some(s) => Some(s),
+        None => None,
+    };
+    let drafter = match (&spec, &config.draft_model) {
+        (Some(s), Some(path)) => {
+            let d = start_drafter(&model, path, config.n_gpu_layers, params, chunk as usize)?;
+            info!(
+                draft_max = s.draft_max,
+                draft_model = %path.display(),
+                draft_kv_mib = format!("{:.1}", d.kv_bytes() as f64 / (1 << 20) as f64),
+                "speculative decoding: draft model"
+            );
+            Some(d)
+        }
+        (Some(s), None) => {
             info!(
                 draft_max = s.draft_max,
                 "speculative decoding: prompt lookup"
             );
-            Some(s)
+            None
         }
-        None => None,
+        _ => None,
     };
     let mut worker = Worker {
         spec,
+        drafter,
         recurrent: model.is_recurrent(),
         ctx,
         model,
@@ -259,6 +277,29 @@ pub(super) fn spawn(
         })
         .expect("cannot spawn the engine thread");
     Ok(n_ctx_seq as u32)
+}
+
+/// Load the draft model and give it a context like the target's: as many
+/// sequences and cells, so every target sequence has its draft beside it.
+fn start_drafter(
+    target: &Arc<Model>,
+    path: &std::path::Path,
+    n_gpu_layers: i32,
+    params: ContextParams,
+    chunk: usize,
+) -> Result<Drafter, LlamaError> {
+    let model = Model::load(path, n_gpu_layers)?;
+    let refuse = |reason: String| LlamaError::Draft {
+        path: path.display().to_string(),
+        reason,
+    };
+    if model.is_recurrent() {
+        return Err(refuse(
+            "its memory cannot drop rejected drafts (a recurrent or hybrid model)".into(),
+        ));
+    }
+    check_compatible(target, &model).map_err(refuse)?;
+    Drafter::new(model, target, params, chunk)
 }
 
 /// KV cells when `--kv-size` is not given: room for every sequence's whole

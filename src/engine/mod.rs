@@ -272,8 +272,9 @@ pub(crate) enum Command {
 
 /// A queued unit of work.
 pub(crate) struct Job {
-    /// Arrival order, from 0; fault injection counts requests with it.
-    pub seq: u64,
+    /// Arrival order, from 0 (not a llama.cpp sequence id); fault
+    /// injection counts requests with it.
+    pub arrival: u64,
     pub request: GenerateRequest,
     pub events: mpsc::UnboundedSender<Event>,
     pub cancel: CancelFlag,
@@ -386,9 +387,9 @@ impl EngineHandle {
                     events: rx,
                     cancel: cancel.clone(),
                 });
-                let seq = self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                let arrival = self.stats.submitted.fetch_add(1, Ordering::Relaxed);
                 Job {
-                    seq,
+                    arrival,
                     request,
                     events: tx,
                     cancel,

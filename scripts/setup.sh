@@ -9,8 +9,10 @@
 #   --no-build      skip `cargo build --release`
 #
 # Steps: system packages (cmake, clang, libclang-dev, via apt-get when
-# missing), .venv with the pinned Python test clients, tests/node packages
-# (npm ci), models (scripts/fetch-models.sh), `cargo build --release`.
+# missing), the rustfmt and clippy components (via rustup, for the checks
+# in scripts/test.sh), .venv with the pinned Python test clients,
+# tests/node packages (npm ci), models (scripts/fetch-models.sh),
+# `cargo build --release`.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,7 +26,7 @@ for arg in "$@"; do
         --no-test-deps) test_deps=0 ;;
         --all) all_models=1 ;;
         --no-build) build=0 ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "setup: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -77,6 +79,23 @@ if ((${#missing[@]})); then
     quietly as_root apt-get install -y --no-install-recommends "${missing[@]}"
 else
     say "system packages ok (cmake, clang, libclang-dev)"
+fi
+
+# --- rustfmt and clippy -----------------------------------------------------------
+# scripts/test.sh runs `cargo fmt --check` and `cargo clippy`. rustup installs
+# components for the user running it (root on CI), so no sudo here.
+if [[ "$test_deps" == 1 ]]; then
+    want=()
+    cargo fmt --version >/dev/null 2>&1 || want+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || want+=(clippy)
+    if ((${#want[@]})); then
+        command -v rustup >/dev/null 2>&1 \
+            || die "cargo ${want[*]} missing and no rustup here: install the ${want[*]} components by hand"
+        say "installing rust components: ${want[*]}"
+        quietly rustup component add "${want[@]}"
+    else
+        say "rust components ok (rustfmt, clippy)"
+    fi
 fi
 
 # --- Python test clients --------------------------------------------------------

@@ -3,10 +3,12 @@
 #
 #   scripts/test.sh
 #
-# 1. scripts/setup.sh --all   (system packages, .venv, node packages, all models, release build)
-# 2. cargo test --release     (unit tests and Rust integration tests)
-# 3. .venv/bin/pytest -q tests/python   (official OpenAI and Anthropic SDKs)
-# 4. node --test tests/node   (undici with strict idle timeouts: the stall scenarios)
+# 1. scripts/setup.sh --all   (system packages, rustfmt and clippy, .venv, node packages,
+#                              all models, release build)
+# 2. cargo fmt --check and cargo clippy --release --all-targets -- -D warnings
+# 3. cargo test --release     (unit tests and Rust integration tests)
+# 4. .venv/bin/pytest -q tests/python   (official OpenAI and Anthropic SDKs)
+# 5. node --test tests/node   (undici with strict idle timeouts: the stall scenarios)
 #
 # Every suite runs even when an earlier one fails; the exit status is non-zero
 # when any of them failed. Each suite has a wall-clock limit, so a hung server
@@ -47,6 +49,8 @@ run_suite() {
     fi
 }
 
+run_suite "cargo fmt --check" 300 cargo fmt --all --check
+run_suite "cargo clippy" 1200 cargo clippy --release --all-targets --quiet -- -D warnings
 run_suite "cargo test --release" 1200 cargo test --release --quiet
 run_suite "pytest tests/python" 1200 .venv/bin/pytest -q tests/python
 run_suite "node --test tests/node" 900 \

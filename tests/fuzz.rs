@@ -1,5 +1,6 @@
 //! Property-based fuzzing (proptest) of everything that reads untrusted
-//! input or frames output: both request parsers, the SSE writer, and every
+//! input or frames output: the four request parsers (chat completions,
+//! Messages, Responses, legacy completions), the SSE writer, and every
 //! tool-call parser.
 //!
 //! The properties: nothing panics; every rejected request is a client error
@@ -17,9 +18,11 @@
 
 use axum::response::IntoResponse;
 use futures::StreamExt;
+use hearth::api::completions::{self, PromptInput, MAX_CHOICES, MAX_LOGPROBS, MAX_N};
 use hearth::api::error::{AnthropicError, ApiError, ErrorKind, OpenAIError, Protocol};
-use hearth::api::{anthropic, openai, sse, MAX_STOP_SEQUENCES};
+use hearth::api::{anthropic, openai, responses, sse, MAX_STOP_SEQUENCES};
 use hearth::chat::tools::{ToolEvent, ToolFormat};
+use hearth::chat::{ChatMessage, Role};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
@@ -85,7 +88,10 @@ fn key() -> impl Strategy<Value = String> {
             "parameters", "input", "input_schema", "tool_use_id", "is_error", "response_format",
             "json_schema", "schema", "logprobs", "top_logprobs", "reasoning_effort", "budget_tokens",
             "parallel_tool_calls", "disable_parallel_tool_use", "id", "output_config", "output_format",
-            "format", "effort",
+            "format", "effort", "instructions", "max_output_tokens", "previous_response_id", "truncation",
+            "include", "reasoning", "background", "conversation", "prompt", "top_logprobs", "call_id", "output",
+            "function_call", "function_call_output", "summary", "echo", "suffix", "best_of", "logit_bias",
+            "presence_penalty", "frequency_penalty",
         ])
         .prop_map(str::to_string),
         1 => "[a-z_]{1,8}",
@@ -106,6 +112,17 @@ fn near_valid(base: Value) -> impl Strategy<Value = Value> {
 fn openai_base() -> Value {
     json!({ "model": "m", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 8 })
 }
+
+fn responses_base() -> Value {
+    json!({ "model": "m", "input": [{ "role": "user", "content": [{ "type": "input_text", "text": "hi" }] }], "max_output_tokens": 8 })
+}
+
+fn completions_base() -> Value {
+    json!({ "model": "m", "prompt": ["Once upon", [1, 2, 3]], "max_tokens": 8, "n": 2, "logprobs": 2 })
+}
+
+/// The vocabulary size legacy prompts' token ids are checked against.
+const N_VOCAB: i32 = 49152;
 
 fn anthropic_base() -> Value {
     json!({ "model": "m", "max_tokens": 8, "messages": [{ "role": "user", "content": [{ "type": "text", "text": "hi" }] }] })
@@ -158,6 +175,46 @@ proptest! {
                 prop_assert!((0.0..=1.0).contains(&opts.sampling.temperature));
             }
             Err(err) => assert_client_error(&err, Protocol::Anthropic),
+        }
+    }
+
+    #[test]
+    fn responses_requests_parse_or_are_rejected_as_4xx(body in bodies(responses_base()), stored in any::<bool>()) {
+        // A stored conversation (`previous_response_id`) to continue from, or none.
+        let previous = [ChatMessage::new(Role::User, "earlier"), ChatMessage::new(Role::Assistant, "reply")];
+        let previous = stored.then_some(&previous[..]);
+        match ApiError::parse_json::<responses::ResponsesRequest>(&body).and_then(|r| responses::convert(r, previous, "m")) {
+            Ok(c) => {
+                prop_assert!(!c.chat.messages.is_empty());
+                prop_assert!(c.stored_from <= c.chat.messages.len());
+                prop_assert_eq!(c.conv_origins.len(), c.chat.messages.len());
+                prop_assert!(c.opts.max_tokens.is_none_or(|m| m >= 1 && m as i64 <= hearth::api::MAX_TOKENS_LIMIT));
+                prop_assert!((0.0..=2.0).contains(&c.opts.sampling.temperature));
+                prop_assert!(c.opts.logprobs.is_none());
+            }
+            Err(err) => assert_client_error(&err, Protocol::OpenAI),
+        }
+    }
+
+    #[test]
+    fn completions_requests_parse_or_are_rejected_as_4xx(body in bodies(completions_base())) {
+        match ApiError::parse_json::<completions::CompletionRequest>(&body).and_then(|r| completions::convert(r, N_VOCAB)) {
+            Ok(p) => {
+                prop_assert!(!p.prompts.is_empty());
+                prop_assert!((1..=MAX_N as u32).contains(&p.n));
+                prop_assert!(p.prompts.len() * p.n as usize <= MAX_CHOICES);
+                for prompt in &p.prompts {
+                    if let PromptInput::Tokens(ids) = prompt {
+                        prop_assert!(ids.iter().all(|&t| (0..N_VOCAB).contains(&t)));
+                    }
+                }
+                prop_assert!(p.logprobs.is_none_or(|n| n as i64 <= MAX_LOGPROBS));
+                prop_assert!(!(p.echo && p.logprobs.is_some()));
+                prop_assert!(p.max_tokens.is_none_or(|m| m >= 1 && m as i64 <= hearth::api::MAX_TOKENS_LIMIT));
+                prop_assert!(p.stop.len() <= MAX_STOP_SEQUENCES);
+                prop_assert!((0.0..=2.0).contains(&p.sampling.temperature));
+            }
+            Err(err) => assert_client_error(&err, Protocol::OpenAI),
         }
     }
 

@@ -4,14 +4,16 @@
 //! merged with a wall-clock timer: whenever nothing was yielded for the
 //! heartbeat interval, the stream yields a heartbeat, whatever the engine is
 //! doing (queued, prefilling, decoding, stalled inside one llama.cpp call).
-//! No engine code path can pause it; only a client that stops reading can
-//! (DESIGN invariant 2). The merge is ours rather than axum's `KeepAlive` so
+//! No engine code path can pause it; only a client that stops reading can:
+//! a streaming client hears from the server at least every heartbeat
+//! interval. The merge is ours rather than axum's `KeepAlive` so
 //! heartbeats can be counted and the stream can also watch for shutdown.
 //!
 //! The opening events are yielded before the first engine event is awaited,
-//! so headers and `message_start` / the role chunk go out at once
-//! (invariant 3). Dropping the body (the client left) drops the pump and
-//! with it the job's [`CancelOnDrop`] guard (invariant 4). When a shutdown
+//! so headers and `message_start` / the role chunk go out at once, before
+//! the job waits in the queue or prefills. Dropping the body (the client
+//! left) drops the pump and with it the job's [`CancelOnDrop`] guard, so a
+//! client that leaves cancels its work. When a shutdown
 //! runs past its grace period the stream ends with the protocol's error
 //! event instead of a torn body, and its job is cancelled the same way.
 

@@ -6,7 +6,7 @@
 //! [`OutputParser`] and turns its [`OutputEvent`]s into its own wire events;
 //! non-streaming handlers read the [`Output`] summary at the end.
 
-use super::reasoning::{ReasoningPiece, ReasoningSplitter};
+use super::reasoning::{ReasoningMarkers, ReasoningPiece, ReasoningSplitter};
 use super::tools::{ToolEvent, ToolFormat, ToolParser};
 use super::ToolCall;
 
@@ -36,9 +36,9 @@ pub enum OutputEvent {
 /// and the request.
 #[derive(Debug, Clone, Default)]
 pub struct OutputSpec {
-    /// Opening and closing reasoning markers, and whether the prompt
-    /// already opened the reasoning.
-    pub reasoning: Option<(String, String, bool)>,
+    /// The reasoning markers, and whether the prompt already opened the
+    /// reasoning.
+    pub reasoning: Option<ReasoningMarkers>,
     /// Parse tool calls in this format (tools offered, choice not `none`).
     pub tools: Option<ToolFormat>,
     /// What the prompt wrote of the reply before generation began (the
@@ -71,10 +71,9 @@ impl OutputParser {
     /// `toolu_` (Anthropic).
     pub fn new(spec: &OutputSpec, id_prefix: &'static str) -> Self {
         OutputParser {
-            splitter: spec
-                .reasoning
-                .as_ref()
-                .map(|(o, c, opened)| ReasoningSplitter::new(o.clone(), c.clone(), *opened)),
+            splitter: spec.reasoning.as_ref().map(|m| {
+                ReasoningSplitter::new(m.open.clone(), m.close.clone(), m.opened_by_prompt)
+            }),
             tools: spec.tools.map(ToolFormat::parser),
             id_prefix,
             out: Output {
@@ -208,7 +207,7 @@ mod tests {
     #[test]
     fn reasoning_then_a_call() {
         let spec = OutputSpec {
-            reasoning: Some(("<think>".into(), "</think>".into(), false)),
+            reasoning: Some(ReasoningMarkers::new("<think>", "</think>", false)),
             tools: Some(ToolFormat::Hermes),
             replay_prefix: String::new(),
         };
@@ -230,7 +229,7 @@ mod tests {
     #[test]
     fn a_prompt_opened_reasoning_is_part_of_the_replayed_reply() {
         let spec = OutputSpec {
-            reasoning: Some(("<think>".into(), "</think>".into(), true)),
+            reasoning: Some(ReasoningMarkers::new("<think>", "</think>", true)),
             tools: Some(ToolFormat::Hermes),
             replay_prefix: "<think>\n".into(),
         };

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::grammar::{self, SchemaError};
 use super::output::{OutputParser, OutputSpec};
-use super::reasoning::{detect_markers, prompt_opens_reasoning};
+use super::reasoning::{detect_markers, prompt_opens_reasoning, ReasoningMarkers};
 use super::replay::ReplayStore;
 use super::template::{ChatTemplate, RenderOptions, TemplateError};
 use super::tools::{fallback_system_prompt, fallback_tool_result, ToolFormat, ToolSpec};
@@ -161,11 +161,14 @@ fn replay_matches(
     raw: &str,
     calls: &[super::ToolCall],
     format: ToolFormat,
-    markers: Option<&(String, String, bool)>,
+    markers: Option<&ReasoningMarkers>,
 ) -> bool {
     // A reply replays from the reasoning marker on when the prompt opened it.
     let spec = OutputSpec {
-        reasoning: markers.map(|(open, close, _)| (open.clone(), close.clone(), false)),
+        reasoning: markers.map(|m| ReasoningMarkers {
+            opened_by_prompt: false,
+            ..m.clone()
+        }),
         tools: Some(format),
         replay_prefix: String::new(),
     };
@@ -517,15 +520,19 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
     };
 
     // How to read the reply.
-    let reasoning = markers.as_ref().map(|(open, close, _)| {
-        let opened = prompt_opens_reasoning(&text, open, close);
-        (open.clone(), close.clone(), opened)
+    let reasoning = markers.as_ref().map(|m| ReasoningMarkers {
+        opened_by_prompt: prompt_opens_reasoning(&text, &m.open, &m.close),
+        ..m.clone()
     });
     let parse_tools = !tools.is_empty() && tool_choice != ToolChoice::None;
     // A reply that starts inside reasoning the prompt opened is replayed
     // with the prompt's opening (`<think>\n`): the bytes the KV cache holds.
     let replay_prefix = match &reasoning {
-        Some((open, _, true)) => text
+        Some(ReasoningMarkers {
+            open,
+            opened_by_prompt: true,
+            ..
+        }) => text
             .rfind(open.as_str())
             .map(|at| text[at..].to_string())
             .unwrap_or_default(),
@@ -561,9 +568,14 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
                     triggers: vec![],
                 },
                 // The model may reason first: calls only after the reasoning.
-                (Some((open, close, opened)), None)
-                    if enable_thinking != Some(false) || *opened =>
-                {
+                (
+                    Some(ReasoningMarkers {
+                        open,
+                        close,
+                        opened_by_prompt: opened,
+                    }),
+                    None,
+                ) if enable_thinking != Some(false) || *opened => {
                     let (gbnf, triggers) = grammar::calls_after_reasoning(
                         &gbnf,
                         format.call_opener(),
@@ -589,23 +601,37 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
     // Thinking asked for, and the model opens its reasoning itself: the
     // constraint allows a reasoning block first.
     match (&mut grammar, &reasoning) {
-        (Some(g), Some((_, close, true))) if g.triggers.is_empty() => {
+        (
+            Some(g),
+            Some(ReasoningMarkers {
+                close,
+                opened_by_prompt: true,
+                ..
+            }),
+        ) if g.triggers.is_empty() => {
             g.gbnf = grammar::after_marker(&g.gbnf, close);
             g.triggers = vec![close.clone()];
         }
-        (Some(g), Some((open, close, false)))
-            if g.triggers.is_empty() && enable_thinking == Some(true) =>
-        {
+        (
+            Some(g),
+            Some(ReasoningMarkers {
+                open,
+                close,
+                opened_by_prompt: false,
+            }),
+        ) if g.triggers.is_empty() && enable_thinking == Some(true) => {
             g.gbnf = grammar::optional_reasoning_first(&g.gbnf, open, close);
         }
         _ => {}
     }
 
     let reasoning_budget = match (thinking, &reasoning) {
-        (Thinking::On { budget: Some(b) }, Some((_, close, _))) => Some(ReasoningBudget {
-            max_tokens: b,
-            close: close.clone(),
-        }),
+        (Thinking::On { budget: Some(b) }, Some(ReasoningMarkers { close, .. })) => {
+            Some(ReasoningBudget {
+                max_tokens: b,
+                close: close.clone(),
+            })
+        }
         _ => None,
     };
     Ok(Prepared {
@@ -752,7 +778,7 @@ mod tests {
     #[test]
     fn a_reply_is_replayed_only_for_the_calls_it_made() {
         let raw = "<think>\nhm\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1, \"b\": [2]}}\n</tool_call>";
-        let markers = ("<think>".to_string(), "</think>".to_string(), true);
+        let markers = ReasoningMarkers::new("<think>", "</think>", true);
         let call = |name: &str, args: &str| ToolCall {
             id: "c".into(),
             name: name.into(),

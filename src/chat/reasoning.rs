@@ -221,12 +221,35 @@ fn find(buf: &str, marker: &str, eof: bool) -> (usize, bool) {
     (buf.len() - tail, false)
 }
 
+/// A template's reasoning markers, and whether the prompt opens the
+/// reasoning itself (so the reply starts inside it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReasoningMarkers {
+    /// What opens reasoning (`<think>`).
+    pub open: String,
+    /// What closes it (`</think>`): what the engine writes when a
+    /// thinking budget runs out.
+    pub close: String,
+    /// The prompt ends inside the reasoning: the reply begins as reasoning.
+    pub opened_by_prompt: bool,
+}
+
+impl ReasoningMarkers {
+    pub fn new(open: &str, close: &str, opened_by_prompt: bool) -> Self {
+        Self {
+            open: open.to_string(),
+            close: close.to_string(),
+            opened_by_prompt,
+        }
+    }
+}
+
 /// The reasoning markers a chat template uses, if any, and whether its
 /// generation prompt opens the reasoning itself. The last part is read off
 /// the template's string literals after `add_generation_prompt` (a literal
 /// that writes the opening marker without the closing one); when the
 /// rendered prompt is at hand, [`prompt_opens_reasoning`] is exact.
-pub fn detect_markers(template_source: &str) -> Option<(String, String, bool)> {
+pub fn detect_markers(template_source: &str) -> Option<ReasoningMarkers> {
     let (open, close) = KNOWN_MARKERS
         .iter()
         .find(|(open, close)| template_source.contains(open) && template_source.contains(close))?;
@@ -240,7 +263,7 @@ pub fn detect_markers(template_source: &str) -> Option<(String, String, bool)> {
                     .is_some_and(|o| !lit[o + open.len()..].contains(close))
             })
         });
-    Some((open.to_string(), close.to_string(), opens))
+    Some(ReasoningMarkers::new(open, close, opens))
 }
 
 /// Whether a rendered prompt ends inside reasoning: its last opening marker
@@ -404,7 +427,7 @@ mod tests {
 
     #[test]
     fn detects_markers_and_whether_the_prompt_opens_them() {
-        let think = |opens| Some(("<think>".to_string(), "</think>".to_string(), opens));
+        let think = |opens| Some(ReasoningMarkers::new("<think>", "</think>", opens));
         // Qwen 3: thinking off writes an empty block; on, the model opens it.
         let qwen3 = "{%- if add_generation_prompt %}\n{{- '<|im_start|>assistant\\n' }}\n{%- if enable_thinking is defined and enable_thinking is false %}\n{{- '<think>\\n\\n</think>\\n\\n' }}\n{%- endif %}{%- endif %}";
         assert_eq!(detect_markers(qwen3), think(false));
@@ -415,7 +438,7 @@ mod tests {
         let magistral = "{{ '[THINK]' }} ... {{ '[/THINK]' }}";
         assert_eq!(
             detect_markers(magistral),
-            Some(("[THINK]".into(), "[/THINK]".into(), false))
+            Some(ReasoningMarkers::new("[THINK]", "[/THINK]", false))
         );
         assert_eq!(detect_markers("{{ messages }} <|im_start|>"), None);
     }

@@ -45,7 +45,7 @@ impl Worker {
                 break;
             }
             if let (Waiting::New(job), Some(plan)) = (&w, &self.config.fault) {
-                if plan.kind == FaultKind::EnginePanic && plan.applies_to(job.seq) {
+                if plan.kind == FaultKind::EnginePanic && plan.applies_to(job.arrival) {
                     // Outside any catch: the engine thread ends here.
                     panic!("injected fault: engine_panic");
                 }
@@ -443,7 +443,12 @@ impl Worker {
 
     /// The faults `HEARTH_FAULT` arms for this job.
     fn faults_for(&self, job: &Job, cached: usize, total: usize) -> Faults {
-        let Some(plan) = self.config.fault.as_ref().filter(|p| p.applies_to(job.seq)) else {
+        let Some(plan) = self
+            .config
+            .fault
+            .as_ref()
+            .filter(|p| p.applies_to(job.arrival))
+        else {
             return Faults::default();
         };
         let chunk = self.chunk;

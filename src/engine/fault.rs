@@ -100,9 +100,9 @@ impl FaultPlan {
         }
     }
 
-    /// Whether the request with arrival number `seq` (from 0) is affected.
-    pub fn applies_to(&self, seq: u64) -> bool {
-        self.count.is_none_or(|c| seq < c)
+    /// Whether the request with arrival number `arrival` (from 0) is affected.
+    pub fn applies_to(&self, arrival: u64) -> bool {
+        self.count.is_none_or(|c| arrival < c)
     }
 }
 

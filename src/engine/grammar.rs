@@ -39,6 +39,12 @@ pub enum GrammarError {
 /// llama.cpp's recursive converter (its stack, not ours, would overflow).
 pub const MAX_SCHEMA_DEPTH: usize = 64;
 
+/// The most times llama.cpp's grammar parser repeats one item
+/// (`MAX_REPETITION_THRESHOLD` in `llama-grammar.cpp`). A larger lower
+/// bound (`minItems`, `minLength`) is refused there, before any expansion;
+/// a larger upper bound is loosened to "no upper bound".
+pub const MAX_SCHEMA_REPETITION: u64 = 2000;
+
 /// Convert a JSON Schema to a GBNF grammar (root rule `root`) with
 /// llama.cpp's converter, the one llama-server uses for `response_format`
 /// and tool parameters.
@@ -51,6 +57,11 @@ pub fn json_schema_to_grammar(schema: &serde_json::Value) -> Result<String, Gram
     if depth > MAX_SCHEMA_DEPTH {
         return Err(GrammarError::Schema(format!(
             "nested {depth} levels deep (at most {MAX_SCHEMA_DEPTH})"
+        )));
+    }
+    if let Some((keyword, n)) = repetition_over_limit(schema) {
+        return Err(GrammarError::Schema(format!(
+            "{keyword} {n} is more than a grammar can repeat (at most {MAX_SCHEMA_REPETITION})"
         )));
     }
     match schema {
@@ -66,11 +77,14 @@ pub fn json_schema_to_grammar(schema: &serde_json::Value) -> Result<String, Gram
     let text =
         CString::new(text).map_err(|_| GrammarError::Schema("contains a NUL byte".into()))?;
     let mut out: *mut c_char = std::ptr::null_mut();
+    // SAFETY: `text` is NUL-terminated and outlives the call; the wrapper
+    // catches C++ exceptions and sets `out` only to a string it allocated.
     let (status, log) = capture_log(|| unsafe {
         sys::llama_rs_json_schema_to_grammar(text.as_ptr(), true, &mut out)
     });
     if status != sys::LLAMA_RS_STATUS_OK || out.is_null() {
         if !out.is_null() {
+            // SAFETY: `out` came from the wrapper and is freed once.
             unsafe { sys::llama_rs_string_free(out) };
         }
         let reason = match status {
@@ -82,9 +96,12 @@ pub fn json_schema_to_grammar(schema: &serde_json::Value) -> Result<String, Gram
         };
         return Err(GrammarError::Schema(reason));
     }
+    // SAFETY: on success `out` is a NUL-terminated string the wrapper
+    // allocated; it is read here and freed once just after.
     let gbnf = unsafe { CStr::from_ptr(out) }
         .to_string_lossy()
         .into_owned();
+    // SAFETY: as above: freed once, after the copy.
     unsafe { sys::llama_rs_string_free(out) };
     Ok(gbnf)
 }
@@ -94,6 +111,7 @@ pub fn json_schema_to_grammar(schema: &serde_json::Value) -> Result<String, Gram
 /// before it is queued. Safe on any thread: it only reads the vocabulary.
 pub fn validate(model: &Model, grammar: &Grammar) -> Result<(), GrammarError> {
     let sampler = init_sampler(model, grammar)?;
+    // SAFETY: the sampler was just built and nothing else holds it.
     unsafe { sys::llama_sampler_free(sampler.as_ptr()) };
     Ok(())
 }
@@ -117,6 +135,9 @@ pub(crate) fn init_sampler(
         .map_err(|_| GrammarError::Trigger("contains a NUL byte".into()))?;
     let root = c"root";
     let vocab = model.vocab_ptr();
+    // SAFETY: the vocab lives as long as `model`, borrowed for this call;
+    // the grammar, root and pattern strings are NUL-terminated and outlive
+    // it; the wrapper catches C++ exceptions and returns null on failure.
     let (raw, log) = capture_log(|| unsafe {
         if patterns.is_empty() {
             sys::llama_rs_sampler_init_grammar(vocab, gbnf.as_ptr(), root.as_ptr())
@@ -200,10 +221,53 @@ fn json_depth(v: &serde_json::Value) -> usize {
     max
 }
 
+/// A lower repetition bound llama.cpp would refuse, named, so the client
+/// reads which keyword is at fault rather than "failed to parse grammar".
+/// Values (`const`, `enum`, `default`, `examples`) are data, not schemas.
+fn repetition_over_limit(v: &serde_json::Value) -> Option<(String, u64)> {
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Array(a) => stack.extend(a),
+            serde_json::Value::Object(o) => {
+                for (k, v) in o {
+                    match k.as_str() {
+                        "minItems" | "minLength" => {
+                            let n = v.as_u64().or_else(|| v.as_f64().map(|f| f as u64));
+                            if let Some(n) = n.filter(|&n| n > MAX_SCHEMA_REPETITION) {
+                                return Some((k.clone(), n));
+                            }
+                        }
+                        "const" | "enum" | "default" | "examples" => {}
+                        _ => stack.push(v),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn repetitions_beyond_the_grammar_limit_are_named() {
+        let err = json_schema_to_grammar(&json!({
+            "type": "object",
+            "properties": {"xs": {"type": "array", "minItems": 5_000_000}},
+        }))
+        .unwrap_err();
+        assert!(err.to_string().contains("minItems 5000000"), "{err}");
+        let err = json_schema_to_grammar(&json!({"type": "string", "minLength": 1e7})).unwrap_err();
+        assert!(err.to_string().contains("minLength 10000000"), "{err}");
+        // At the limit, and as data, it converts.
+        assert!(json_schema_to_grammar(&json!({"type": "array", "minItems": 2000})).is_ok());
+        assert!(json_schema_to_grammar(&json!({"const": {"minItems": 9999}})).is_ok());
+    }
 
     #[test]
     fn trigger_words_are_matched_literally() {

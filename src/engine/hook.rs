@@ -90,10 +90,41 @@ impl AbortHook {
     }
 }
 
+/// What the engine's last step was doing, as the watchdog reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum StepPhase {
+    /// No step is running: silence is not a stall.
+    Idle = 0,
+    /// The step carried prompt rows.
+    Prefill = 1,
+    /// The step carried only decode rows (and drafts).
+    Decode = 2,
+}
+
+impl StepPhase {
+    fn from_u8(v: u8) -> StepPhase {
+        match v {
+            1 => StepPhase::Prefill,
+            2 => StepPhase::Decode,
+            _ => StepPhase::Idle,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            StepPhase::Idle => "idle",
+            StepPhase::Prefill => "prefill",
+            StepPhase::Decode => "decode",
+        }
+    }
+}
+
 /// What the engine is doing, for the watchdog.
 #[derive(Default)]
 pub(super) struct Progress {
-    /// 0 idle, 1 prefill, 2 decode.
+    /// A [`StepPhase`], stored as its `u8` so the watchdog thread reads it
+    /// without a lock.
     phase: AtomicU8,
     /// Rows of the last step.
     rows: AtomicUsize,
@@ -101,21 +132,19 @@ pub(super) struct Progress {
     last_ms: AtomicU64,
 }
 
-const PHASES: [&str; 3] = ["idle", "prefill", "decode"];
-
 /// A step that makes no progress for this long gets a warning line.
 const WATCHDOG_AFTER: Duration = Duration::from_secs(30);
 
 impl Progress {
-    pub fn touch(&self, epoch: Instant, phase: u8, rows: usize) {
-        self.phase.store(phase, Ordering::Relaxed);
+    pub fn touch(&self, epoch: Instant, phase: StepPhase, rows: usize) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
         self.rows.store(rows, Ordering::Relaxed);
         self.last_ms
             .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn idle(&self) {
-        self.phase.store(0, Ordering::Relaxed);
+        self.phase.store(StepPhase::Idle as u8, Ordering::Relaxed);
     }
 }
 
@@ -126,8 +155,8 @@ pub(super) fn spawn_watchdog(progress: Arc<Progress>, epoch: Instant) {
             let mut warned_at = 0u64;
             loop {
                 std::thread::sleep(Duration::from_secs(1));
-                let phase = progress.phase.load(Ordering::Relaxed);
-                if phase == 0 {
+                let phase = StepPhase::from_u8(progress.phase.load(Ordering::Relaxed));
+                if phase == StepPhase::Idle {
                     continue;
                 }
                 let last = progress.last_ms.load(Ordering::Relaxed);
@@ -136,7 +165,7 @@ pub(super) fn spawn_watchdog(progress: Arc<Progress>, epoch: Instant) {
                 if stalled >= WATCHDOG_AFTER.as_millis() as u64 && stalled / 30_000 != warned_at {
                     warned_at = stalled / 30_000;
                     warn!(
-                        phase = PHASES[phase as usize],
+                        phase = phase.name(),
                         rows = progress.rows.load(Ordering::Relaxed),
                         stalled_secs = stalled / 1000,
                         "watchdog: the engine step has made no progress"

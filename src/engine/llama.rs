@@ -43,6 +43,8 @@ static BACKEND: Once = Once::new();
 
 /// Initialise llama.cpp once per process and route its log into `tracing`.
 fn init_backend() {
+    // SAFETY: run once per process (Once), before any other llama.cpp
+    // call; the log callback is a plain function that lives forever.
     BACKEND.call_once(|| unsafe {
         sys::llama_log_set(Some(log_to_tracing), std::ptr::null_mut());
         sys::llama_backend_init();
@@ -112,6 +114,8 @@ fn capture_line(level: sys::ggml_log_level, msg: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// # Safety
+/// Called by llama.cpp with a NUL-terminated string (or null).
 unsafe extern "C" fn log_to_tracing(
     level: sys::ggml_log_level,
     text: *const c_char,
@@ -120,6 +124,8 @@ unsafe extern "C" fn log_to_tracing(
     if text.is_null() {
         return;
     }
+    // SAFETY: not null (checked), NUL-terminated by llama.cpp, and only
+    // borrowed for this call.
     let msg = CStr::from_ptr(text).to_string_lossy();
     let msg = msg.trim_end();
     if msg.is_empty() {
@@ -153,13 +159,22 @@ pub struct Model {
     path: String,
 }
 
-// SAFETY: a llama_model is read-only once loaded; tokenization and vocab
-// lookups only read it, and llama.cpp documents them as thread-safe.
+// SAFETY: a llama_model is never written after `llama_model_load_from_file`
+// returns: contexts read its weights, and everything `Model` calls takes it
+// (or its vocab) as `const` and only reads it. The calls made off the
+// engine thread are tokenization and detokenization (`llama_tokenize`,
+// `llama_token_to_piece`), which llama.h declares thread-safe ("The API is
+// thread-safe", its Tokenization section): each call builds its own
+// tokenizer session over the immutable vocab, whose piece cache is filled
+// at load time; the other vocab and metadata getters read fields set at
+// load, and grammar samplers built for validation only read the vocab.
 unsafe impl Send for Model {}
 unsafe impl Sync for Model {}
 
 impl Drop for Model {
     fn drop(&mut self) {
+        // SAFETY: the last owner drops the model: contexts hold an Arc to
+        // it, so none outlives it, and it is freed exactly once.
         unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
     }
 }
@@ -178,6 +193,7 @@ impl Model {
         }
         let cpath = CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| fail("path contains NUL"))?;
+        // SAFETY: returns a struct by value; no pointers involved.
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = n_gpu_layers;
         if cpu_has_amx() {
@@ -188,10 +204,14 @@ impl Model {
             tracing::info!("CPU has AMX: llama.cpp's extra (AMX, repacked) weight buffers are off");
             params.use_extra_bufts = false;
         }
+        // SAFETY: `cpath` is a NUL-terminated path that outlives the call;
+        // null (a failed load) is handled below.
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
             fail("llama.cpp could not load it (not a GGUF, or an unsupported architecture)")
         })?;
+        // SAFETY: `ptr` is the model just loaded; the vocab it returns lives
+        // as long as the model.
         let vocab = unsafe { sys::llama_model_get_vocab(ptr.as_ptr()) };
         let vocab = NonNull::new(vocab as *mut sys::llama_vocab)
             .ok_or_else(|| fail("model has no vocabulary"))?;
@@ -222,6 +242,9 @@ impl Model {
         let len = i32::try_from(text.len()).unwrap_or(i32::MAX);
         let mut out: Vec<Token> = vec![0; text.len() / 2 + 8];
         loop {
+            // SAFETY: the vocab is valid (see `vocab`); llama.cpp reads `len`
+            // bytes of `text` and writes at most `out.len()` tokens, and a
+            // negative result (too small) is handled by growing `out`.
             let n = unsafe {
                 sys::llama_tokenize(
                     self.vocab(),
@@ -254,6 +277,8 @@ impl Model {
     fn piece(&self, token: Token, special: bool) -> Vec<u8> {
         let mut buf = vec![0u8; 32];
         loop {
+            // SAFETY: the vocab is valid; llama.cpp writes at most `buf.len()`
+            // bytes and says how many it needs when that is too few.
             let n = unsafe {
                 sys::llama_token_to_piece(
                     self.vocab(),
@@ -274,15 +299,21 @@ impl Model {
 
     /// Whether a token ends generation (EOS, end-of-turn, ...).
     pub fn is_eog(&self, token: Token) -> bool {
+        // SAFETY: `self.vocab` is the loaded model's vocabulary, valid until the
+        // model is freed (Drop, with the last Arc); this call only reads it.
         unsafe { sys::llama_vocab_is_eog(self.vocab(), token) }
     }
 
     /// Whether the tokenizer prepends BOS by itself.
     pub fn adds_bos(&self) -> bool {
+        // SAFETY: `self.vocab` is the loaded model's vocabulary, valid until the
+        // model is freed (Drop, with the last Arc); this call only reads it.
         unsafe { sys::llama_vocab_get_add_bos(self.vocab()) }
     }
 
     pub fn bos(&self) -> Option<Token> {
+        // SAFETY: `self.vocab` is the loaded model's vocabulary, valid until the
+        // model is freed (Drop, with the last Arc); this call only reads it.
         let t = unsafe { sys::llama_vocab_bos(self.vocab()) };
         (t >= 0).then_some(t)
     }
@@ -299,6 +330,8 @@ impl Model {
     }
 
     pub fn eos_text(&self) -> String {
+        // SAFETY: `self.vocab` is the loaded model's vocabulary, valid until the
+        // model is freed (Drop, with the last Arc); this call only reads it.
         let t = unsafe { sys::llama_vocab_eos(self.vocab()) };
         self.special_text((t >= 0).then_some(t))
     }
@@ -313,11 +346,13 @@ impl Model {
     /// Sliding-window attention layers cannot rewind past their window
     /// unless the context keeps a full-size window cache.
     pub fn has_swa(&self) -> bool {
+        // SAFETY: `self.ptr` is a loaded model, valid until Drop; a read-only getter.
         unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()) > 0 }
     }
 
     /// Recurrent state cannot be rewound at all, only extended or cleared.
     pub fn is_recurrent(&self) -> bool {
+        // SAFETY: `self.ptr` is a loaded model, valid until Drop; a read-only getter.
         unsafe {
             sys::llama_model_is_recurrent(self.ptr.as_ptr())
                 || sys::llama_model_is_hybrid(self.ptr.as_ptr())
@@ -345,27 +380,35 @@ impl Model {
     }
 
     pub fn n_vocab(&self) -> i32 {
+        // SAFETY: `self.vocab` is the loaded model's vocabulary, valid until the
+        // model is freed (Drop, with the last Arc); this call only reads it.
         unsafe { sys::llama_vocab_n_tokens(self.vocab()) }
     }
 
     pub fn n_ctx_train(&self) -> u32 {
+        // SAFETY: `self.ptr` is a loaded model, valid until Drop; a read-only getter.
         unsafe { sys::llama_model_n_ctx_train(self.ptr.as_ptr()) }.max(0) as u32
     }
 
     pub fn size_bytes(&self) -> u64 {
+        // SAFETY: `self.ptr` is a loaded model, valid until Drop; a read-only getter.
         unsafe { sys::llama_model_size(self.ptr.as_ptr()) }
     }
 
     pub fn n_params(&self) -> u64 {
+        // SAFETY: `self.ptr` is a loaded model, valid until Drop; a read-only getter.
         unsafe { sys::llama_model_n_params(self.ptr.as_ptr()) }
     }
 
     /// The GGUF's own chat template, if it has one.
     pub fn chat_template(&self) -> Option<String> {
+        // SAFETY: a loaded model; the string it returns (or null, checked
+        // below) is owned by the model and outlives this copy of it.
         let p = unsafe { sys::llama_model_chat_template(self.ptr.as_ptr(), std::ptr::null()) };
         if p.is_null() {
             return None;
         }
+        // SAFETY: non-null, NUL-terminated, owned by the live model.
         let s = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
         (!s.trim().is_empty()).then_some(s)
     }
@@ -375,6 +418,9 @@ impl Model {
         let key = CString::new(key).ok()?;
         let mut buf = vec![0u8; 256];
         loop {
+            // SAFETY: a loaded model and a NUL-terminated key; llama.cpp
+            // writes at most `buf.len()` bytes (NUL included) and returns the
+            // full length, so a longer value is fetched again.
             let n = unsafe {
                 sys::llama_model_meta_val_str(
                     self.ptr.as_ptr(),
@@ -397,6 +443,7 @@ impl Model {
     /// A short human description ("llama 135M Q4_1").
     pub fn description(&self) -> String {
         let mut buf = vec![0u8; 256];
+        // SAFETY: a loaded model; llama.cpp writes at most `buf.len()` bytes.
         let n = unsafe {
             sys::llama_model_desc(
                 self.ptr.as_ptr(),
@@ -465,7 +512,12 @@ pub struct Context {
 // creates it and keeps it); nothing in it is tied to the creating thread.
 unsafe impl Send for Context {}
 
+/// # Safety
+/// `data` is the `Box<AbortFn>` that `Context::new` passed as the callback
+/// data; the context keeps it alive (`_abort`) for as long as llama.cpp may call.
 unsafe extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
+    // SAFETY: see above; the closure is Sync, so calling it from a compute
+    // thread is sound.
     let f = &*(data as *const Box<AbortFn>);
     f()
 }
@@ -477,6 +529,7 @@ impl Context {
         abort: Box<AbortFn>,
     ) -> Result<Context, LlamaError> {
         let abort: Box<Box<AbortFn>> = Box::new(abort);
+        // SAFETY: returns a struct by value; no pointers involved.
         let mut p = unsafe { sys::llama_context_default_params() };
         p.n_ctx = params.n_ctx;
         p.n_batch = params.n_batch;
@@ -509,6 +562,8 @@ impl Context {
         })?;
         let kv_bytes = KV_SIZE_LINES.lock().map(|l| kv_bytes_of(&l)).unwrap_or(0);
         let batch_cap = params.n_batch.max(1) as usize;
+        // SAFETY: allocates a batch for `batch_cap` tokens with one sequence
+        // id each; freed once, in Drop.
         let batch = unsafe { sys::llama_batch_init(batch_cap as i32, 0, 1) };
         Ok(Context {
             ptr,
@@ -525,6 +580,7 @@ impl Context {
     }
 
     pub fn n_ctx(&self) -> u32 {
+        // SAFETY: `self.ptr` is a live context, valid until Drop.
         unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
     }
 
@@ -582,6 +638,9 @@ impl Context {
             }
         }
         b.n_tokens = rows.len() as i32;
+        // SAFETY: a live context and the batch it was created with, filled
+        // above within its capacity; `&mut self` means no other call on the
+        // context runs meanwhile (the abort callback only reads its own data).
         match unsafe { sys::llama_decode(self.ptr.as_ptr(), self.batch) } {
             0 => Ok(()),
             1 => Err(DecodeError::NoSlot),
@@ -607,6 +666,7 @@ impl Context {
     }
 
     fn memory(&self) -> sys::llama_memory_t {
+        // SAFETY: `self.ptr` is a live context; the handle lives as long as it.
         unsafe { sys::llama_get_memory(self.ptr.as_ptr()) }
     }
 
@@ -679,6 +739,8 @@ impl Context {
 
 impl Drop for Context {
     fn drop(&mut self) {
+        // SAFETY: both were allocated in `new` and are freed once, here; the
+        // abort data (`_abort`) is dropped after, so no callback sees it freed.
         unsafe {
             sys::llama_batch_free(self.batch);
             sys::llama_free(self.ptr.as_ptr());
@@ -695,6 +757,8 @@ impl Model {
         let n = self.n_vocab();
         let mut out = Vec::new();
         for id in 0..n {
+            // SAFETY: `self.vocab` is the loaded model's vocabulary, valid until the
+            // model is freed (Drop, with the last Arc); this call only reads it.
             let attr = unsafe { sys::llama_vocab_get_attr(self.vocab(), id) };
             if attr
                 & (sys::LLAMA_TOKEN_ATTR_CONTROL | sys::LLAMA_TOKEN_ATTR_UNKNOWN)

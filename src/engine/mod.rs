@@ -4,9 +4,9 @@
 //! cache of every sequence and their samplers. The async side holds an
 //! [`EngineHandle`]: it submits [`Job`]s on a channel and reads each job's
 //! [`Event`]s from an unbounded channel of its own, so the engine never
-//! blocks on a client (DESIGN invariant 1). Up to `--parallel` jobs run at
-//! once, one sequence each, decoded together in one batch per step
-//! (DESIGN invariant 9). The model weights are shared read-only through
+//! blocks on a client: compute never waits on a socket. Up to `--parallel`
+//! jobs run at once, one sequence each, decoded together in one batch per
+//! step. The model weights are shared read-only through
 //! [`llama::Model`], which the HTTP side also uses to tokenize before a job
 //! is queued.
 
@@ -273,8 +273,9 @@ pub(crate) enum Command {
 
 /// A queued unit of work.
 pub(crate) struct Job {
-    /// Arrival order, from 0; fault injection counts requests with it.
-    pub seq: u64,
+    /// Arrival order, from 0 (not a llama.cpp sequence id); fault
+    /// injection counts requests with it.
+    pub arrival: u64,
     pub request: GenerateRequest,
     pub events: mpsc::UnboundedSender<Event>,
     pub cancel: CancelFlag,
@@ -387,9 +388,9 @@ impl EngineHandle {
                     events: rx,
                     cancel: cancel.clone(),
                 });
-                let seq = self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+                let arrival = self.stats.submitted.fetch_add(1, Ordering::Relaxed);
                 Job {
-                    seq,
+                    arrival,
                     request,
                     events: tx,
                     cancel,

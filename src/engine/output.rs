@@ -17,7 +17,7 @@ pub(super) const MAX_TOP_LOGPROBS: u32 = 20;
 /// Generated tokens to a job's events: their text through the stop
 /// scanner, and their logprobs (when asked for) just before the `Text`
 /// that first holds some of their text.
-pub(super) struct Output {
+pub(super) struct TextEmitter {
     events: mpsc::UnboundedSender<Event>,
     scanner: StopScanner,
     /// Logprobs of tokens none of whose text is released yet, each with the
@@ -30,9 +30,9 @@ pub(super) struct Output {
     released: usize,
 }
 
-impl Output {
+impl TextEmitter {
     pub(super) fn new(events: mpsc::UnboundedSender<Event>, stops: Vec<String>) -> Self {
-        Output {
+        TextEmitter {
             events,
             scanner: StopScanner::new(stops),
             pending: VecDeque::new(),
@@ -180,7 +180,7 @@ impl Budget {
 
 #[cfg(test)]
 mod tests {
-    use super::{Budget, Output, TokenLogprob};
+    use super::{Budget, TextEmitter, TokenLogprob};
     use crate::engine::Event;
     use tokio::sync::mpsc;
 
@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn logprobs_come_just_before_the_text_that_holds_them() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut out = Output::new(tx.clone(), vec!["STOP".into()]);
+        let mut out = TextEmitter::new(tx.clone(), vec!["STOP".into()]);
         assert_eq!(out.push(b"Hi", lp("Hi")), None);
         assert_eq!(out.push(b" S", lp(" S")), None);
         assert_eq!(out.push(b"T", lp("T")), None);
@@ -229,7 +229,7 @@ mod tests {
     #[test]
     fn tokens_in_a_stop_sequence_are_dropped() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut out = Output::new(tx.clone(), vec!["STOP".into()]);
+        let mut out = TextEmitter::new(tx.clone(), vec!["STOP".into()]);
         assert_eq!(out.push(b"ab S", lp("ab S")), None);
         assert_eq!(out.push(b"TO", lp("TO")), None);
         assert_eq!(out.push(b"Pzz", lp("Pzz")).as_deref(), Some("STOP"));
@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn split_characters_and_leftovers_are_flushed_at_the_end() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut out = Output::new(tx.clone(), vec![]);
+        let mut out = TextEmitter::new(tx.clone(), vec![]);
         let euro = "€".as_bytes();
         out.push(&euro[..2], lp("a"));
         out.push(&euro[2..], lp("b"));
@@ -252,7 +252,7 @@ mod tests {
     #[test]
     fn no_logprobs_means_text_only() {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut out = Output::new(tx.clone(), vec![]);
+        let mut out = TextEmitter::new(tx.clone(), vec![]);
         out.push(b"x", None);
         out.finish(false);
         assert_eq!(drain(&mut rx), vec!["T:x"]);

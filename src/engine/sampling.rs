@@ -76,6 +76,8 @@ impl Sampler {
         let grammar = grammar
             .map(|g| super::grammar::init_sampler(model, g))
             .transpose()?;
+        // SAFETY: the chain is built from samplers llama.cpp returns and owns
+        // them once added; a null chain panics below instead of being used.
         unsafe {
             let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
             let add = |s: *mut sys::llama_sampler| sys::llama_sampler_chain_add(chain, s);
@@ -142,6 +144,7 @@ impl Sampler {
                 token,
                 "forced token outside the grammar; the grammar does not see it"
             );
+            // SAFETY: `self.chain` is the live chain built in `new`, freed only in Drop.
             unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
             return;
         }
@@ -170,6 +173,8 @@ impl Sampler {
             sorted: false,
         };
         if let (true, Some(g)) = (with_grammar, self.grammar) {
+            // SAFETY: `arr` points into `self.cur`, which is not touched while
+            // llama.cpp filters it in place; the grammar sampler is live.
             unsafe { sys::llama_sampler_apply(g.as_ptr(), &mut arr) };
             // SAFETY: apply may shrink or reorder the array, within `cur`.
             let cands = unsafe { std::slice::from_raw_parts(arr.data, arr.size) };
@@ -178,10 +183,12 @@ impl Sampler {
                 return None;
             }
         }
+        // SAFETY: as above: `arr` points into `self.cur`; the chain is live.
         unsafe { sys::llama_sampler_apply(self.chain.as_ptr(), &mut arr) };
         if arr.selected < 0 || arr.selected as usize >= arr.size {
             return None;
         }
+        // SAFETY: `selected` was checked to be within `arr.size` elements.
         let picked = unsafe { *arr.data.add(arr.selected as usize) };
         if with_grammar && picked.logit == f32::NEG_INFINITY {
             return None;
@@ -203,12 +210,14 @@ impl Sampler {
             selected: -1,
             sorted: false,
         };
+        // SAFETY: `arr` is one element on this stack frame; the grammar is live.
         unsafe { sys::llama_sampler_apply(g.as_ptr(), &mut arr) };
         one.logit != f32::NEG_INFINITY
     }
 
     fn accept(&mut self, token: Token) {
         if let Some(g) = self.grammar {
+            // SAFETY: a live grammar sampler; the wrapper catches C++ exceptions.
             let status = unsafe { sys::llama_rs_sampler_accept(g.as_ptr(), token) };
             if status != sys::LLAMA_RS_STATUS_OK {
                 tracing::warn!(
@@ -219,12 +228,14 @@ impl Sampler {
                 self.broken = true;
             }
         }
+        // SAFETY: `self.chain` is the live chain built in `new`, freed only in Drop.
         unsafe { sys::llama_sampler_accept(self.chain.as_ptr(), token) };
     }
 }
 
 impl Drop for Sampler {
     fn drop(&mut self) {
+        // SAFETY: both were built for this sampler alone and are freed once.
         unsafe {
             sys::llama_sampler_free(self.chain.as_ptr());
             if let Some(g) = self.grammar {

@@ -1,6 +1,6 @@
 //! The scheduling policy: which rows go into the next step. Pure functions
-//! over what each sequence wants, so they are tested without llama.cpp
-//! (DESIGN invariant 9); only the step loop (`worker`) touches the context.
+//! over what each sequence wants, so they are tested without llama.cpp;
+//! only the step loop (`worker`) touches the context.
 //!
 //! A step holds one token for every decoding sequence first, then the
 //! drafted tokens those sequences want verified (speculative decoding),

@@ -16,7 +16,7 @@ use tracing::debug;
 
 use super::cache::sequence::Sequence;
 use super::llama::{Model, Token};
-use super::output::{token_logprob, Budget, Output, MAX_TOP_LOGPROBS};
+use super::output::{token_logprob, Budget, TextEmitter, MAX_TOP_LOGPROBS};
 use super::sampling::Sampler;
 use super::spec::SpecState;
 use super::{Event, FinishReason, Job, Timings, Usage};
@@ -72,7 +72,7 @@ pub(super) struct Running {
     pub prefill_from: usize,
     pub phase: Phase,
     pub sampler: Sampler,
-    pub out: Output,
+    pub out: TextEmitter,
     pub budget: Option<Budget>,
     /// Tokens the engine writes itself (the end of an over-long reasoning
     /// section), fed one per step as if sampled.
@@ -257,7 +257,7 @@ pub(super) fn start(model: &Model, job: Job, s: Start) -> Running {
     let top_n = req.logprobs.map(|n| n.min(MAX_TOP_LOGPROBS) as usize);
     let budget = req.reasoning_budget.as_ref().map(|b| Budget::new(model, b));
     let sampler = sampler_for(model, &job);
-    let out = Output::new(job.events.clone(), req.stop.clone());
+    let out = TextEmitter::new(job.events.clone(), req.stop.clone());
     let total = s.tokens.len();
     let now = Instant::now();
     Running {

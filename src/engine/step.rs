@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::admit::catch;
 use super::draft::DraftWant;
+use super::hook::StepPhase;
 use super::llama::{DecodeError, Row};
 use super::schedule::{plan_step, Candidate, Planned, StepLimits, Want};
 use super::sequence::{self, Done, Phase, Running, Start};
@@ -275,8 +276,15 @@ impl Worker {
             self.stats.multi_steps.fetch_add(1, Ordering::Relaxed);
         }
         self.last_step_rows = rows.len();
-        self.progress
-            .touch(self.epoch, if prefill_rows > 0 { 1 } else { 2 }, rows.len());
+        self.progress.touch(
+            self.epoch,
+            if prefill_rows > 0 {
+                StepPhase::Prefill
+            } else {
+                StepPhase::Decode
+            },
+            rows.len(),
+        );
         match decoded {
             Ok(Ok(())) => {
                 self.cost.observe(rows.len(), secs);

@@ -1,16 +1,20 @@
-// A client that hangs up in the middle of a stalled prefill cancels its job:
-// the engine is free for the next request at once, and what the cancelled
-// job left in the KV cache does not change anyone's output.
+// A client that hangs up cancels its job within a second, in the middle of
+// a stalled prefill chunk or of a decode: the engine is free for the next
+// request at once, and what the cancelled job left in the KV cache does not
+// change anyone's output.
 
 import assert from 'node:assert/strict';
 import { after, test } from 'node:test';
+import { readFileSync } from 'node:fs';
 import { fetch } from 'undici';
 import {
-  anthropicBody, assertCompleteAnthropic, longPrompt, secs, startServer, startStream, strictAgent,
-  summarizeAnthropic, withLogs,
+  anthropicBody, assertCompleteAnthropic, longPrompt, secs, sleep, startServer, startStream, strictAgent,
+  STORY_PROMPT, summarizeAnthropic, withLogs,
 } from './helpers.mjs';
 
 const STALL_S = 30;
+// The promise itself: from the hang-up to the engine freeing the sequence.
+const CANCEL_WITHIN_MS = 1000;
 const servers = [];
 after(() => Promise.all(servers.map((s) => s.stop())));
 
@@ -23,7 +27,8 @@ async function start(env = {}) {
   return s;
 }
 
-/** Stream `body` and hang up after the third ping (inside the stall). */
+/** Stream `body` and hang up after the third ping (inside the stall).
+ * rec.hungUpAt: when the client aborted. */
 async function streamAndHangUp(server, body) {
   const agent = strictAgent();
   const controller = new AbortController();
@@ -31,15 +36,41 @@ async function streamAndHangUp(server, body) {
   const { rec, done } = startStream(server.url + '/v1/messages', body, {
     dispatcher: agent,
     signal: controller.signal,
-    onEvent(ev) {
-      if (ev.event === 'ping' && ++pings === 3) controller.abort();
+    onEvent(ev, r) {
+      if (ev.event === 'ping' && ++pings === 3) {
+        r.hungUpAt = performance.now();
+        controller.abort();
+      }
       if (ev.event === 'content_block_delta') throw new Error('text arrived before the stall: no fault injected?');
     },
   });
   await assert.rejects(done, (e) => e.name === 'AbortError', 'the stream should end by our abort');
-  await agent.close();
   assert.ok(rec.status === 200 && pings === 3, `status ${rec.status}, ${pings} pings before hanging up`);
+  rec.agent = agent;
   return rec;
+}
+
+/** The engine's own view (`GET /slots`, refreshed after every step): poll
+ * until no sequence runs; returns performance.now() at that moment. */
+async function engineIdleAt(server, limitMs = 10_000) {
+  const until = performance.now() + limitMs;
+  while (performance.now() < until) {
+    const slots = await (await fetch(server.url + '/slots')).json();
+    if (slots.slots.every((s) => s.state === 'idle')) return performance.now();
+    await sleep(5);
+  }
+  throw new Error(`a sequence still runs ${secs(limitMs)} after the hang-up`);
+}
+
+/** Wait until the engine logs that it cancelled the job; returns that line. */
+async function cancelledLine(server, limitMs = 5000) {
+  const until = performance.now() + limitMs;
+  while (performance.now() < until) {
+    const line = readFileSync(server.logPath, 'utf8').split('\n').find((l) => l.includes('cancelled: the client left'));
+    if (line) return line;
+    await sleep(20);
+  }
+  throw new Error('the engine never logged the cancellation');
 }
 
 /** Stream `body` to completion; returns { text, ms, ttft } (ms: the whole
@@ -72,19 +103,53 @@ async function complete(server, body) {
 const STALLED = anthropicBody(longPrompt());
 const NEXT = anthropicBody('Name three colours.', { max_tokens: 16 });
 
-test('hanging up mid-stall frees the engine for the next request', { timeout: 120_000 }, async () => {
+test('hanging up mid-stall cancels the job within a second and frees the engine', { timeout: 120_000 }, async () => {
   const server = await start({ HEARTH_FAULT: `prefill_stall:${STALL_S}:1` });
   await withLogs([server], async () => {
-    await streamAndHangUp(server, STALLED);
-    const next = await timed(server, NEXT); // sent the moment we hung up
-    const normal = await timed(server, NEXT); // the same work with nothing before it
-    // The engine is free once the next request's first text comes: compare
-    // times to first text, which a busy CPU skews far less than whole decodes.
-    assert.ok(next.ttft <= 3000 + 2 * normal.ttft,
-      `the request after the hang-up got its first text after ${secs(next.ttft)}; a normal one after ${secs(normal.ttft)}`);
-    // And the rest of the 30 s stall was certainly not waited out.
+    const rec = await streamAndHangUp(server, STALLED);
+    const idleAt = await engineIdleAt(server);
+    await rec.agent.close();
+    const ms = idleAt - rec.hungUpAt;
+    console.log(`cancel mid-stall: the sequence was free ${ms.toFixed(0)} ms after the hang-up`);
+    assert.ok(ms <= CANCEL_WITHIN_MS, `the engine freed the sequence ${secs(ms)} after the hang-up`);
+    assert.match(await cancelledLine(server), /cancelled: the client left/);
+    const metrics = await (await fetch(server.url + '/metrics')).text();
+    assert.match(metrics, /^hearth_sequences_running 0$/m);
+    // The next request is served, and the rest of the 30 s stall was
+    // certainly not waited out.
+    const next = await timed(server, NEXT);
     assert.ok(next.ms < (STALL_S * 1000) / 2, `the request after the hang-up took ${secs(next.ms)}`);
-    assert.ok(next.text.length > 0 && normal.text.length > 0);
+    assert.ok(next.text.length > 0);
+  });
+});
+
+test('hanging up mid-decode cancels the job within a second', { timeout: 120_000 }, async () => {
+  const server = await start();
+  await withLogs([server], async () => {
+    const agent = strictAgent();
+    const controller = new AbortController();
+    let deltas = 0;
+    let hungUpAt = null;
+    const { done } = startStream(server.url + '/v1/messages', anthropicBody(STORY_PROMPT, { max_tokens: 4000 }), {
+      dispatcher: agent,
+      signal: controller.signal,
+      onEvent(ev) {
+        if (ev.event === 'content_block_delta' && ++deltas === 8) {
+          hungUpAt = performance.now();
+          controller.abort();
+        }
+      },
+    });
+    await assert.rejects(done, (e) => e.name === 'AbortError', 'the stream should end by our abort');
+    const idleAt = await engineIdleAt(server);
+    await agent.close();
+    const ms = idleAt - hungUpAt;
+    console.log(`cancel mid-decode: the sequence was free ${ms.toFixed(0)} ms after the hang-up`);
+    assert.ok(ms <= CANCEL_WITHIN_MS, `the engine freed the sequence ${secs(ms)} after the hang-up`);
+    assert.match(await cancelledLine(server), /cancelled: the client left/);
+    // It stopped far short of the 4000 tokens it was asked for.
+    const slots = await (await fetch(server.url + '/slots')).json();
+    assert.ok(slots.slots[0].kv_tokens < 1000, JSON.stringify(slots.slots[0]));
   });
 });
 
@@ -92,7 +157,7 @@ test('greedy output after a cancelled request equals a fresh server\'s', { timeo
   const cancelled = await start({ HEARTH_FAULT: `prefill_stall:${STALL_S}:1` });
   const fresh = await start();
   await withLogs([cancelled, fresh], async () => {
-    await streamAndHangUp(cancelled, STALLED);
+    await (await streamAndHangUp(cancelled, STALLED)).agent.close();
     // The same prompt again: whatever the cancelled job had prefilled may be reused.
     // It resumes from the chunks computed before the hang-up, which were
     // computed exactly as a fresh server computes them.

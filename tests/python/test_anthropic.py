@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import anthropic
 import pytest
@@ -113,6 +115,17 @@ def test_seed_makes_sampling_repeatable(client: anthropic.Anthropic):
     texts = [text_of(create(client, max_tokens=32, extra_body={"temperature": 1.0, "seed": s})) for s in (7, 7, 7, 8, 9)]
     assert texts[1] == texts[2]
     assert len(set(texts[2:])) > 1, texts
+
+
+def test_top_k_changes_sampling(client: anthropic.Anthropic):
+    """Anthropic's `top_k` reaches the sampler: `top_k: 1` at temperature 1
+    is greedy whatever the seed, while sampling without it is not."""
+    greedy = text_of(create(client, max_tokens=24))
+    sampled = [text_of(create(client, max_tokens=24, extra_body={"temperature": 1.0, "top_k": 1, "seed": s}))
+               for s in (1, 2, 3)]
+    assert sampled == [greedy] * 3, (greedy, sampled)
+    free = {text_of(create(client, max_tokens=24, extra_body={"temperature": 1.0, "seed": s})) for s in (1, 2, 3)}
+    assert free != {greedy}, "the control: sampling at temperature 1 gave the greedy text every time"
 
 
 def test_models_in_anthropic_shape(client: anthropic.Anthropic, base_url: str):
@@ -274,3 +287,45 @@ def test_sdk_raises_bad_request(client: anthropic.Anthropic):
     with pytest.raises(anthropic.BadRequestError) as info:
         client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "wizard", "content": "hi"}])
     assert info.value.status_code == 400
+
+
+def traced_prompts(trace: Path, n: int) -> list[str]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [json.loads(l) for l in trace.read_text().splitlines()] if trace.exists() else []
+        done = [l["prompt"] for l in lines if l.get("outcome") == "finished"]
+        if len(done) >= n:
+            return done
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} finished requests in {trace}")
+
+
+BILLING = "x-anthropic-billing-header: cc_version=2.0.14.abc; cc_entrypoint=cli; cch={};"
+
+
+def test_billing_header_is_dropped_end_to_end(start_hearth, tmp_path):
+    """Claude Code's per-request billing line never reaches the prompt (as
+    a string system prompt or as its own block), so two requests that differ
+    only in it render alike; `--keep-billing-header` keeps it."""
+    trace = tmp_path / "trace.jsonl"
+    srv = start_hearth("--trace", str(trace))
+    client = make_client(srv.url)
+    rules = "You are a careful assistant.\nAnswer briefly."
+    ask = [{"role": "user", "content": "Say hi."}]
+    plain = client.messages.count_tokens(model=MODEL, system=rules, messages=ask).input_tokens
+    for system in (BILLING.format("a1b2") + "\n" + rules,
+                   [{"type": "text", "text": BILLING.format("c3d4")}, {"type": "text", "text": rules}]):
+        assert client.messages.count_tokens(model=MODEL, system=system, messages=ask).input_tokens == plain
+        create(client, system=system, messages=ask, max_tokens=2)
+    first, second = traced_prompts(trace, 2)
+    assert first == second and "billing" not in first and "Answer briefly." in first, first
+    srv.stop()
+
+    trace = tmp_path / "kept.jsonl"
+    srv = start_hearth("--trace", str(trace), "--keep-billing-header")
+    client = make_client(srv.url)
+    system = BILLING.format("a1b2") + "\n" + rules
+    assert client.messages.count_tokens(model=MODEL, system=system, messages=ask).input_tokens > plain
+    create(client, system=system, messages=ask, max_tokens=2)
+    (kept,) = traced_prompts(trace, 1)
+    assert BILLING.format("a1b2") in kept, kept

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import anthropic
 import openai
+
+from conftest import HEARTH_BIN
 
 FACTS = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(60))
 
@@ -187,3 +190,48 @@ def test_retry_after_a_disconnect_mid_prefill_resumes(start_hearth):
     text, usage = chat(oa(srv), prompt, max_tokens=8)
     # The chunk computed before the stall was kept and reused.
     assert cached(usage) >= 64, usage
+
+
+def cache_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(HEARTH_BIN), "cache", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cache_cli_lists_shows_and_clears(start_hearth, tmp_path):
+    """`hearth cache list`, `show NAME` (or a unique prefix) and `clear`
+    on the snapshots a server left, and a server after `clear` finds none."""
+    kv = tmp_path / "kv"
+    srv = start_hearth("--kv-disk-dir", str(kv))
+    _, usage = chat(oa(srv), LONG, max_tokens=8)
+    assert srv.stop() == 0
+    files = snapshot_files(kv)
+    assert files, "no snapshot was written"
+    name = files[0].name
+
+    listed = cache_cli("list", "--kv-disk-dir", str(kv))
+    assert listed.returncode == 0, listed.stderr
+    assert f"{len(files)} snapshots" in listed.stdout, listed.stdout
+    assert all(f.name in listed.stdout for f in files), listed.stdout
+
+    shown = cache_cli("show", name[:8], "--kv-disk-dir", str(kv))
+    assert shown.returncode == 0, shown.stderr
+    fields = dict(line.split(":", 1) for line in shown.stdout.splitlines()[:11] if ":" in line)
+    assert fields["file"].strip() == str(files[0])
+    tokens = int(fields["tokens"].split()[0])
+    assert 0 < tokens <= usage.prompt_tokens + 8, shown.stdout
+    assert int(fields["size"].split()[0]) == files[0].stat().st_size
+    assert "Keep these facts in mind. Fact 0: the number 0 squared is 0." in shown.stdout, shown.stdout
+
+    missing = cache_cli("show", "no-such-snapshot", "--kv-disk-dir", str(kv))
+    assert missing.returncode != 0 and "no snapshot named no-such-snapshot" in missing.stderr, missing
+    # A temporary file a crashed writer left is cleared too; other files are not.
+    (kv / f".{name}.tmp-1234").write_bytes(b"partial")
+    (kv / "notes.txt").write_text("mine")
+    cleared = cache_cli("clear", "--kv-disk-dir", str(kv))
+    assert cleared.returncode == 0, cleared.stderr
+    assert f"removed {len(files) + 1} snapshot files" in cleared.stdout, cleared.stdout
+    assert sorted(p.name for p in kv.iterdir()) == ["notes.txt"]
+    assert "0 snapshots" in cache_cli("list", "--kv-disk-dir", str(kv)).stdout
+
+    srv = start_hearth("--kv-disk-dir", str(kv))
+    _, usage = chat(oa(srv), LONG, max_tokens=8)
+    assert cached(usage) == 0, usage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import openai
@@ -131,6 +132,40 @@ def test_seed_makes_sampling_repeatable(client: openai.OpenAI):
     # And the sampler really samples: different seeds at a high temperature
     # do not all give the same text.
     assert len({sample(s) for s in (1, 2, 3, 4, 5)}) > 1
+
+
+def sampled(client: openai.OpenAI, seed: int, **extra) -> list[tuple[float, list[float]]]:
+    """Each generated token's log-probability beside the five best of the
+    model's distribution at that position (logprobs are the model's own,
+    before any truncation), at a temperature that picks unlikely tokens."""
+    r = chat(client, temperature=2.0, seed=seed, max_tokens=24, logprobs=True, top_logprobs=5, extra_body=extra)
+    return [(t.logprob, [c.logprob for c in t.top_logprobs]) for t in r.choices[0].logprobs.content]
+
+
+def test_top_k_samples_only_the_k_likeliest(client: openai.OpenAI):
+    """`top_k` (llama-server's) changes what is sampled: with it, every
+    token is one of the k likeliest; without it, at this temperature, many
+    are not."""
+    k = 2
+    free = [t for seed in (1, 2, 3) for t in sampled(client, seed)]
+    kept = [t for seed in (1, 2, 3) for t in sampled(client, seed, top_k=k)]
+    outside = [lp for lp, top in kept if lp < top[k - 1] - 1e-3]
+    assert not outside, f"top_k={k} sampled tokens outside the {k} likeliest: {outside}"
+    assert sum(lp < top[k - 1] - 1e-3 for lp, top in free) >= 5, "without top_k the control never left the top 2"
+    assert len(kept) >= 30
+
+
+def test_min_p_drops_the_unlikely_tokens(client: openai.OpenAI):
+    """`min_p`: every sampled token is at least min_p times as likely as
+    the best one; without it, at this temperature, many are not."""
+    min_p = 0.2
+    floor = math.log(min_p)
+    free = [t for seed in (1, 2, 3) for t in sampled(client, seed)]
+    kept = [t for seed in (1, 2, 3) for t in sampled(client, seed, min_p=min_p)]
+    below = [(lp, top[0]) for lp, top in kept if lp < top[0] + floor - 1e-3]
+    assert not below, f"min_p={min_p} sampled tokens below the floor: {below}"
+    assert sum(lp < top[0] + floor - 1e-3 for lp, top in free) >= 5, "without min_p the control stayed above it"
+    assert len(kept) >= 30
 
 
 def test_max_tokens_gives_length(client: openai.OpenAI):

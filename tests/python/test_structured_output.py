@@ -6,6 +6,7 @@ mistake (400)."""
 from __future__ import annotations
 
 import json
+import time
 
 import anthropic
 import jsonschema
@@ -247,3 +248,61 @@ def test_bad_output_config_is_400(base_url: str, extra: dict, stream: bool):
     err = assert_client_error(post(base_url + "/v1/messages", body), ANTHROPIC_ERROR_SCHEMA)
     assert err["error"]["type"] == "invalid_request_error"
     assert "output" in err["error"]["message"], err
+
+
+# --- schemas whose repetition counts explode ---------------------------------------
+
+def peak_rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_exploding_repetition_counts_are_refused_fast_in_bounded_memory(start_hearth):
+    """Millions of required repetitions (`minItems`, `minLength`) would
+    expand into a grammar of millions of elements: each is a 400 naming
+    the keyword, in milliseconds, on every route, and the server's peak
+    memory does not move. A huge upper bound (`maxItems`, `maxLength`)
+    is served at once as "no upper bound" (max_tokens bounds the reply)."""
+    srv = start_hearth()
+    url = srv.url
+    # Warm up (the first request allocates the compute buffers), then measure.
+    assert post(url + "/v1/chat/completions", {"model": "m", "max_tokens": 2,
+                                               "messages": [{"role": "user", "content": "hi"}]}).status == 200
+    base = peak_rss_mib(srv.proc.pid)
+    msg = [{"role": "user", "content": "hi"}]
+    items = {"type": "array", "items": {"type": "string"}, "minItems": 5_000_000}
+    chars = {"type": "string", "minLength": 10_000_000}
+    nested = {"type": "object", "properties": {"rows": {"type": "array", "items": items}}, "required": ["rows"]}
+    refused = [
+        ("/v1/chat/completions", {"model": "m", "max_tokens": 4, "messages": msg, "response_format":
+                                  {"type": "json_schema", "json_schema": {"name": "x", "schema": items}}}, "minItems"),
+        ("/v1/chat/completions", {"model": "m", "max_tokens": 4, "messages": msg, "tool_choice": "required",
+                                  "tools": [{"type": "function", "function": {"name": "f", "parameters": nested}}]},
+         "minItems"),
+        ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": msg, "output_config":
+                          {"format": {"type": "json_schema", "schema": {"type": "object", "properties": {"s": chars}}}}},
+         "minLength"),
+        ("/v1/responses", {"model": "m", "max_output_tokens": 4, "input": "hi", "text":
+                           {"format": {"type": "json_schema", "name": "x", "schema": chars}}}, "minLength"),
+    ]
+    for path, body, keyword in refused:
+        t0 = time.monotonic()
+        reply = post(url + path, body)
+        took = time.monotonic() - t0
+        schema = ANTHROPIC_ERROR_SCHEMA if path == "/v1/messages" else OPENAI_ERROR_SCHEMA
+        err = assert_client_error(reply, schema, 400)
+        message = err["error"]["message"]
+        assert keyword in message and "2000" in message, message
+        assert took < 2, f"{path} took {took:.2f} s to refuse {keyword}"
+    for schema in ({"type": "array", "items": {"type": "integer"}, "maxItems": 5_000_000},
+                   {"type": "string", "maxLength": 10_000_000}):
+        t0 = time.monotonic()
+        reply = post(url + "/v1/chat/completions", {"model": "m", "max_tokens": 4, "messages": msg, "response_format":
+                                                    {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+        assert reply.status == 200, reply.text
+        assert time.monotonic() - t0 < 20
+    grew = peak_rss_mib(srv.proc.pid) - base
+    print(f"peak RSS {base:.0f} MiB before, +{grew:.1f} MiB after the exploding schemas")
+    assert grew < 64, f"peak RSS grew {grew:.0f} MiB"

@@ -514,3 +514,57 @@ def test_sdks_raise_bad_request_for_bad_histories(oai: openai.OpenAI, claude: an
     body = copy.deepcopy(ANTHROPIC_BAD["unknown tool_use_id"])
     with pytest.raises(anthropic.BadRequestError):
         claude.messages.create(**body)
+
+
+# --- one call or several ---------------------------------------------------------
+
+# SmolLM2 repeats what it is told: two calls in a row, under `auto`.
+TWO_CALLS = [{"role": "user", "content": (
+    'Repeat after me: <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>\n'
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "London", "unit": "celsius"}}</tool_call>')}]
+
+
+def test_parallel_tool_calls_false_allows_one_call(oai: openai.OpenAI):
+    """`parallel_tool_calls: false` holds an `auto` reply to one call; the
+    same request with it true (the default) makes more."""
+    both = settled(lambda: chat(oai, messages=TWO_CALLS, max_tokens=96)).choices[0]
+    # (The same prompt, now held whole by the cache: computed as the second run was.)
+    one = chat(oai, messages=TWO_CALLS, max_tokens=96, parallel_tool_calls=False).choices[0]
+    calls = lambda m: [(c.function.name, check_args(c.function.name, c.function.arguments))  # noqa: E731
+                       for c in m.tool_calls or []]
+    assert len(calls(both.message)) >= 2, both.message
+    assert calls(one.message) == calls(both.message)[:1], one.message
+    assert both.finish_reason == one.finish_reason == "tool_calls"
+    # Streamed, the same one call.
+    streamed, _, finish = streamed_calls(stream_chat(oai, messages=TWO_CALLS, max_tokens=96,
+                                                     parallel_tool_calls=False))
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == calls(one.message)
+    assert finish == "tool_calls"
+
+
+def test_disable_parallel_tool_use_allows_one_call(claude: anthropic.Anthropic):
+    """Anthropic's `disable_parallel_tool_use` on `auto`: one tool_use
+    block; without it, more."""
+    both = settled(lambda: anthropic_create(claude, messages=TWO_CALLS, max_tokens=96, tool_choice={"type": "auto"}))
+    one = anthropic_create(claude, messages=TWO_CALLS, max_tokens=96,
+                           tool_choice={"type": "auto", "disable_parallel_tool_use": True})
+    uses = lambda m: [(b.name, check_args(b.name, b.input)) for b in m.content if b.type == "tool_use"]  # noqa: E731
+    assert len(uses(both)) >= 2, both.content
+    assert uses(one) == uses(both)[:1], one.content
+    assert one.stop_reason == both.stop_reason == "tool_use"
+
+
+def test_responses_parallel_tool_calls_false_allows_one_call(base_url: str):
+    """The Responses API's `parallel_tool_calls: false`, echoed and held."""
+    client = openai_client(base_url, 120)
+    tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+              "parameters": t["function"]["parameters"]} for t in OPENAI_TOOLS]
+    args = {"model": MODEL, "input": TWO_CALLS[0]["content"], "tools": tools, "max_output_tokens": 96,
+            "temperature": 0}
+    both = settled(lambda: client.responses.create(**args))
+    one = client.responses.create(**args, parallel_tool_calls=False)
+    calls = lambda r: [(i.name, check_args(i.name, i.arguments)) for i in r.output  # noqa: E731
+                       if i.type == "function_call"]
+    assert len(calls(both)) >= 2, both.output
+    assert calls(one) == calls(both)[:1], one.output
+    assert one.parallel_tool_calls is False and both.parallel_tool_calls is True

@@ -1,6 +1,7 @@
 //! The KV cache beyond the live sequence: snapshots in RAM and on disk.
 //!
-//! Every token prefilled is an asset (DESIGN invariant 8). The live
+//! Every token prefilled is an asset: no prefix is prefilled twice while a
+//! copy of its KV can be kept. The live
 //! sequence in the context is the first place a request's prefix is looked
 //! for; before it is replaced, it is copied out (llama.cpp per-sequence
 //! state) into a bounded RAM store, so two sessions that alternate do not

@@ -1,10 +1,11 @@
 //! Anthropic Messages: `POST /v1/messages`.
 //!
 //! Mirrors the real API's validation: `model` and `max_tokens` are
-//! required, roles are `user` and `assistant`. Newer fields the SDKs send
-//! (`cache_control`, `thinking`, `output_config`, `service_tier`,
-//! `metadata`, ...) are accepted and ignored until hearth implements them,
-//! so no current client is turned away.
+//! required, roles are `user` and `assistant`. Sampling is shared with the
+//! OpenAI routes ([`super::sampling`]): a field that would change the reply
+//! is honoured or refused with a 400. Fields that cannot change it
+//! (`cache_control`, `service_tier`, `metadata`, ...) are accepted and
+//! ignored, so no current client is turned away.
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use serde_json::{json, Value};
 
 use super::error::Protocol;
 use super::error::{AnthropicError, ApiError, ErrorKind};
+use super::sampling::{SamplingFields, MESSAGES_REFUSED};
 use super::sse::{self, StreamAdapter};
 use super::{
     check_max_tokens, check_range, collect, count_prompt, new_id, openai, prepare, GenOptions,
@@ -41,12 +43,7 @@ pub struct MessagesRequest {
     #[serde(default)]
     pub top_p: Option<f32>,
     #[serde(default)]
-    pub top_k: Option<i64>,
-    #[serde(default)]
     pub stop_sequences: Option<Vec<String>>,
-    /// Not Anthropic's: a sampling seed, as on the OpenAI routes.
-    #[serde(default)]
-    pub seed: Option<u64>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
@@ -63,6 +60,12 @@ pub struct MessagesRequest {
     /// The structured-outputs beta's spelling of `output_config.format`.
     #[serde(default)]
     pub output_format: Option<Value>,
+    /// `top_k` (Anthropic's own), and the sampling fields of the OpenAI
+    /// routes and llama-server's (`seed`, `logit_bias`, penalties, ...),
+    /// as llama-server takes them here; every other field too, checked for
+    /// ones that may not be ignored.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -255,27 +258,18 @@ pub fn convert(
         convert_message(i, role, m.content, &mut messages)?;
     }
     let defaults = SamplingParams::default();
-    let sampling = SamplingParams {
-        temperature: req
-            .temperature
-            .map(|t| check_range("temperature", t, 0.0, 1.0))
-            .transpose()?
-            .unwrap_or(defaults.temperature),
-        top_p: req
-            .top_p
-            .map(|p| check_range("top_p", p, 0.0, 1.0))
-            .transpose()?
-            .unwrap_or(defaults.top_p),
-        top_k: match req.top_k {
-            Some(k) if !(0..=i32::MAX as i64).contains(&k) => {
-                return Err(ApiError::invalid("top_k: must be a non-negative integer"))
-            }
-            Some(k) => k as i32,
-            None => defaults.top_k,
-        },
-        min_p: defaults.min_p,
-        seed: req.seed,
-    };
+    let temperature = req
+        .temperature
+        .map(|t| check_range("temperature", t, 0.0, 1.0))
+        .transpose()?
+        .unwrap_or(defaults.temperature);
+    let top_p = req
+        .top_p
+        .map(|p| check_range("top_p", p, 0.0, 1.0))
+        .transpose()?
+        .unwrap_or(defaults.top_p);
+    let (sampling, ignore_eos) =
+        super::sampling::resolve(req.sampling, temperature, top_p, MESSAGES_REFUSED)?;
     let stop = super::check_stop("stop_sequences", req.stop_sequences.unwrap_or_default())?;
     let mut tools = Vec::new();
     for (i, t) in req.tools.unwrap_or_default().into_iter().enumerate() {
@@ -361,7 +355,7 @@ pub fn convert(
             max_tokens: Some(max_tokens),
             stop,
             logprobs: None,
-            ignore_eos: false,
+            ignore_eos,
         },
     ))
 }

@@ -7,10 +7,12 @@
 //! after another; streamed, they share one SSE stream (one pump, one
 //! heartbeat timer, one cancel) through [`chain`].
 //!
-//! Fields hearth cannot honour are refused with a 400 rather than ignored
-//! where ignoring them would change the output (`suffix`, non-zero
-//! penalties, `logit_bias`, `best_of` above `n`, `echo` with `logprobs`);
-//! other unknown fields are accepted and ignored, as on the chat route.
+//! Sampling (`logit_bias`, penalties, `seed`, llama-server's extensions)
+//! is shared with the other routes ([`super::sampling`]). Fields hearth
+//! cannot honour are refused with a 400 rather than ignored where ignoring
+//! them would change the output (`suffix`, `best_of` above `n`, `echo`
+//! with `logprobs`); fields that cannot change it (`user`) are accepted and
+//! ignored, as on the chat route.
 
 use std::sync::Arc;
 
@@ -24,8 +26,9 @@ use serde_json::{json, Map, Value};
 use super::chain::{add_usage, chain, Boundaries, ChainJob};
 use super::error::{ApiError, OpenAIError, Protocol};
 use super::openai::{finish_reason, usage_json, StopField};
+use super::sampling::{check_vocab, SamplingFields, COMPLETIONS_REFUSED};
 use super::sse::{self, StreamAdapter};
-use super::{check_max_tokens, check_range, check_stop, new_id, unix_now};
+use super::{check_max_tokens, check_stop, new_id, unix_now};
 use crate::engine::{
     CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams,
     Token, TokenLogprob, Usage,
@@ -59,10 +62,6 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub top_p: Option<f32>,
     #[serde(default)]
-    pub top_k: Option<i32>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    #[serde(default)]
     pub n: Option<i64>,
     #[serde(default)]
     pub best_of: Option<i64>,
@@ -77,17 +76,13 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub logprobs: Option<i64>,
     #[serde(default)]
-    pub seed: Option<i64>,
-    #[serde(default)]
     pub suffix: Option<String>,
     #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub logit_bias: Option<Map<String, Value>>,
-    #[serde(default)]
     pub user: Option<String>,
+    /// `logit_bias`, penalties, `seed` and llama-server's extensions; every
+    /// other field too, checked for ones that may not be ignored.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
 }
 
 /// One prompt as the client gave it.
@@ -105,6 +100,7 @@ pub struct Parsed {
     /// None: not asked ([`DEFAULT_MAX_TOKENS`], within the server's cap).
     pub max_tokens: Option<u32>,
     pub sampling: SamplingParams,
+    pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub echo: bool,
     pub logprobs: Option<u32>,
@@ -215,28 +211,13 @@ pub fn convert(req: CompletionRequest, n_vocab: i32) -> Result<Parsed, ApiError>
         .max_tokens
         .map(|v| check_max_tokens("max_tokens", v))
         .transpose()?;
-    let sampling =
-        super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
-    for (param, value) in [
-        ("presence_penalty", req.presence_penalty),
-        ("frequency_penalty", req.frequency_penalty),
-    ] {
-        if let Some(v) = value {
-            check_range(param, v, -2.0, 2.0)?;
-            if v != 0.0 {
-                return Err(ApiError::invalid_param(
-                    param,
-                    format!("{param} is not supported by this server; send 0 or leave it out"),
-                ));
-            }
-        }
-    }
-    if req.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(ApiError::invalid_param(
-            "logit_bias",
-            "logit_bias is not supported by this server",
-        ));
-    }
+    let (sampling, ignore_eos) = super::openai_sampling(
+        req.temperature,
+        req.top_p,
+        req.sampling,
+        COMPLETIONS_REFUSED,
+    )?;
+    check_vocab(&sampling, n_vocab)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param(
             "suffix",
@@ -271,6 +252,7 @@ pub fn convert(req: CompletionRequest, n_vocab: i32) -> Result<Parsed, ApiError>
         n,
         max_tokens,
         sampling,
+        ignore_eos,
         stop,
         echo,
         logprobs,
@@ -340,6 +322,7 @@ async fn plan(state: &Arc<AppState>, parsed: Parsed) -> Result<Vec<Planned>, Api
                 req.stop = parsed.stop.clone();
                 req.prompt_text = prompt_text.clone();
                 req.logprobs = parsed.logprobs;
+                req.ignore_eos = parsed.ignore_eos;
                 out.push(Planned {
                     index: p as u32 * parsed.n + j,
                     request: req,
@@ -718,14 +701,17 @@ mod tests {
             (json!({"prompt": "x", "echo": true, "logprobs": 1}), "echo"),
             (json!({"prompt": "x", "suffix": "y"}), "suffix"),
             (
-                json!({"prompt": "x", "presence_penalty": 0.5}),
-                "presence_penalty",
-            ),
-            (
                 json!({"prompt": "x", "frequency_penalty": 3}),
                 "frequency_penalty",
             ),
-            (json!({"prompt": "x", "logit_bias": {"1": 5}}), "logit_bias"),
+            (
+                json!({"prompt": "x", "logit_bias": {"1000": 5}}),
+                "logit_bias",
+            ),
+            (
+                json!({"prompt": "x", "dry_multiplier": 1}),
+                "dry_multiplier",
+            ),
             (json!({"prompt": "x", "best_of": 2}), "best_of"),
             (json!({"prompt": "x", "temperature": 3}), "temperature"),
         ];
@@ -734,6 +720,10 @@ mod tests {
             assert_eq!(err.param.as_deref(), Some(param), "{body}: {}", err.message);
         }
         assert!(parse(json!({"prompt": "x", "presence_penalty": 0, "suffix": "", "logit_bias": {}, "best_of": 1, "user": "u"})).is_ok());
+        let p = parse(json!({"prompt": "x", "presence_penalty": 0.5, "logit_bias": {"999": -100}, "ignore_eos": true})).unwrap();
+        assert_eq!(p.sampling.presence_penalty, 0.5);
+        assert_eq!(p.sampling.logit_bias, vec![(999, -100.0)]);
+        assert!(p.ignore_eos);
     }
 
     fn tok(s: &str, lp: f32, top: &[(&str, f32)]) -> TokenLogprob {

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod models;
 pub mod openai;
 pub mod responses;
+pub mod sampling;
 pub mod sse;
 pub mod tokenize;
 
@@ -126,37 +127,25 @@ pub(crate) fn prompt_error(err: PromptError, messages: &str) -> ApiError {
     }
 }
 
-/// OpenAI's sampling fields (chat, completions, responses), validated.
+/// OpenAI's sampling fields (chat, completions, responses), validated:
+/// `temperature` and `top_p` in OpenAI's ranges, the rest as on every
+/// route ([`sampling::resolve`]). Also whether to ignore end-of-turn.
 pub fn openai_sampling(
     temperature: Option<f32>,
     top_p: Option<f32>,
-    top_k: Option<i32>,
-    min_p: Option<f32>,
-    seed: Option<i64>,
-) -> Result<SamplingParams, ApiError> {
+    fields: sampling::SamplingFields,
+    refused: &[sampling::Refused],
+) -> Result<(SamplingParams, bool), ApiError> {
     let defaults = SamplingParams::default();
-    Ok(SamplingParams {
-        temperature: temperature
-            .map(|t| check_range("temperature", t, 0.0, 2.0))
-            .transpose()?
-            .unwrap_or(defaults.temperature),
-        top_p: top_p
-            .map(|p| check_range("top_p", p, 0.0, 1.0))
-            .transpose()?
-            .unwrap_or(defaults.top_p),
-        top_k: match top_k {
-            Some(k) if k < 0 => {
-                return Err(ApiError::invalid_param("top_k", "top_k must be 0 or more"))
-            }
-            Some(k) => k,
-            None => defaults.top_k,
-        },
-        min_p: min_p
-            .map(|p| check_range("min_p", p, 0.0, 1.0))
-            .transpose()?
-            .unwrap_or(defaults.min_p),
-        seed: seed.map(|s| s as u64),
-    })
+    let temperature = temperature
+        .map(|t| check_range("temperature", t, 0.0, 2.0))
+        .transpose()?
+        .unwrap_or(defaults.temperature);
+    let top_p = top_p
+        .map(|p| check_range("top_p", p, 0.0, 1.0))
+        .transpose()?
+        .unwrap_or(defaults.top_p);
+    sampling::resolve(fields, temperature, top_p, refused)
 }
 
 /// Render the conversation and tokenize it, checking its grammar (on the
@@ -215,6 +204,7 @@ pub async fn prepare(
 ) -> Result<PreparedJob, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
+        sampling::check_vocab(&opts.sampling, state.engine.model().n_vocab())?;
         let prepared = render(&state, chat, messages)?;
         let mut stop = opts.stop;
         stop.extend(prepared.stops.iter().cloned());

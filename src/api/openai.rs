@@ -1,8 +1,9 @@
 //! OpenAI chat completions: `POST /v1/chat/completions`.
 //!
-//! Wire types are the official API's; fields hearth does not implement are
-//! accepted and ignored, as other OpenAI-compatible servers do, so clients
-//! that send them keep working.
+//! Wire types are the official API's. A field that would change the reply
+//! is honoured or refused with a 400 ([`super::sampling`]); fields that
+//! cannot change it (`user`, `metadata`, `store`, ...) are accepted and
+//! ignored, so clients that send them keep working.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use super::chain::{add_usage, chain, Boundaries, ChainJob};
 use super::completions::MAX_N;
 use super::error::Protocol;
 use super::error::{ApiError, OpenAIError};
+use super::sampling::{SamplingFields, CHAT_REFUSED};
 use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, collect, new_id, prepare, unix_now, GenOptions};
 use crate::chat::output::{OutputEvent, OutputParser, OutputSpec};
@@ -40,12 +42,6 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub top_p: Option<f32>,
     #[serde(default)]
-    pub top_k: Option<i32>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<i64>,
-    #[serde(default)]
     pub stop: Option<StopField>,
     #[serde(default)]
     pub stream: Option<bool>,
@@ -67,10 +63,10 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<i64>,
     #[serde(default)]
     pub reasoning_effort: Option<String>,
-    /// llama-server's extension: generate up to `max_tokens` whatever the
-    /// model says (benchmarks).
-    #[serde(default)]
-    pub ignore_eos: Option<bool>,
+    /// `logit_bias`, penalties, `seed` and llama-server's extensions; every
+    /// other field too, checked for ones that may not be ignored.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -367,8 +363,8 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), 
         (None, Some(v)) => Some(check_max_tokens("max_tokens", v)?),
         (None, None) => None,
     };
-    let sampling =
-        super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
+    let (sampling, ignore_eos) =
+        super::openai_sampling(req.temperature, req.top_p, req.sampling, CHAT_REFUSED)?;
     let stop = match req.stop {
         None => vec![],
         Some(StopField::One(s)) => vec![s],
@@ -428,7 +424,7 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), 
             max_tokens,
             stop,
             logprobs,
-            ignore_eos: req.ignore_eos.unwrap_or(false),
+            ignore_eos,
         },
     ))
 }

@@ -29,6 +29,7 @@ use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, ErrorKind, OpenAIError, Protocol};
 use super::openai::{check_unique_tools, thinking_from_effort, tool_spec};
+use super::sampling::{SamplingFields, RESPONSES_REFUSED};
 use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, collect, count_prompt, new_id, prepare, unix_now, GenOptions};
 use crate::chat::output::{Output, OutputEvent, OutputParser};
@@ -175,13 +176,6 @@ pub struct ResponsesRequest {
     pub temperature: Option<f32>,
     #[serde(default)]
     pub top_p: Option<f32>,
-    /// Not OpenAI's (llama-server's): `top_k`, `min_p` and a sampling seed.
-    #[serde(default)]
-    pub top_k: Option<i32>,
-    #[serde(default)]
-    pub min_p: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<i64>,
     #[serde(default)]
     pub stream: Option<bool>,
     #[serde(default)]
@@ -216,6 +210,12 @@ pub struct ResponsesRequest {
     pub max_tool_calls: Option<i64>,
     #[serde(default)]
     pub top_logprobs: Option<i64>,
+    /// Not the official API's: the sampling fields of the other OpenAI
+    /// routes and llama-server's (`logit_bias`, penalties, `seed`, `top_k`,
+    /// ...), taken here too; every other field as well, checked for ones
+    /// that may not be ignored.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -830,8 +830,8 @@ pub fn convert(
         .max_output_tokens
         .map(|v| check_max_tokens("max_output_tokens", v))
         .transpose()?;
-    let sampling =
-        super::openai_sampling(req.temperature, req.top_p, req.top_k, req.min_p, req.seed)?;
+    let (sampling, ignore_eos) =
+        super::openai_sampling(req.temperature, req.top_p, req.sampling, RESPONSES_REFUSED)?;
     let (mut specs, tools_echo) = tools(req.tools.unwrap_or_default())?;
     let (choice, choice_echo) = tool_choice(req.tool_choice, &mut specs)?;
     let (response_format, text_echo) = text_format(req.text)?;
@@ -887,7 +887,7 @@ pub fn convert(
             max_tokens,
             stop: vec![],
             logprobs: None,
-            ignore_eos: false,
+            ignore_eos,
         },
         conv_origins: conv.origins,
         stored_from: conv.stored_from,

@@ -117,7 +117,8 @@ pub struct TokenLogprob {
     /// The token's text (lossy UTF-8 of `bytes`).
     pub token: String,
     pub bytes: Vec<u8>,
-    /// Natural log of its probability under the model's raw distribution
+    /// Natural log of its probability under the distribution it was drawn
+    /// from: the model's, after logit bias and penalties
     /// (before temperature and truncation).
     pub logprob: f32,
     /// The most likely tokens, best first, as many as were asked for.

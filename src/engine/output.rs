@@ -92,7 +92,7 @@ impl TextEmitter {
 }
 
 /// A chosen token's logprob and the `n` most likely alternatives, from the
-/// raw logits it was sampled from.
+/// logits it was sampled from (after bias and penalties).
 pub(super) fn token_logprob(
     model: &Model,
     logits: &[f32],

@@ -156,7 +156,7 @@ impl Running {
         }
         let (token, was_forced) = match self.forced.pop_front() {
             Some(t) => {
-                self.sampler.accept_forced(t);
+                self.sampler.accept_forced(t, logits);
                 (t, true)
             }
             None => match self.sampler.sample(logits) {
@@ -182,7 +182,7 @@ impl Running {
         };
         let logprob = self
             .top_n
-            .map(|n| token_logprob(model, logits, token, &bytes, n));
+            .map(|n| token_logprob(model, self.sampler.distribution(logits), token, &bytes, n));
         if let Some(b) = self.budget.as_mut() {
             b.observe(&bytes);
         }
@@ -230,13 +230,13 @@ impl Running {
 /// Build a job's sampler: its grammar, when llama.cpp takes it.
 pub(super) fn sampler_for(model: &Model, job: &Job) -> Sampler {
     let req = &job.request;
-    match Sampler::new(&req.sampling, model, req.grammar.as_ref()) {
+    match Sampler::new(&req.sampling, model, req.grammar.as_ref(), req.max_tokens) {
         Ok(s) => s,
         Err(err) => {
             // The HTTP side validates grammars (`grammar::validate`) before
             // queueing, with the same call: not reached.
             tracing::warn!(cause = %err, "grammar refused; generating without it");
-            Sampler::new(&req.sampling, model, None)
+            Sampler::new(&req.sampling, model, None, req.max_tokens)
                 .unwrap_or_else(|_| unreachable!("no grammar, no error"))
         }
     }

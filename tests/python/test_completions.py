@@ -186,7 +186,9 @@ BAD_REQUESTS = {
     "logprobs too many": {**GOOD, "logprobs": 6},
     "echo with logprobs": {**GOOD, "echo": True, "logprobs": 1},
     "suffix": {**GOOD, "suffix": "end"},
-    "presence_penalty": {**GOOD, "presence_penalty": 0.5},
+    "presence_penalty out of range": {**GOOD, "presence_penalty": 3},
+    "logit_bias id out of vocab": {**GOOD, "logit_bias": {"99999999": 1}},
+    "dry_multiplier": {**GOOD, "dry_multiplier": 0.8},
     "best_of above n": {**GOOD, "best_of": 3},
 }
 

@@ -1,6 +1,8 @@
 """Speculative decoding, by prompt lookup and by a draft model: the
-model's greedy tokens with and without it (equal up to a near tie that a batch of several rows rounds
-the other way, checked with logprobs), deterministic across both APIs,
+model's greedy tokens with and without it (equal up to a near tie that a
+batch of several rows rounds the other way, checked with logprobs), with
+penalties and logit bias too (their token history holds verified tokens
+only), deterministic across both APIs,
 streamed and not, grammar-constrained replies (a forced tool call, a JSON
 schema) that hold, high acceptance on text that copies the prompt, and
 exact endings when a stop sequence, max_tokens or a client that leaves
@@ -104,6 +106,25 @@ def test_greedy_tokens_are_the_models_with_and_without_speculation(pair):
     assert diverged < len(prompts), "every reply diverged"
     assert metric(spec.url, "hearth_spec_drafted_tokens_total") > before, "nothing was drafted"
     assert metric(plain.url, "hearth_spec_drafted_tokens_total") == 0
+
+
+def test_penalties_and_bias_see_only_verified_tokens(pair):
+    """Penalties count the reply's tokens: under speculation a rejected
+    draft must leave no trace in that count, so greedy replies with
+    penalties and bias are the same with and without drafts (up to a near
+    tie, as above), and some drafts were rejected on the way."""
+    spec, plain = pair
+    drafted0 = metric(spec.url, "hearth_spec_drafted_tokens_total")
+    accepted0 = metric(spec.url, "hearth_spec_accepted_tokens_total")
+    kw = dict(max_tokens=120, logprobs=True, top_logprobs=5, frequency_penalty=0.3, presence_penalty=0.2,
+              repeat_penalty=1.1, logit_bias={"28": -3})
+    a = chat(spec.url, COPY, **kw)
+    b = chat(plain.url, COPY, **kw)
+    assert_same_greedy(a, b, "penalised copy")
+    assert chat(plain.url, COPY, max_tokens=120)["choices"][0]["message"]["content"] != b["choices"][0]["message"]["content"]
+    drafted = metric(spec.url, "hearth_spec_drafted_tokens_total") - drafted0
+    accepted = metric(spec.url, "hearth_spec_accepted_tokens_total") - accepted0
+    assert drafted > accepted > 0, (drafted, accepted)
 
 
 def test_speculation_is_deterministic_across_apis_and_streaming(pair):

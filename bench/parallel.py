@@ -14,8 +14,8 @@
    prefix with a running one (Gemma 3 270M, 32k context), against the same
    prompt cold on a fresh server, and the KV cells four such agents hold
    against one (hearth's /slots; llama-server reports no cells).
-3. A stream's decode speed alone and while a 6k-token prompt is prefilled
-   beside it.
+3. A stream's decode speed while a 6k-token prompt is prefilled beside
+   it, against the same stream decoding the same token positions alone.
 4. How often a greedy reply decoded beside three others equals the same
    request decoded alone (hearth).
 

@@ -106,7 +106,7 @@ pub fn preemption_victim(running: &[(usize, u64)]) -> Option<usize> {
 
 /// How much longer than a decode-only step a step with prefill rows may
 /// take: decoding keeps `1 / (1 + SHARE)` of its speed beside a prefill.
-const SHARE: f64 = 0.7;
+const SHARE: f64 = 0.5;
 /// Weight of the newest step in the cost model's moving sums (a window of
 /// about 50 steps).
 const DECAY: f64 = 0.02;

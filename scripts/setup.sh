@@ -132,6 +132,14 @@ if [[ "$test_deps" == 1 ]]; then
     fi
 fi
 
+# --- real agents ----------------------------------------------------------------
+# Claude Code and Codex at the versions bench/agents.py pins, from npm into a
+# cache outside the repository (tests/python/test_real_agents.py runs them).
+if [[ "$test_deps" == 1 && "$all_models" == 1 ]]; then
+    say "real agents (Claude Code, Codex) in ${HEARTH_AGENTS_DIR:-$HOME/.cache/hearth-agents}"
+    quietly .venv/bin/python bench/agents.py --install-only
+fi
+
 # --- models ---------------------------------------------------------------------
 if [[ "$all_models" == 1 ]]; then
     scripts/fetch-models.sh --all

@@ -167,7 +167,7 @@ proptest! {
 
     #[test]
     fn anthropic_requests_parse_or_are_rejected_as_4xx(body in bodies(anthropic_base()), keep_billing in any::<bool>()) {
-        match ApiError::parse_json::<anthropic::MessagesRequest>(&body).and_then(|r| anthropic::convert(r, keep_billing, false)) {
+        match ApiError::parse_json::<anthropic::MessagesRequest>(&body).and_then(|r| anthropic::convert(r, keep_billing, false, &hearth::api::betas::Betas::default())) {
             Ok((chat, opts)) => {
                 prop_assert!(!chat.messages.is_empty());
                 prop_assert!(opts.max_tokens.is_some_and(|m| m >= 1));

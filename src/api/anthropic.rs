@@ -11,12 +11,14 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::betas::{self, Betas, INTERLEAVED_THINKING};
 use super::error::Protocol;
 use super::error::{AnthropicError, ApiError, ErrorKind};
 use super::sampling::{SamplingFields, MESSAGES_REFUSED};
@@ -60,6 +62,10 @@ pub struct MessagesRequest {
     /// The structured-outputs beta's spelling of `output_config.format`.
     #[serde(default)]
     pub output_format: Option<Value>,
+    /// The context-management beta's edits: checked, never applied
+    /// ([`betas::check_context_management`]).
+    #[serde(default)]
+    pub context_management: Option<Value>,
     /// `top_k` (Anthropic's own), and the sampling fields of the OpenAI
     /// routes and llama-server's (`seed`, `logit_bias`, penalties, ...),
     /// as llama-server takes them here; every other field too, checked for
@@ -85,6 +91,9 @@ pub struct WireTool {
     pub description: Option<String>,
     #[serde(default)]
     pub input_schema: Option<Value>,
+    /// Advanced tool use: a deferred tool stays out of the prompt.
+    #[serde(default)]
+    pub defer_loading: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,6 +112,9 @@ pub struct WireThinking {
     pub kind: String,
     #[serde(default)]
     pub budget_tokens: Option<i64>,
+    /// `summarized` or `omitted`.
+    #[serde(default)]
+    pub display: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +153,8 @@ pub struct WireBlock {
     /// `thinking`
     #[serde(default)]
     pub thinking: Option<String>,
+    #[serde(default)]
+    pub signature: Option<String>,
 }
 
 /// Flatten content blocks to text. Earlier thinking blocks are dropped, as
@@ -190,11 +204,13 @@ pub fn strip_billing_header(system: &str) -> String {
 }
 
 /// Convert and validate a request. `count_only`: for
-/// `/v1/messages/count_tokens`, where `max_tokens` is not required.
+/// `/v1/messages/count_tokens`, where `max_tokens` is not required;
+/// `betas`: the request's `anthropic-beta` values.
 pub fn convert(
     req: MessagesRequest,
     keep_billing_header: bool,
     count_only: bool,
+    betas: &Betas,
 ) -> Result<(ChatRequest, GenOptions), ApiError> {
     let max_tokens = match (req.max_tokens, count_only) {
         (Some(v), _) => check_max_tokens("max_tokens", v)?,
@@ -271,6 +287,7 @@ pub fn convert(
     let (sampling, ignore_eos) =
         super::sampling::resolve(req.sampling, temperature, top_p, MESSAGES_REFUSED)?;
     let stop = super::check_stop("stop_sequences", req.stop_sequences.unwrap_or_default())?;
+    betas::check_context_management(req.context_management.as_ref())?;
     let mut tools = Vec::new();
     for (i, t) in req.tools.unwrap_or_default().into_iter().enumerate() {
         if let Some(kind) = t.kind.as_deref().filter(|k| *k != "custom") {
@@ -284,12 +301,12 @@ pub fn convert(
                 "tools.{i}.input_schema: Field required"
             )));
         }
-        tools.push(openai::tool_spec(
-            &format!("tools.{i}"),
-            t.name,
-            t.description,
-            t.input_schema,
-        )?);
+        let spec = openai::tool_spec(&format!("tools.{i}"), t.name, t.description, t.input_schema)?;
+        // A deferred tool is loaded only once a tool search finds it; the
+        // real API leaves it out of the prompt until then, and so does hearth.
+        if t.defer_loading != Some(true) {
+            tools.push(spec);
+        }
     }
     openai::check_unique_tools("tools", &tools)?;
     let (tool_choice, parallel) = match req.tool_choice {
@@ -311,6 +328,9 @@ pub fn convert(
             (choice, parallel)
         }
     };
+    if let Some(t) = &req.thinking {
+        betas::omit_thinking(t.display.as_deref())?;
+    }
     let thinking = match req.thinking {
         None => Thinking::Default,
         Some(t) => match t.kind.as_str() {
@@ -322,7 +342,9 @@ pub fn convert(
                 if budget < 1024 {
                     return Err(ApiError::invalid("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"));
                 }
-                if budget >= max_tokens as i64 && !count_only {
+                // Under interleaved thinking the budget spans the whole
+                // turn's thinking and may exceed `max_tokens`.
+                if budget >= max_tokens as i64 && !count_only && !betas.has(INTERLEAVED_THINKING) {
                     return Err(ApiError::invalid(
                         "`max_tokens` must be greater than `thinking.budget_tokens`",
                     ));
@@ -466,7 +488,11 @@ fn convert_message(
                 None => return Err(ApiError::invalid(format!("{field}.{j}.text: Field required"))),
             },
             (Role::Assistant, "thinking") => {
-                let t = b.thinking.unwrap_or_default();
+                // A block whose text was omitted gets it back from its signature.
+                let t = match b.thinking.filter(|t| !t.is_empty()) {
+                    Some(t) => t,
+                    None => b.signature.as_deref().and_then(betas::signed_text).unwrap_or_default(),
+                };
                 if !t.is_empty() {
                     msg.reasoning.get_or_insert_with(String::new).push_str(&t);
                 }
@@ -538,17 +564,6 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
-/// A thinking block's signature. The real API signs thinking so it can be
-/// sent back untampered; hearth has nothing to verify, so the signature is
-/// a digest of the text (stable, and obviously not Anthropic's).
-fn signature(thinking: &str) -> String {
-    use sha2::{Digest, Sha256};
-    format!(
-        "hearth-{}",
-        hex::encode(Sha256::digest(thinking.as_bytes()))
-    )
-}
-
 /// A call's arguments as the `input` object.
 fn input_object(arguments: &str) -> Value {
     match serde_json::from_str::<Value>(arguments) {
@@ -560,12 +575,26 @@ fn input_object(arguments: &str) -> Value {
 /// `POST /v1/messages`
 pub async fn messages(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AnthropicError> {
     let req: MessagesRequest = ApiError::parse_json(&body)?;
     let model = req.model.clone();
     let stream = req.stream.unwrap_or(false);
-    let (chat, opts) = convert(req, state.keep_billing_header, false)?;
+    let omit_thinking = req
+        .thinking
+        .as_ref()
+        .is_some_and(|t| t.display.as_deref() == Some("omitted"));
+    let context_management = req
+        .context_management
+        .as_ref()
+        .is_some_and(|v| !v.is_null());
+    let (chat, opts) = convert(
+        req,
+        state.keep_billing_header,
+        false,
+        &Betas::from_headers(&headers),
+    )?;
     let prepared = prepare(&state, chat, opts, "messages")
         .await
         .map_err(name_format_field)?;
@@ -580,6 +609,8 @@ pub async fn messages(
             open: None,
             blocks: 0,
             thinking: String::new(),
+            omit_thinking,
+            context_management,
             parser: OutputParser::new(&prepared.output, "toolu_"),
             state: state.clone(),
         };
@@ -589,7 +620,13 @@ pub async fn messages(
     let out = &done.output;
     let mut content = Vec::new();
     if !out.reasoning.is_empty() {
-        content.push(json!({ "type": "thinking", "thinking": out.reasoning, "signature": signature(&out.reasoning) }));
+        let shown = if omit_thinking {
+            ""
+        } else {
+            out.reasoning.as_str()
+        };
+        let sig = betas::signature(&out.reasoning, omit_thinking);
+        content.push(json!({ "type": "thinking", "thinking": shown, "signature": sig }));
     }
     // A reply with nothing else still has one (empty) text block; reasoning
     // alone (cut short by max_tokens) is a thinking block alone, as streamed.
@@ -600,7 +637,7 @@ pub async fn messages(
         content.push(json!({ "type": "tool_use", "id": c.id, "name": c.name, "input": input_object(&c.arguments) }));
     }
     let (reason, stop_sequence) = stop_reason(&done.reason, !out.calls.is_empty());
-    Ok(Json(json!({
+    let mut reply = json!({
         "id": id,
         "type": "message",
         "role": "assistant",
@@ -609,18 +646,23 @@ pub async fn messages(
         "stop_reason": reason,
         "stop_sequence": stop_sequence,
         "usage": usage_json(&done.usage),
-    }))
-    .into_response())
+    });
+    if context_management {
+        reply["context_management"] = betas::context_management_reply();
+    }
+    Ok(Json(reply).into_response())
 }
 
 /// `POST /v1/messages/count_tokens`: the prompt tokens `/v1/messages` would
 /// send the model for the same request, from the same rendering.
 pub async fn count_tokens(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AnthropicError> {
     let req: MessagesRequest = ApiError::parse_json(&body)?;
-    let (chat, _) = convert(req, state.keep_billing_header, true)?;
+    let betas = Betas::from_headers(&headers);
+    let (chat, _) = convert(req, state.keep_billing_header, true, &betas)?;
     let n = count_prompt(&state, chat, "messages")
         .await
         .map_err(name_format_field)?;
@@ -647,6 +689,10 @@ struct EventAdapter {
     blocks: u32,
     /// The open thinking block's text, for its signature.
     thinking: String,
+    /// `thinking.display: omitted`: thinking blocks carry no text deltas.
+    omit_thinking: bool,
+    /// The request sent `context_management`: the reply reports its edits.
+    context_management: bool,
     parser: OutputParser,
     state: Arc<AppState>,
 }
@@ -671,7 +717,7 @@ impl EventAdapter {
     fn close_block(&mut self, out: &mut Vec<SseEvent>) {
         if let Some(block) = self.open.take() {
             if block == Block::Thinking {
-                let sig = signature(&std::mem::take(&mut self.thinking));
+                let sig = betas::signature(&std::mem::take(&mut self.thinking), self.omit_thinking);
                 self.delta(json!({ "type": "signature_delta", "signature": sig }), out);
             }
             out.push(sse::named(
@@ -694,7 +740,9 @@ impl EventAdapter {
                         );
                     }
                     self.thinking.push_str(&r);
-                    self.delta(json!({ "type": "thinking_delta", "thinking": r }), out);
+                    if !self.omit_thinking {
+                        self.delta(json!({ "type": "thinking_delta", "thinking": r }), out);
+                    }
                 }
                 OutputEvent::Text(t) => {
                     if self.open != Some(Block::Text) {
@@ -755,14 +803,15 @@ impl StreamAdapter for EventAdapter {
                 let calls = !self.parser.output().calls.is_empty();
                 self.state.remember_calls(self.parser.output());
                 let (reason, stop_sequence) = stop_reason(&reason, calls);
-                out.push(sse::named(
-                    "message_delta",
-                    &json!({
-                        "type": "message_delta",
-                        "delta": { "stop_reason": reason, "stop_sequence": stop_sequence },
-                        "usage": usage_json(&usage),
-                    }),
-                ));
+                let mut delta = json!({
+                    "type": "message_delta",
+                    "delta": { "stop_reason": reason, "stop_sequence": stop_sequence },
+                    "usage": usage_json(&usage),
+                });
+                if self.context_management {
+                    delta["context_management"] = betas::context_management_reply();
+                }
+                out.push(sse::named("message_delta", &delta));
                 out.push(sse::named(
                     "message_stop",
                     &json!({ "type": "message_stop" }),
@@ -787,7 +836,7 @@ mod tests {
 
     fn parse(v: Value) -> Result<(Vec<ChatMessage>, GenOptions), ApiError> {
         let req: MessagesRequest = ApiError::parse_json(v.to_string().as_bytes())?;
-        convert(req, false, false).map(|(c, o)| (c.messages, o))
+        convert(req, false, false, &Betas::default()).map(|(c, o)| (c.messages, o))
     }
 
     #[test]

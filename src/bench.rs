@@ -4,11 +4,13 @@
 //! can be read side by side.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use clap::Args;
 
-use crate::config::default_model_path;
+use crate::config::{default_model_path, ThreadArgs};
+use crate::engine::threads::cores;
 use crate::engine::{self, EngineConfig, Event, GenerateRequest, Model, SamplingParams, Timings};
 
 #[derive(Debug, Clone, Args)]
@@ -28,9 +30,11 @@ pub struct BenchArgs {
     /// Prefill chunk size.
     #[arg(short = 'b', long, default_value_t = 512)]
     pub batch: u32,
-    /// CPU threads (0: one per core).
-    #[arg(short = 't', long, default_value_t = 0)]
-    pub threads: i32,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
+    /// Skip the llama.cpp reference runs (hearth's own rows only).
+    #[arg(long)]
+    pub no_reference: bool,
     /// Print one JSON object per test instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -59,7 +63,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         draft_model: None,
         kv_size: 0,
         n_batch: args.batch,
-        n_threads: args.threads,
+        threads: args.threads.settings(),
         n_gpu_layers: 999,
         fault: None,
         cache_ram_bytes: 0,
@@ -115,34 +119,42 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let t = once(prompt(1), args.gen_tokens)?;
         tg.push((args.gen_tokens.saturating_sub(1)) as f64 / secs(t.decode));
     }
+    // The threads the engine ended on (decode's follow the machine's load).
+    let stats = engine.stats();
+    let used = [
+        stats.batch_threads.load(Ordering::Relaxed),
+        stats.decode_threads.load(Ordering::Relaxed),
+    ];
     // The reference runs alone, as llama-bench does in its own process:
     // with the engine's context and worker still alive beside it, its
     // decode test measured at less than half speed.
     drop(engine);
-    let (ref_pp, ref_tg) = reference(&model, &args, n_ctx)?;
-    let desc = model.description();
-    let threads = if args.threads > 0 {
-        args.threads as usize
+    let (ref_pp, ref_tg) = if args.no_reference {
+        (Vec::new(), Vec::new())
     } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        reference(&model, &args, n_ctx)?
     };
+    let desc = model.description();
+    let fixed = reference_threads(&args);
     let pp_name = format!("pp{}", args.prompt_tokens);
     let tg_name = format!("tg{}", args.gen_tokens);
     let rows = [
-        ("hearth", &pp_name, &pp),
-        ("llama.cpp-raw", &pp_name, &ref_pp),
-        ("hearth", &tg_name, &tg),
-        ("llama.cpp-raw", &tg_name, &ref_tg),
+        ("hearth", &pp_name, &pp, used[0]),
+        ("llama.cpp-raw", &pp_name, &ref_pp, fixed),
+        ("hearth", &tg_name, &tg, used[1]),
+        ("llama.cpp-raw", &tg_name, &ref_tg, fixed),
     ];
-    for (engine, test, xs) in rows {
+    for (engine, test, xs, threads) in rows {
+        if xs.is_empty() {
+            continue;
+        }
         let (mean, sd) = mean_sd(xs);
         if args.json {
             println!(
                 "{}",
                 serde_json::json!({ "engine": engine, "model": desc, "test": test, "threads": threads,
-                                    "batch": args.batch, "reps": args.reps, "avg_ts": mean, "stddev_ts": sd })
+                                    "batch": args.batch, "reps": args.reps, "avg_ts": mean, "stddev_ts": sd,
+                                    "samples_ts": xs })
             );
         } else {
             println!(
@@ -151,6 +163,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The reference's thread count: the one asked for, else one per core (as
+/// llama-bench's own default would be on this machine).
+fn reference_threads(args: &BenchArgs) -> usize {
+    match args.threads.threads {
+        0 => cores(),
+        n => n as usize,
+    }
 }
 
 /// The reference: llama.cpp driven directly through the same crate, with
@@ -163,17 +184,11 @@ fn reference(
     n_ctx: u32,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     use crate::engine::llama::{Context, ContextParams};
-    let threads = if args.threads > 0 {
-        args.threads
-    } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as i32)
-            .unwrap_or(4)
-    };
     let params = ContextParams {
         n_ctx,
         n_batch: args.batch.max(1),
-        n_threads: threads,
+        n_threads: reference_threads(args),
+        poll: args.threads.poll,
         n_seq_max: 1,
     };
     let mut ctx = Context::new(model.clone(), params, Box::new(|| false))?;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::engine::threads::{ThreadSettings, DEFAULT_POLL};
+
 /// `hearth serve` options.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -53,9 +55,8 @@ pub struct ServeArgs {
     /// Most tokens drafted per step.
     #[arg(long, env = "HEARTH_DRAFT_MAX", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub draft_max: u32,
-    /// CPU threads for compute (0: llama.cpp's default).
-    #[arg(long, env = "HEARTH_THREADS", default_value_t = 0)]
-    pub threads: i32,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
     /// Prefill chunk size in tokens.
     #[arg(long, env = "HEARTH_BATCH", default_value_t = 512)]
     pub batch: u32,
@@ -138,6 +139,32 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log collectors.
     Json,
+}
+
+/// Compute thread options, shared by `hearth serve` and `hearth bench`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ThreadArgs {
+    /// Compute threads for decoding (0: one per core that other processes
+    /// leave free, re-read while decoding).
+    #[arg(short = 't', long, env = "HEARTH_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=512))]
+    pub threads: u32,
+    /// Compute threads for prompt processing (0: chosen as for decoding).
+    #[arg(long, env = "HEARTH_THREADS_BATCH", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=512))]
+    pub threads_batch: u32,
+    /// How long idle compute threads spin waiting for the next step before
+    /// they sleep: llama.cpp's poll level, 0 (sleep at once) to 100.
+    #[arg(long, env = "HEARTH_POLL", default_value_t = DEFAULT_POLL, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub poll: u32,
+}
+
+impl ThreadArgs {
+    pub fn settings(&self) -> ThreadSettings {
+        ThreadSettings {
+            decode: self.threads,
+            batch: self.threads_batch,
+            poll: self.poll,
+        }
+    }
 }
 
 impl ServeArgs {

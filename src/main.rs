@@ -145,7 +145,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         draft_model: args.draft_model.clone(),
         kv_size: args.kv_size,
         n_batch: args.batch.max(1),
-        n_threads: args.threads,
+        threads: args.threads.settings(),
         n_gpu_layers: args.gpu_layers,
         fault,
         cache_ram_bytes: (args.cache_ram_mb as usize) << 20,

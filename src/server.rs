@@ -320,6 +320,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         ("hearth_engine_failed_steps_total", "Engine steps that failed (their requests failed; the engine went on).", load64(&stats.failed_steps)),
         ("hearth_engine_max_step_seconds", "Longest engine step.", load64(&stats.max_step_us) / 1e6),
         ("hearth_engine_max_snapshot_step_seconds", "Longest engine step that also copied a KV snapshot out.", load64(&stats.max_snapshot_step_us) / 1e6),
+        ("hearth_engine_decode_threads", "Compute threads decode steps use now (chosen from the machine's load unless --threads fixes them).", load(&stats.decode_threads)),
+        ("hearth_engine_batch_threads", "Compute threads prompt-processing steps use.", load(&stats.batch_threads)),
+        ("hearth_engine_decode_step_seconds", "Time of a decode step, a moving average over recent steps.", load64(&stats.decode_step_us) / 1e6),
+        ("hearth_machine_other_busy_cores", "CPU cores other processes kept busy at the engine's last reading.", load64(&stats.others_milli_cores) / 1e3),
         ("hearth_engine_up", "1 while the engine serves, 0 once it has stopped.", if state.engine.is_alive() { 1.0 } else { 0.0 }),
     ];
     let text = state.service.metrics.render(&gauges);

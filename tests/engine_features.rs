@@ -47,7 +47,7 @@ fn engine() -> &'static EngineHandle {
             draft_model: None,
             kv_size: 0,
             n_batch: 256,
-            n_threads: 0,
+            threads: Default::default(),
             n_gpu_layers: 0,
             fault: None,
             cache_ram_bytes: 0,

@@ -99,6 +99,8 @@ pub(super) struct Drafter {
     round_secs: Option<f64>,
     /// Seconds spent drafting in all (for the log).
     pub total_secs: f64,
+    /// Compute threads for draft rounds and for catch-up (see `draft`).
+    threads: (usize, usize),
 }
 
 impl Drafter {
@@ -118,6 +120,7 @@ impl Drafter {
             chunk: chunk.max(1),
             round_secs: None,
             total_secs: 0.0,
+            threads: (1, 1),
         })
     }
 
@@ -132,7 +135,10 @@ impl Drafter {
 
     /// Drafts for each of `wants`, in order (empty: none this step, e.g.
     /// while a long prompt is still being caught up).
-    pub fn draft(&mut self, wants: &[DraftWant]) -> Vec<Vec<Token>> {
+    /// `threads`: compute threads for one-row-per-sequence rounds, and for
+    /// catching a sequence up.
+    pub fn draft(&mut self, wants: &[DraftWant], threads: (usize, usize)) -> Vec<Vec<Token>> {
+        self.threads = threads;
         let t = Instant::now();
         let out = self.draft_inner(wants);
         self.total_secs += t.elapsed().as_secs_f64();
@@ -254,6 +260,13 @@ impl Drafter {
     /// nobody drafts for now and try once more. False: no drafts this
     /// step (and after a failure the draft KV starts over).
     fn decode(&mut self, rows: &[Row], wants: &[DraftWant]) -> bool {
+        // More rows than sequences: some sequence is being caught up.
+        let catch_up = rows.len() > wants.len();
+        self.ctx.set_threads(if catch_up {
+            self.threads.1
+        } else {
+            self.threads.0
+        });
         match self.ctx.decode_rows(rows) {
             Ok(()) => return true,
             Err(DecodeError::NoSlot) => {

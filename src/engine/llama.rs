@@ -15,6 +15,8 @@ use std::sync::{Arc, Once};
 
 use llama_cpp_sys_2 as sys;
 
+use super::threads::ThreadPools;
+
 /// A token id in the model's vocabulary.
 pub type Token = i32;
 
@@ -474,7 +476,10 @@ pub struct ContextParams {
     /// KV cells in all: shared by every sequence (one unified buffer).
     pub n_ctx: u32,
     pub n_batch: u32,
-    pub n_threads: i32,
+    /// Compute threads until [`Context::set_threads`] says otherwise.
+    pub n_threads: usize,
+    /// The thread pools' poll level (see `threads::ThreadSettings::poll`).
+    pub poll: u32,
     /// Sequences the KV holds at once (1: today's single sequence).
     pub n_seq_max: u32,
 }
@@ -506,6 +511,8 @@ pub struct Context {
     kv_bytes: u64,
     /// Keeps the weights alive as long as the context that reads them.
     model: Arc<Model>,
+    /// The pools its graphs compute on; dropped after the context is freed.
+    pools: ThreadPools,
 }
 
 // SAFETY: a context is used from one thread at a time (the engine thread
@@ -540,10 +547,8 @@ impl Context {
         // One buffer for every sequence, so a prefix copied between
         // sequences (`seq_cp`) shares its cells instead of duplicating them.
         p.kv_unified = params.n_seq_max > 1;
-        if params.n_threads > 0 {
-            p.n_threads = params.n_threads;
-            p.n_threads_batch = params.n_threads;
-        }
+        p.n_threads = params.n_threads.max(1) as i32;
+        p.n_threads_batch = p.n_threads;
         p.no_perf = true;
         // A full-size sliding-window cache lets the KV rewind to any
         // position, so prefix reuse works on SWA models (Gemma 3) at the
@@ -565,14 +570,30 @@ impl Context {
         // SAFETY: allocates a batch for `batch_cap` tokens with one sequence
         // id each; freed once, in Drop.
         let batch = unsafe { sys::llama_batch_init(batch_cap as i32, 0, 1) };
-        Ok(Context {
+        let mut ctx = Context {
             ptr,
             batch,
             batch_cap,
             _abort: abort,
             kv_bytes,
             model,
-        })
+            pools: ThreadPools::new(params.poll),
+        };
+        ctx.set_threads(params.n_threads);
+        Ok(ctx)
+    }
+
+    /// Compute the next graphs on `n` threads (on a pool of its own, made
+    /// the first time that count is asked for).
+    pub fn set_threads(&mut self, n: usize) {
+        // SAFETY: `self.ptr` is live and not computing (we hold it
+        // mutably); the pools are dropped after the context is freed.
+        unsafe { self.pools.attach(self.ptr.as_ptr(), n) }
+    }
+
+    /// The threads the next graph computes on.
+    pub fn threads(&self) -> usize {
+        self.pools.active().unwrap_or(1)
     }
 
     pub fn model(&self) -> &Arc<Model> {

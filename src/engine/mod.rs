@@ -27,6 +27,7 @@ pub mod spec;
 pub mod status;
 mod step;
 pub mod text;
+pub mod threads;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -327,6 +328,14 @@ pub struct EngineStats {
     pub spec_accepted: AtomicU64,
     /// Steps that failed (a decode error or a panic) and were survived.
     pub failed_steps: AtomicU64,
+    /// Compute threads decode-only steps use now, and prefill steps.
+    pub decode_threads: AtomicUsize,
+    pub batch_threads: AtomicUsize,
+    /// Decode-only steps' time, in microseconds: a moving average.
+    pub decode_step_us: AtomicU64,
+    /// CPU cores other processes kept busy, in thousandths, at the last
+    /// reading (what the decode thread count follows).
+    pub others_milli_cores: AtomicU64,
     /// False once the engine thread has stopped (shutdown or a fault it
     /// could not survive): `/health` then answers 503.
     pub alive: AtomicBool,
@@ -460,8 +469,9 @@ pub struct EngineConfig {
     pub kv_size: u32,
     /// Prefill chunk size (llama.cpp's n_batch and n_ubatch).
     pub n_batch: u32,
-    /// CPU threads; 0 lets llama.cpp decide.
-    pub n_threads: i32,
+    /// Compute threads for decode and prefill steps, and the pools' poll
+    /// level (zeros: chosen by the engine).
+    pub threads: threads::ThreadSettings,
     /// GPU layers to offload (ignored on a CPU build).
     pub n_gpu_layers: i32,
     /// Fault injection plan, from `HEARTH_FAULT`.

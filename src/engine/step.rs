@@ -171,7 +171,8 @@ impl Worker {
         if wants.is_empty() {
             return;
         }
-        let drafts = drafter.draft(&wants);
+        let threads = (self.threads.for_step(0), self.threads.batch());
+        let drafts = drafter.draft(&wants, threads);
         for (w, draft) in wants.iter().zip(drafts) {
             if let Some(run) = self.slots[w.slot].run.as_mut() {
                 run.draft = draft;
@@ -261,13 +262,22 @@ impl Worker {
             self.hook.arm_failure();
         }
         self.hook.set_step(flags);
+        let decode_rows: usize = parts.iter().filter(|p| p.decode).map(|p| p.rows).sum();
+        let prefill_rows = rows.len() - decode_rows;
+        let threads = self.threads.for_step(prefill_rows);
+        self.ctx.set_threads(threads);
         let t = Instant::now();
         let decoded = catch(|| self.ctx.decode_rows(&rows));
         self.hook.set_step(Vec::new());
         let secs = t.elapsed().as_secs_f64();
-        tracing::trace!(rows = rows.len(), sequences = parts.len(), secs, "step");
-        let decode_rows: usize = parts.iter().filter(|p| p.decode).map(|p| p.rows).sum();
-        let prefill_rows = rows.len() - decode_rows;
+        tracing::trace!(
+            rows = rows.len(),
+            sequences = parts.len(),
+            threads,
+            secs,
+            "step"
+        );
+        self.record_threads(prefill_rows, secs);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.stats
             .step_rows
@@ -445,9 +455,13 @@ impl Worker {
             run.last_log = Instant::now();
             let tps = run.tokens_per_second();
             let batch_rows = self.last_step_rows;
+            let threads = self.threads.decode();
+            let step_ms = self.stats.decode_step_us.load(Ordering::Relaxed) as f64 / 1e3;
+            let others = self.threads.others();
             run.job.span.in_scope(|| {
                 info!(
-                    "decode {} tokens, {tps:.1} t/s (seq {i}, step {batch_rows} rows, drafts accepted {}/{})",
+                    "decode {} tokens, {tps:.1} t/s (seq {i}, step {batch_rows} rows {step_ms:.1} ms on {threads} threads, \
+                     other work {others:.1} cores, drafts accepted {}/{})",
                     run.generated, run.spec.accepted, run.spec.drafted
                 )
             });

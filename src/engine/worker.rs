@@ -27,6 +27,7 @@ use super::llama::{Context, ContextParams, LlamaError, Model};
 use super::schedule::{PrefillCredit, StepCost};
 use super::sequence::{Phase, Running};
 use super::status::{EngineStatus, SlotStatus};
+use super::threads::{cores, ThreadPolicy};
 use super::{Command, EngineConfig, EngineError, EngineStats, Event, Job};
 
 /// How often a sequence's decode line is logged.
@@ -111,6 +112,8 @@ pub(super) struct Worker {
     pub spec: Option<super::spec::SpecConfig>,
     /// The draft model, when drafts come from one instead of prompt lookup.
     pub drafter: Option<Drafter>,
+    /// How many compute threads each step gets.
+    pub threads: ThreadPolicy,
 }
 
 /// Create the context and start the engine thread. Returns what one request
@@ -133,22 +136,15 @@ pub(super) fn spawn(
     } else {
         default_kv_size(n_ctx_req, parallel)
     };
-    // llama.cpp's own default is a fixed 4 threads; one per core is right
-    // for compute-bound CPU inference.
-    let n_threads = if config.n_threads > 0 {
-        config.n_threads
-    } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as i32)
-            .unwrap_or(4)
-    };
+    let threads = ThreadPolicy::new(config.threads, cores());
     let chunk = config.n_batch.max(1);
     // Every decoding sequence needs a row in each step.
     let n_batch = chunk.max(parallel);
     let params = ContextParams {
         n_ctx: kv_size,
         n_batch,
-        n_threads,
+        n_threads: threads.batch(),
+        poll: config.threads.poll,
         n_seq_max: parallel,
     };
     let cb_hook = hook.clone();
@@ -205,6 +201,19 @@ pub(super) fn spawn(
         })
         .collect();
     stats.kv_cells.store(kv_cells, Ordering::Relaxed);
+    stats
+        .decode_threads
+        .store(threads.decode(), Ordering::Relaxed);
+    stats
+        .batch_threads
+        .store(threads.batch(), Ordering::Relaxed);
+    info!(
+        cores = cores(),
+        threads = %describe(config.threads.decode, "from the machine's load"),
+        threads_batch = %describe(config.threads.batch, "from the machine's load"),
+        poll = config.threads.poll,
+        "compute threads"
+    );
     stats.alive.store(true, Ordering::Release);
     let spec = match config.spec {
         Some(_) if model.is_recurrent() => {
@@ -256,6 +265,7 @@ pub(super) fn spawn(
         admitted: 0,
         snapshot_taken: false,
         last_step_rows: 0,
+        threads,
     };
     std::thread::Builder::new()
         .name("hearth-engine".into())
@@ -277,6 +287,14 @@ pub(super) fn spawn(
         })
         .expect("cannot spawn the engine thread");
     Ok(n_ctx_seq as u32)
+}
+
+/// A thread setting for the log: the fixed count, or how it is chosen.
+fn describe(n: u32, auto: &str) -> String {
+    match n {
+        0 => auto.to_string(),
+        n => n.to_string(),
+    }
 }
 
 /// Load the draft model and give it a context like the target's: as many
@@ -369,6 +387,30 @@ impl Worker {
 
     fn has_work(&self) -> bool {
         !self.waiting.is_empty() || self.slots.iter().any(|s| s.run.is_some())
+    }
+
+    /// Publish the thread counts in use and, after a decode-only step, its
+    /// time (a moving average, so one slow step does not hide the trend).
+    pub(super) fn record_threads(&mut self, prefill_rows: usize, secs: f64) {
+        let stats = &self.stats;
+        let decode = self.threads.decode();
+        stats.decode_threads.store(decode, Ordering::Relaxed);
+        stats
+            .batch_threads
+            .store(self.threads.batch(), Ordering::Relaxed);
+        stats
+            .others_milli_cores
+            .store((self.threads.others() * 1e3) as u64, Ordering::Relaxed);
+        if prefill_rows == 0 {
+            let us = secs * 1e6;
+            let old = stats.decode_step_us.load(Ordering::Relaxed) as f64;
+            let avg = if old == 0.0 {
+                us
+            } else {
+                old + 0.1 * (us - old)
+            };
+            stats.decode_step_us.store(avg as u64, Ordering::Relaxed);
+        }
     }
 
     /// Handle one command; false: stop the thread.

@@ -106,7 +106,7 @@ class Hearth:
         env = {**os.environ, "HEARTH_LOG_FORMAT": "json", **self.extra_env}
         args = [self.binary, "serve", "--model", str(MODELS / "gemma-3-270m-q4_k_m.gguf"),
                 "--ctx", "32768", "--port", str(self.port), "--kv-disk-dir", str(self.kv_dir),
-                "--max-tokens", "256", "--heartbeat-secs", "5"]
+                "--max-tokens", str(MAX_OUTPUT), "--heartbeat-secs", "5"]
         started = time.monotonic()
         self.log_file = open(self.log, "ab")
         self.proc = subprocess.Popen(args, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
@@ -181,7 +181,7 @@ class Claude(Agent):
 
     def run(self, prompt: str, first: bool, timeout: float) -> dict:
         env = {**self.env(), "ANTHROPIC_BASE_URL": self.base_url, "ANTHROPIC_AUTH_TOKEN": "hearth",
-               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": "256",
+               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(MAX_OUTPUT),
                "DISABLE_AUTOUPDATER": "1", **EXTRA_AGENT_ENV}
         args = [str(self.bin_dir / "claude"), "-p", prompt, "--output-format", "json"]
         if not first:
@@ -223,6 +223,8 @@ class Codex(Agent):
 
 
 EXTRA_AGENT_ENV: dict = {}
+# The output cap: hearth's --max-tokens and Claude Code's CLAUDE_CODE_MAX_OUTPUT_TOKENS.
+MAX_OUTPUT = 256
 # Codex's own stream idle limit (its default: 300 s); lowered for the seed scenario.
 CODEX_IDLE_MS = 300_000
 
@@ -331,9 +333,13 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds one agent turn may take")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--threads", type=int, default=0, help="hearth's --threads (0: its default)")
+    ap.add_argument("--max-output", type=int, default=256,
+                    help="the output cap (hearth --max-tokens, CLAUDE_CODE_MAX_OUTPUT_TOKENS)")
     ap.add_argument("--install-only", action="store_true", help="install the pinned agents and exit")
     args = ap.parse_args()
 
+    global MAX_OUTPUT, CODEX_IDLE_MS
+    MAX_OUTPUT = args.max_output
     bin_dir = install_agents()
     if args.install_only:
         return 0
@@ -345,7 +351,6 @@ def main() -> int:
         extra_env["HEARTH_FAULT"] = f"prefill_stall:{args.stall}:1"
         EXTRA_AGENT_ENV["CLAUDE_BYTE_STREAM_IDLE_TIMEOUT_MS"] = "10000"
         EXTRA_AGENT_ENV["CLAUDE_ENABLE_BYTE_WATCHDOG"] = "1"
-        global CODEX_IDLE_MS
         CODEX_IDLE_MS = 10_000
     try:
         for name in args.agents.split(","):

@@ -7,6 +7,7 @@
 #   bench/depth.sh --depths 0,1024,4096   other depths (tokens already in the KV)
 #   bench/depth.sh --model PATH           another GGUF model
 #   bench/depth.sh --threads N --reps N   (defaults: nproc, 3)
+#   bench/depth.sh -p 512 -n 128          prompt and generated tokens per test
 #   bench/depth.sh --no-build             use the binaries already built
 #
 # Writes bench/results/depth.csv (a row per engine and depth) and
@@ -34,6 +35,8 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         -m|--model) [[ $# -ge 2 ]] || die "$1 needs a path"; model="$2"; shift 2 ;;
         -d|--depths) [[ $# -ge 2 ]] || die "$1 needs a list"; depths="$2"; shift 2 ;;
+        -p|--n-prompt) [[ $# -ge 2 ]] || die "$1 needs a number"; n_prompt="$2"; shift 2 ;;
+        -n|--n-gen) [[ $# -ge 2 ]] || die "$1 needs a number"; n_gen="$2"; shift 2 ;;
         -t|--threads) [[ $# -ge 2 ]] || die "$1 needs a number"; threads="$2"; shift 2 ;;
         -r|--reps) [[ $# -ge 2 ]] || die "$1 needs a number"; reps="$2"; shift 2 ;;
         --no-build) build=0; shift ;;
@@ -44,6 +47,7 @@ done
 [[ "$depths" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--depths must be numbers separated by commas"
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer"
 [[ "$reps" =~ ^[1-9][0-9]*$ ]] || die "--reps must be a positive integer"
+[[ "$n_prompt" =~ ^[1-9][0-9]*$ && "$n_gen" =~ ^[1-9][0-9]*$ ]] || die "-p and -n must be positive integers"
 [[ -f "$model" ]] || die "model not found: $model (scripts/fetch-models.sh fetches the default)"
 
 hearth="$root/target/release/hearth"

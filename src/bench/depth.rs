@@ -2,8 +2,8 @@
 //! depths, through the engine's own path, as llama-bench `-d` measures
 //! them: `depth` prompt tokens are put in the KV first (not timed), then
 //! the prefill test computes `-p` more tokens after them and the decode
-//! test generates `-n` tokens after them, each taking the depth tokens as
-//! a cached prefix of the live sequence.
+//! test generates `-n` tokens after them (and two prompt tokens), each
+//! taking the depth tokens as a cached prefix of the live sequence.
 
 use std::path::Path;
 
@@ -30,8 +30,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut depths = args.depths.clone();
     depths.sort_unstable();
     depths.dedup();
-    if args.prompt_tokens == 0 || args.gen_tokens < 2 {
-        anyhow::bail!("--depths needs -p of at least 1 and -n of at least 2");
+    if args.prompt_tokens < 2 || args.gen_tokens < 2 {
+        anyhow::bail!("--depths needs -p and -n of at least 2");
     }
     let reps = args.reps.max(1);
     let llama = match &args.llama_bench_json {
@@ -68,10 +68,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let (t, usage) = generate(&engine, &rt, prompt, 1)?;
             check_cached(depth, usage.cached_tokens)?;
             pp.push(args.prompt_tokens as f64 / secs(t.prefill));
-            // The decode test: one new token after the depth, then -n
+            // The decode test: two new tokens after the depth (the engine
+            // recomputes a prompt it holds all but one token of), then -n
             // sampled; the first needs no decode, so n-1 are timed.
             let mut prompt = context;
-            prompt.extend(prompts.next(1));
+            prompt.extend(prompts.next(2));
             let (t, usage) = generate(&engine, &rt, prompt, args.gen_tokens)?;
             check_cached(depth, usage.cached_tokens)?;
             tg.push(args.gen_tokens.saturating_sub(1) as f64 / secs(t.decode));

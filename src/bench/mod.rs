@@ -226,13 +226,7 @@ fn reference(
     n_ctx: u32,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     use crate::engine::llama::{Context, ContextParams};
-    let threads = if args.threads > 0 {
-        args.threads
-    } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as i32)
-            .unwrap_or(4)
-    };
+    let threads = threads(args) as i32;
     let params = ContextParams {
         n_ctx,
         n_batch: args.batch.max(1),

@@ -16,6 +16,9 @@ const COLOURS: [RGBColor; 4] = [
     RGBColor(140, 80, 160),
 ];
 
+/// One test's tokens and mean tokens per second from a row.
+type Pick = fn(&DepthRow) -> (u32, f64);
+
 pub fn draw(path: &Path, title: &str, rows: &[DepthRow]) -> anyhow::Result<()> {
     let fail = |e: String| anyhow::anyhow!("cannot draw {}: {e}", path.display());
     let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
@@ -31,7 +34,7 @@ pub fn draw(path: &Path, title: &str, rows: &[DepthRow]) -> anyhow::Result<()> {
         }
     }
     let max_depth = rows.iter().map(|r| r.depth).max().unwrap_or(0).max(1) as f64;
-    let tests: [(&str, fn(&DepthRow) -> (u32, f64)); 2] = [
+    let tests: [(&str, Pick); 2] = [
         ("prefill", |r| (r.pp_tokens, r.pp.0)),
         ("decode", |r| (r.tg_tokens, r.tg.0)),
     ];

@@ -98,7 +98,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", csv.display()))?;
     }
     if let Some(svg) = &args.svg {
-        let title = format!("{}, {} threads", model.description(), threads(args));
+        let title = format!("{}, threads {}", model.description(), threads(args));
         super::plot::draw(svg, &title, &rows)?;
     }
     Ok(())

@@ -54,8 +54,10 @@ class Pane:
         assert r.returncode == 0, f"tmux {args}: {r.stderr}"
         return r.stdout
 
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p", "-J", "-t", self.name, "-S", "-3000")
+    def screen(self, styles: bool = False) -> str:
+        """The pane's text; with `styles`, its SGR attributes as escapes."""
+        return self.tmux("capture-pane", "-p", "-J", *(["-e"] if styles else []),
+                         "-t", self.name, "-S", "-3000")
 
     def type(self, text: str, enter: bool = True) -> None:
         self.tmux("send-keys", "-t", self.name, "-l", text)
@@ -123,8 +125,10 @@ def tmux_server(tmp_path: Path):
     socket = f"hearth-test-{os.getpid()}-{tmp_path.name}"
     panes: list[Pane] = []
 
-    def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> Pane:
-        full = {"HOME": str(tmp_path), "TERM": "xterm-256color", "NO_COLOR": "1"}
+    def start(name: str, argv: list[str], env: dict[str, str] | None = None, color: bool = False) -> Pane:
+        full = {"HOME": str(tmp_path), "TERM": "xterm-256color"}
+        if not color:
+            full["NO_COLOR"] = "1"
         full.update(env or {})
         p = Pane(socket, name, argv, full)
         panes.append(p)
@@ -216,6 +220,28 @@ def test_prefill_progress_bar_and_multi_line_input(tmux_server, tmp_path: Path):
     assert not re.search(r"prefill \[", pane.screen().split("about?")[-1]), "the bar is cleared"
     p, c, _, text = pane.stats()
     assert p == total, text
+
+
+THINK_TEMPLATE = Path(__file__).resolve().parents[1] / "fixtures" / "templates" / "qwen3_think.jinja"
+
+
+def test_reasoning_is_dimmed_and_kept_out_of_the_answer(tmux_server, tmp_path: Path):
+    # The template opens `<think>`: a short reply is all reasoning.
+    argv = chat_argv(tmp_path / "chat", "--chat-template", str(THINK_TEMPLATE), "--max-tokens", "12")
+    pane = tmux_server("d", argv, color=True)
+    pane.wait_for(r"/help for commands")
+    pane.type("Hi there")
+    pane.wait_idle()
+    styled = pane.screen(styles=True)
+    after = styled[styled.rindex("Hi there"):]
+    m = re.search(r"\x1b\[2m([^\x1b]*\w[^\x1b]*)", after)
+    assert m, f"no dimmed reasoning after the question: {after!r}"
+    # One-shot: the answer alone on stdout, the reasoning on stderr.
+    r = subprocess.run([*argv, "-p", "Hi there"], capture_output=True, text=True,
+                       timeout=REPLY_TIMEOUT_S, env=clean_env(), stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", r.stdout
+    assert m.group(1).strip().split()[0] in r.stderr, (m.group(1), r.stderr)
 
 
 def test_one_shot_prints_the_answer_and_exits(tmp_path: Path):

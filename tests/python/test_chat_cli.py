@@ -27,8 +27,10 @@ REPLY_TIMEOUT_S = 180.0
 
 
 def chat_argv(data_dir: Path, *extra: str) -> list[str]:
+    # One compute thread: on a small machine shared with other work, two
+    # OpenMP threads that wait on each other decode many times slower.
     return [str(HEARTH_BIN), "chat", "--model", str(SMOLLM2), "--data-dir", str(data_dir),
-            "--ctx", "2048", "--temperature", "0", *extra]
+            "--ctx", "2048", "--temperature", "0", "--threads", "1", *extra]
 
 
 def clean_env() -> dict[str, str]:
@@ -154,8 +156,8 @@ def test_stream_stop_keep_cache_save_and_load(tmux_server, tmp_path: Path):
     # Streamed: the reply grows on the screen while it is generated.
     pane.wait_for(re.escape(question) + r"\n.*\S+(\s+\S+){5}")
     first = words_after(pane.screen(), question)
-    deadline = time.monotonic() + 30
-    while words_after(pane.screen(), question) <= first + 5:
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    while words_after(pane.screen(), question) <= first + 3:
         assert time.monotonic() < deadline, pane.screen()[-2000:]
         time.sleep(0.1)
     pane.keys("C-c")
@@ -233,7 +235,7 @@ def test_reasoning_is_dimmed_and_kept_out_of_the_answer(tmux_server, tmp_path: P
     pane.type("Hi there")
     pane.wait_idle()
     styled = pane.screen(styles=True)
-    after = styled[styled.rindex("Hi there"):]
+    after = styled[styled.index("Hi there") + len("Hi there"):]
     m = re.search(r"\x1b\[2m([^\x1b]*\w[^\x1b]*)", after)
     assert m, f"no dimmed reasoning after the question: {after!r}"
     # One-shot: the answer alone on stdout, the reasoning on stderr.

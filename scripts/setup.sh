@@ -8,8 +8,8 @@
 #   --all           fetch every model, not only the default one
 #   --no-build      skip `cargo build --release`
 #
-# Steps: system packages (cmake, clang, libclang-dev, via apt-get when
-# missing), the rustfmt and clippy components (via rustup, for the checks
+# Steps: system packages (cmake, clang, libclang-dev, and tmux for the
+# tests, via apt-get when missing), the rustfmt and clippy components (via rustup, for the checks
 # in scripts/test.sh), .venv with the pinned Python test clients,
 # tests/node packages (npm ci), models (scripts/fetch-models.sh),
 # `cargo build --release`.
@@ -69,6 +69,10 @@ command -v c++ >/dev/null 2>&1 || missing+=(g++)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [[ "$test_deps" == 1 ]] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
+fi
+# tests/python/test_chat_cli.py drives `hearth chat` in a tmux pane.
+if [[ "$test_deps" == 1 ]]; then
+    command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 fi
 if ((${#missing[@]})); then
     command -v apt-get >/dev/null 2>&1 \

@@ -7,23 +7,19 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::engine::threads::{ThreadSettings, DEFAULT_POLL};
+use crate::engine::EngineConfig;
 
 /// `hearth serve` options.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// GGUF model file. Default: the embedded SmolLM2-135M-Instruct fetched
-    /// by scripts/fetch-models.sh.
-    #[arg(short = 'm', long, env = "HEARTH_MODEL")]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Address to bind.
     #[arg(long, env = "HEARTH_HOST", default_value = "127.0.0.1")]
     pub host: String,
     /// Port to bind (0 picks a free one and prints it).
     #[arg(long, env = "HEARTH_PORT", default_value_t = 8000)]
     pub port: u16,
-    /// Context size in tokens (0: the model's trained length).
-    #[arg(long, env = "HEARTH_CTX", default_value_t = 0)]
-    pub ctx: u32,
     /// Sequences decoded together in one batch: requests served at once
     /// (more wait in the queue).
     #[arg(long, env = "HEARTH_PARALLEL", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -55,14 +51,6 @@ pub struct ServeArgs {
     /// Most tokens drafted per step.
     #[arg(long, env = "HEARTH_DRAFT_MAX", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub draft_max: u32,
-    #[command(flatten)]
-    pub threads: ThreadArgs,
-    /// Prefill chunk size in tokens.
-    #[arg(long, env = "HEARTH_BATCH", default_value_t = 512)]
-    pub batch: u32,
-    /// Layers to offload to the GPU on GPU builds.
-    #[arg(long, env = "HEARTH_GPU_LAYERS", default_value_t = 999)]
-    pub gpu_layers: i32,
     /// Write a heartbeat on a stream after this many seconds of silence
     /// (fractions allowed, at least 0.2).
     #[arg(long, env = "HEARTH_HEARTBEAT_SECS", default_value_t = 5.0, value_parser = parse_heartbeat)]
@@ -70,20 +58,6 @@ pub struct ServeArgs {
     /// The model id `/v1/models` reports (default: the GGUF file name).
     #[arg(long, env = "HEARTH_MODEL_ALIAS")]
     pub model_alias: Option<String>,
-    /// A Jinja chat template file that replaces the GGUF's own.
-    #[arg(long, env = "HEARTH_CHAT_TEMPLATE")]
-    pub chat_template: Option<PathBuf>,
-
-    // --- KV cache ---
-    /// RAM budget for KV snapshots of recent sequences, in MiB (0: none).
-    #[arg(long, env = "HEARTH_CACHE_RAM_MB", default_value_t = 1024)]
-    pub cache_ram_mb: u64,
-    /// Directory for KV snapshots that survive restarts (off when unset).
-    #[arg(long, env = "HEARTH_KV_DISK_DIR")]
-    pub kv_disk_dir: Option<PathBuf>,
-    /// Disk budget for KV snapshots, in MiB.
-    #[arg(long, env = "HEARTH_KV_DISK_SPACE_MB", default_value_t = 8192)]
-    pub kv_disk_space_mb: u64,
     /// Keep Claude Code's volatile `x-anthropic-billing-header` system line
     /// (by default it is dropped so the prompt prefix stays cacheable).
     #[arg(long, env = "HEARTH_KEEP_BILLING_HEADER", default_value_t = false)]
@@ -130,6 +104,60 @@ pub struct ServeArgs {
     /// Log line format on stderr.
     #[arg(long, env = "HEARTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// What `hearth serve` and `hearth chat` both run on: the model, the
+/// context and the KV cache stores.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// GGUF model file. Default: the embedded SmolLM2-135M-Instruct fetched
+    /// by scripts/fetch-models.sh.
+    #[arg(short = 'm', long, env = "HEARTH_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Context size in tokens (0: the model's trained length).
+    #[arg(long, env = "HEARTH_CTX", default_value_t = 0)]
+    pub ctx: u32,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
+    /// Prefill chunk size in tokens.
+    #[arg(long, env = "HEARTH_BATCH", default_value_t = 512)]
+    pub batch: u32,
+    /// Layers to offload to the GPU on GPU builds.
+    #[arg(long, env = "HEARTH_GPU_LAYERS", default_value_t = 999)]
+    pub gpu_layers: i32,
+    /// A Jinja chat template file that replaces the GGUF's own.
+    #[arg(long, env = "HEARTH_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
+    /// RAM budget for KV snapshots of recent sequences, in MiB (0: none).
+    #[arg(long, env = "HEARTH_CACHE_RAM_MB", default_value_t = 1024)]
+    pub cache_ram_mb: u64,
+    /// Directory for KV snapshots that survive restarts (off when unset).
+    #[arg(long, env = "HEARTH_KV_DISK_DIR")]
+    pub kv_disk_dir: Option<PathBuf>,
+    /// Disk budget for KV snapshots, in MiB.
+    #[arg(long, env = "HEARTH_KV_DISK_SPACE_MB", default_value_t = 8192)]
+    pub kv_disk_space_mb: u64,
+}
+
+impl EngineArgs {
+    /// The engine's settings for `parallel` sequences; speculation, the KV
+    /// size and fault injection are left for the caller to set.
+    pub fn engine_config(&self, parallel: u32) -> EngineConfig {
+        EngineConfig {
+            n_ctx: self.ctx,
+            n_parallel: parallel,
+            spec: None,
+            draft_model: None,
+            kv_size: 0,
+            n_batch: self.batch.max(1),
+            threads: self.threads.settings(),
+            n_gpu_layers: self.gpu_layers,
+            fault: None,
+            cache_ram_bytes: (self.cache_ram_mb as usize) << 20,
+            kv_disk_dir: self.kv_disk_dir.clone(),
+            kv_disk_bytes: self.kv_disk_space_mb << 20,
+        }
+    }
 }
 
 /// How log lines are written.
@@ -230,11 +258,17 @@ pub fn default_model_path() -> PathBuf {
 }
 
 pub fn models_dir() -> PathBuf {
+    hearth_home().join("models")
+}
+
+/// `$HEARTH_HOME`, default `~/.cache/hearth`: models, and `hearth chat`'s
+/// history, saved conversations and KV snapshots.
+pub fn hearth_home() -> PathBuf {
     if let Some(home) = std::env::var_os("HEARTH_HOME") {
-        return PathBuf::from(home).join("models");
+        return PathBuf::from(home);
     }
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("hearth").join("models")
+    home.join(".cache").join("hearth")
 }

@@ -8,10 +8,12 @@
 pub mod api;
 pub mod bench;
 pub mod chat;
+pub mod cli_chat;
 pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod observe;
 pub mod server;
+pub mod setup;
 pub mod shutdown;
 pub mod trace;

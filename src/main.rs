@@ -7,20 +7,13 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing::info;
 
-use hearth::chat::prompt::SpecialTexts;
-use hearth::chat::replay::ReplayStore;
-use hearth::chat::template::ChatTemplate;
-use hearth::chat::tools::ToolFormat;
-
-/// Tool-call ids whose reply text is kept for exact replay.
-const REPLAY_ENTRIES: usize = 4096;
 use hearth::api::auth::ApiKeys;
 use hearth::api::guard::Admission;
-use hearth::config::{default_model_path, LogFormat, ServeArgs};
+use hearth::config::{LogFormat, ServeArgs};
 use hearth::engine::fault::FaultPlan;
-use hearth::engine::{self, EngineConfig, Model};
+use hearth::engine::{self, EngineConfig};
 use hearth::metrics::Metrics;
-use hearth::server::{self, AppState, Limits, ServiceState};
+use hearth::server::{self, Limits, ServiceState};
 use hearth::shutdown::Shutdown;
 use hearth::trace::TraceLog;
 
@@ -45,6 +38,9 @@ enum Command {
     Bench(hearth::bench::BenchArgs),
     /// Inspect or clear the disk KV cache.
     Cache(hearth::engine::cache::cli::CacheArgs),
+    /// Chat with the model in the terminal, in-process or with a running
+    /// server (--url); -p answers one question and exits.
+    Chat(hearth::cli_chat::ChatArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,19 +49,26 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => args.log_format,
         _ => LogFormat::Text,
     };
-    init_tracing(log_format);
+    // The chat's screen is for the conversation: only warnings by default
+    // (llama.cpp reports every stopped reply as a failed compute).
+    let default_filter = match &cli.command {
+        Command::Chat(_) => "warn,llama.cpp=off",
+        _ => "info,llama.cpp=warn",
+    };
+    init_tracing(log_format, default_filter);
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => hearth::bench::run(args),
         Command::Cache(args) => hearth::engine::cache::cli::run(args),
+        Command::Chat(args) => hearth::cli_chat::run(args),
     }
 }
 
 /// Logs go to stderr, as text for people or JSON lines for collectors;
 /// `HEARTH_LOG` takes a tracing filter.
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HEARTH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,llama.cpp=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -104,37 +107,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics: Arc::new(Metrics::new()),
         trace,
     };
-    let model_path = args.model.clone().unwrap_or_else(default_model_path);
-    info!(path = %model_path.display(), "loading model");
-    let model = Model::load(&model_path, args.gpu_layers).with_context(|| {
-        if args.model.is_none() {
-            "the default model is missing: run scripts/serve.sh (it fetches it) or pass --model PATH".to_string()
-        } else {
-            "cannot load the model".to_string()
-        }
-    })?;
-    let template = match &args.chat_template {
-        Some(file) => {
-            let src = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            ChatTemplate::new(&src, &model.bos_text(), &model.eos_text())?
-        }
-        None => match model.chat_template() {
-            Some(src) => ChatTemplate::new(&src, &model.bos_text(), &model.eos_text())?,
-            None => {
-                info!("the model has no chat template: using the plain-text fallback");
-                ChatTemplate::fallback(&model.bos_text(), &model.eos_text())
-            }
-        },
-    };
+    let loaded = hearth::setup::load(&args.engine)?;
+    let model = loaded.model.clone();
     let model_id = args
         .model_alias
         .clone()
-        .unwrap_or_else(|| default_alias(&model, &model_path));
-    let fingerprint = format!("hearth-{}", env!("CARGO_PKG_VERSION"));
+        .unwrap_or_else(|| loaded.default_alias());
     let config = EngineConfig {
-        n_ctx: args.ctx,
-        n_parallel: args.parallel,
         spec: ((args.spec || args.draft_model.is_some()) && !args.no_spec).then(|| {
             hearth::engine::spec::SpecConfig {
                 draft_max: args.draft_max as usize,
@@ -144,49 +123,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
         draft_model: args.draft_model.clone(),
         kv_size: args.kv_size,
-        n_batch: args.batch.max(1),
-        threads: args.threads.settings(),
-        n_gpu_layers: args.gpu_layers,
         fault,
-        cache_ram_bytes: (args.cache_ram_mb as usize) << 20,
-        kv_disk_dir: args.kv_disk_dir.clone(),
-        kv_disk_bytes: args.kv_disk_space_mb << 20,
+        ..args.engine.engine_config(args.parallel)
     };
     let handle = engine::start(model.clone(), config)?;
     info!(
         model = %model.description(),
         n_ctx = handle.n_ctx(),
         n_ctx_train = model.n_ctx_train(),
-        batch = args.batch,
+        batch = args.engine.batch,
         parallel = args.parallel,
         heartbeat_secs = args.heartbeat_secs,
         "engine ready"
     );
-    let name = format!(
-        "{} {}",
-        model.meta("general.name").unwrap_or_default(),
-        model_path.display()
-    );
-    let tool_format =
-        ToolFormat::detect((!template.is_fallback()).then(|| template.source()), &name);
-    info!(tool_format = ?tool_format, "tool calls");
-    let state = Arc::new(AppState {
-        engine: handle,
-        template,
-        tool_format,
-        specials: SpecialTexts::new(model.control_token_texts()),
-        replay: ReplayStore::new(REPLAY_ENTRIES),
-        responses: hearth::api::responses::ResponseStore::new(
-            hearth::api::responses::STORED_RESPONSES,
-            hearth::api::responses::STORED_BYTES,
-        ),
+    let state = Arc::new(loaded.into_state(
+        handle,
         model_id,
-        heartbeat: args.heartbeat(),
-        started_at: hearth::api::unix_now(),
-        fingerprint,
-        keep_billing_header: args.keep_billing_header,
+        args.heartbeat(),
+        args.keep_billing_header,
         service,
-    });
+    ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("hearth-http")
@@ -241,16 +197,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn is_loopback(addr: &std::net::SocketAddr) -> bool {
     addr.ip().is_loopback()
-}
-
-/// The GGUF's file name without `.gguf` (`general.name` is often a
-/// training-run label, not a name users recognise).
-fn default_alias(model: &Model, path: &std::path::Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .filter(|s| !s.is_empty())
-        .or_else(|| model.meta("general.name"))
-        .unwrap_or_else(|| "model".into())
 }
 
 /// SIGINT and SIGTERM, as a stream. Installed once, so a second signal

@@ -268,6 +268,9 @@ impl Drop for CancelOnDrop {
 /// What the engine thread is asked to do, in order.
 pub(crate) enum Command {
     Run(Box<Job>),
+    /// Write every sequence to the disk store now, whatever its length;
+    /// answered with the tokens written once they are on disk.
+    Persist(tokio::sync::oneshot::Sender<usize>),
     /// Save what the KV cache keeps across restarts, then stop taking work.
     /// Answered when done.
     Shutdown(tokio::sync::oneshot::Sender<()>),
@@ -438,6 +441,18 @@ impl EngineHandle {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default()
+    }
+
+    /// Write every sequence the KV holds to the disk store (`--kv-disk-dir`)
+    /// now, even a short one, and wait until it is on disk. Returns the
+    /// tokens written (0 without a disk store, or when the disk already
+    /// held them). Handled between two steps.
+    pub async fn persist(&self) -> usize {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.jobs.send(Command::Persist(tx)).is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
     }
 
     /// Ask the engine to save its KV state for the next start and stop.

@@ -426,6 +426,10 @@ impl Worker {
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 true
             }
+            Command::Persist(done) => {
+                let _ = done.send(self.persist());
+                true
+            }
             Command::Shutdown(done) => {
                 self.shutdown();
                 let _ = done.send(());
@@ -456,6 +460,28 @@ impl Worker {
             disk.save_and_flush(None);
         }
         self.publish();
+    }
+
+    /// Write every sequence that the disk holds less of, whatever its
+    /// length, and wait until it is written: asked for explicitly (a saved
+    /// conversation), so even a short one comes back without a prefill.
+    /// Returns the tokens written.
+    fn persist(&mut self) -> usize {
+        let Some(disk) = &self.kv.disk else {
+            return 0;
+        };
+        let mut written = 0;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let n = slot.seq.len();
+            if n > slot.disk_saved_len {
+                let state = Arc::new(self.ctx.seq_state_get(i as i32));
+                disk.save_and_flush(Some((slot.seq.clone(), state)));
+                slot.disk_saved_len = n;
+                written += n;
+            }
+        }
+        info!(tokens = written, "KV sequences written to disk on request");
+        written
     }
 
     /// End every job the engine holds with `err`.

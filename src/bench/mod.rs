@@ -1,7 +1,11 @@
 //! `hearth bench`: prefill and decode speed through the engine's own code
 //! path (the same worker, chunking, sampler and event channel that serve
 //! requests), reported in llama-bench's terms (`pp512`, `tg128`) so the two
-//! can be read side by side.
+//! can be read side by side. With `--depths`, [`depth`] measures both at
+//! growing context depths instead, and [`plot`] draws them.
+
+mod depth;
+mod plot;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -11,7 +15,9 @@ use clap::Args;
 
 use crate::config::{default_model_path, ThreadArgs};
 use crate::engine::threads::cores;
-use crate::engine::{self, EngineConfig, Event, GenerateRequest, Model, SamplingParams, Timings};
+use crate::engine::{
+    self, EngineConfig, EngineHandle, Event, GenerateRequest, Model, SamplingParams, Timings, Usage,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -38,6 +44,21 @@ pub struct BenchArgs {
     /// Print one JSON object per test instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Measure prefill and decode at these context depths instead: each
+    /// test runs with this many prompt tokens already in the KV
+    /// (llama-bench `-d`), e.g. `0,2048,8192`.
+    #[arg(long, value_delimiter = ',')]
+    pub depths: Vec<u32>,
+    /// With --depths: write the figures as CSV, a row per engine and depth.
+    #[arg(long, requires = "depths")]
+    pub csv: Option<PathBuf>,
+    /// With --depths: plot prefill and decode tokens/s against depth (SVG).
+    #[arg(long, requires = "depths")]
+    pub svg: Option<PathBuf>,
+    /// With --depths: llama-bench's JSON output (`-o json -d ...`), shown
+    /// in the table, the CSV and the plot beside hearth's figures.
+    #[arg(long, requires = "depths")]
+    pub llama_bench_json: Option<PathBuf>,
 }
 
 /// Mean and sample standard deviation.
@@ -53,70 +74,30 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !args.depths.is_empty() {
+        return depth::run(&args);
+    }
     let path = args.model.clone().unwrap_or_else(default_model_path);
     let model = Model::load(&path, 999)?;
     let n_ctx = (args.prompt_tokens + args.gen_tokens + 16).max(512);
-    let config = EngineConfig {
-        n_ctx,
-        n_parallel: 1,
-        spec: None,
-        draft_model: None,
-        kv_size: 0,
-        n_batch: args.batch,
-        threads: args.threads.settings(),
-        n_gpu_layers: 999,
-        fault: None,
-        cache_ram_bytes: 0,
-        kv_disk_dir: None,
-        kv_disk_bytes: 0,
-    };
-    let engine = engine::start(model.clone(), config)?;
+    let engine = start_engine(&model, &args, n_ctx)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let n_vocab = model.n_vocab().max(2);
-    // Token ids that no earlier run started with, so no KV prefix is reused.
-    let mut salt = 0i32;
-    let mut prompt = |len: u32| -> Vec<i32> {
-        salt += 1;
-        (0..len as i32)
-            .map(|i| (salt * 7919 + i * 31) % (n_vocab - 1) + 1)
-            .collect()
-    };
-    let once = |prompt: Vec<i32>, gen: u32| -> anyhow::Result<Timings> {
-        let mut req = GenerateRequest::new(
-            prompt,
-            SamplingParams {
-                temperature: 0.0,
-                ..Default::default()
-            },
-            gen,
-        );
-        req.ignore_eos = true;
-        let mut job = engine.submit(req);
-        rt.block_on(async {
-            while let Some(ev) = job.events.recv().await {
-                match ev {
-                    Event::Finished { timings, .. } => return Ok(timings),
-                    Event::Failed(e) => return Err(anyhow::anyhow!(e)),
-                    _ => {}
-                }
-            }
-            Err(anyhow::anyhow!("engine stopped"))
-        })
-    };
+    let mut prompts = Prompts::new(&model);
+    let once = |prompt: Vec<i32>, gen: u32| generate(&engine, &rt, prompt, gen).map(|(t, _)| t);
     // Warm-up, as llama-bench does: first touches of the weights are slow.
-    once(prompt(args.prompt_tokens.min(64)), 4)?;
+    once(prompts.next(args.prompt_tokens.min(64)), 4)?;
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     for _ in 0..args.reps {
         // Prefill test: the whole prompt, one token generated (its time is
         // not counted).
-        let t = once(prompt(args.prompt_tokens), 1)?;
+        let t = once(prompts.next(args.prompt_tokens), 1)?;
         pp.push(args.prompt_tokens as f64 / secs(t.prefill));
         // Decode test: a one-token prompt, then gen_tokens sampled. The
         // first sampled token needs no decode, so n-1 decodes are timed.
-        let t = once(prompt(1), args.gen_tokens)?;
+        let t = once(prompts.next(1), args.gen_tokens)?;
         tg.push((args.gen_tokens.saturating_sub(1)) as f64 / secs(t.decode));
     }
     // The threads the engine ended on (decode's follow the machine's load).
@@ -172,6 +153,83 @@ fn reference_threads(args: &BenchArgs) -> usize {
         0 => cores(),
         n => n as usize,
     }
+}
+
+/// One sequence, no snapshot stores: every test sees only what it put in
+/// the KV itself.
+fn start_engine(
+    model: &std::sync::Arc<Model>,
+    args: &BenchArgs,
+    n_ctx: u32,
+) -> anyhow::Result<EngineHandle> {
+    let config = EngineConfig {
+        n_ctx,
+        n_parallel: 1,
+        spec: None,
+        draft_model: None,
+        kv_size: 0,
+        n_batch: args.batch,
+        threads: args.threads.settings(),
+        n_gpu_layers: 999,
+        fault: None,
+        cache_ram_bytes: 0,
+        kv_disk_dir: None,
+        kv_disk_bytes: 0,
+    };
+    Ok(engine::start(model.clone(), config)?)
+}
+
+/// Token ids that no earlier prompt of the run started with, so no KV
+/// prefix is reused by accident.
+struct Prompts {
+    n_vocab: i32,
+    salt: i32,
+}
+
+impl Prompts {
+    fn new(model: &Model) -> Self {
+        Self {
+            n_vocab: model.n_vocab().max(2),
+            salt: 0,
+        }
+    }
+
+    fn next(&mut self, len: u32) -> Vec<i32> {
+        self.salt += 1;
+        let salt = self.salt;
+        (0..len as i32)
+            .map(|i| (salt * 7919 + i * 31) % (self.n_vocab - 1) + 1)
+            .collect()
+    }
+}
+
+/// Run one greedy job to the end, past end-of-turn tokens.
+fn generate(
+    engine: &EngineHandle,
+    rt: &tokio::runtime::Runtime,
+    prompt: Vec<i32>,
+    gen: u32,
+) -> anyhow::Result<(Timings, Usage)> {
+    let mut req = GenerateRequest::new(
+        prompt,
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        gen,
+    );
+    req.ignore_eos = true;
+    let mut job = engine.submit(req);
+    rt.block_on(async {
+        while let Some(ev) = job.events.recv().await {
+            match ev {
+                Event::Finished { timings, usage, .. } => return Ok((timings, usage)),
+                Event::Failed(e) => return Err(anyhow::anyhow!(e)),
+                _ => {}
+            }
+        }
+        Err(anyhow::anyhow!("engine stopped"))
+    })
 }
 
 /// The reference: llama.cpp driven directly through the same crate, with

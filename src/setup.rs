@@ -1,0 +1,115 @@
+//! What `hearth serve` and `hearth chat` both start from: the model, its
+//! chat template and tool-call markup, the engine over them, and the
+//! state the prompt pipeline reads ([`AppState`]). One path, so the chat
+//! renders prompts exactly as the server does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tracing::info;
+
+use crate::chat::prompt::SpecialTexts;
+use crate::chat::replay::ReplayStore;
+use crate::chat::template::ChatTemplate;
+use crate::chat::tools::ToolFormat;
+use crate::config::{default_model_path, EngineArgs};
+use crate::engine::{EngineHandle, Model};
+use crate::server::{AppState, ServiceState};
+
+/// Tool-call ids whose reply text is kept for exact replay.
+const REPLAY_ENTRIES: usize = 4096;
+
+/// A loaded model and how to talk to it.
+pub struct Loaded {
+    pub model: Arc<Model>,
+    pub path: PathBuf,
+    pub template: ChatTemplate,
+    pub tool_format: ToolFormat,
+}
+
+/// Load the model named by `args` (or the default one) and its template.
+pub fn load(args: &EngineArgs) -> anyhow::Result<Loaded> {
+    let path = args.model.clone().unwrap_or_else(default_model_path);
+    info!(path = %path.display(), "loading model");
+    let model = Model::load(&path, args.gpu_layers).with_context(|| {
+        if args.model.is_none() {
+            "the default model is missing: run scripts/serve.sh (it fetches it) or pass --model PATH".to_string()
+        } else {
+            "cannot load the model".to_string()
+        }
+    })?;
+    let template = match &args.chat_template {
+        Some(file) => {
+            let src = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            ChatTemplate::new(&src, &model.bos_text(), &model.eos_text())?
+        }
+        None => match model.chat_template() {
+            Some(src) => ChatTemplate::new(&src, &model.bos_text(), &model.eos_text())?,
+            None => {
+                info!("the model has no chat template: using the plain-text fallback");
+                ChatTemplate::fallback(&model.bos_text(), &model.eos_text())
+            }
+        },
+    };
+    let name = format!(
+        "{} {}",
+        model.meta("general.name").unwrap_or_default(),
+        path.display()
+    );
+    let tool_format =
+        ToolFormat::detect((!template.is_fallback()).then(|| template.source()), &name);
+    info!(tool_format = ?tool_format, "tool calls");
+    Ok(Loaded {
+        model,
+        path,
+        template,
+        tool_format,
+    })
+}
+
+impl Loaded {
+    /// The GGUF's file name without `.gguf` (`general.name` is often a
+    /// training-run label, not a name users recognise).
+    pub fn default_alias(&self) -> String {
+        default_alias(&self.model, &self.path)
+    }
+
+    /// The shared state over a started engine.
+    pub fn into_state(
+        self,
+        engine: EngineHandle,
+        model_id: String,
+        heartbeat: Duration,
+        keep_billing_header: bool,
+        service: ServiceState,
+    ) -> AppState {
+        AppState {
+            engine,
+            template: self.template,
+            tool_format: self.tool_format,
+            specials: SpecialTexts::new(self.model.control_token_texts()),
+            replay: ReplayStore::new(REPLAY_ENTRIES),
+            responses: crate::api::responses::ResponseStore::new(
+                crate::api::responses::STORED_RESPONSES,
+                crate::api::responses::STORED_BYTES,
+            ),
+            model_id,
+            heartbeat,
+            started_at: crate::api::unix_now(),
+            fingerprint: format!("hearth-{}", env!("CARGO_PKG_VERSION")),
+            keep_billing_header,
+            service,
+        }
+    }
+}
+
+fn default_alias(model: &Model, path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| model.meta("general.name"))
+        .unwrap_or_else(|| "model".into())
+}

@@ -8,8 +8,8 @@
 #   --all           fetch every model, not only the default one
 #   --no-build      skip `cargo build --release`
 #
-# Steps: system packages (cmake, clang, libclang-dev, via apt-get when
-# missing), the rustfmt and clippy components (via rustup, for the checks
+# Steps: system packages (cmake, clang, libclang-dev, and chromium for the
+# browser test, via apt-get when missing), the rustfmt and clippy components (via rustup, for the checks
 # in scripts/test.sh), .venv with the pinned Python test clients,
 # tests/node packages (npm ci), models (scripts/fetch-models.sh),
 # `cargo build --release`.
@@ -70,6 +70,11 @@ python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [[ "$test_deps" == 1 ]] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing+=(python3-venv)
 fi
+# The status page's browser test drives Debian's Chromium (never a
+# downloaded browser).
+if [[ "$test_deps" == 1 ]] && [[ ! -x /usr/bin/chromium ]]; then
+    missing+=(chromium)
+fi
 if ((${#missing[@]})); then
     command -v apt-get >/dev/null 2>&1 \
         || die "missing ${missing[*]} and no apt-get here: install them by hand"
@@ -78,7 +83,7 @@ if ((${#missing[@]})); then
     quietly as_root apt-get update
     quietly as_root apt-get install -y --no-install-recommends "${missing[@]}"
 else
-    say "system packages ok (cmake, clang, libclang-dev)"
+    say "system packages ok (cmake, clang, libclang-dev$([[ "$test_deps" == 1 ]] && echo ", chromium"))"
 fi
 
 # --- rustfmt and clippy -----------------------------------------------------------

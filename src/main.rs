@@ -103,6 +103,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         metrics: Arc::new(Metrics::new()),
         trace,
+        activity: (!args.no_ui).then(|| Arc::new(hearth::ui::activity::Activity::new())),
     };
     let model_path = args.model.clone().unwrap_or_else(default_model_path);
     info!(path = %model_path.display(), "loading model");

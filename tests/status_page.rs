@@ -254,3 +254,31 @@ fn the_snapshot_lists_the_kv_stores() {
     }
     assert_eq!(snap["recent"].as_array().unwrap().len(), 3, "{snap}");
 }
+
+#[test]
+fn an_open_page_does_not_hold_a_shutdown_up() {
+    let mut srv = Server::start(&["--shutdown-grace-secs", "30"], &[]);
+    let mut sock = connect(srv.addr);
+    let head = format!("GET /ui/events HTTP/1.1\r\nhost: {}\r\n\r\n", srv.addr);
+    sock.write_all(head.as_bytes()).unwrap();
+    let mut buf = [0u8; 65536];
+    let n = sock.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+    let asked = Instant::now();
+    srv.signal("TERM");
+    let status = srv.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "exit took {:?}",
+        asked.elapsed()
+    );
+    // The stream ended rather than being cut: its last chunk came.
+    let mut rest = Vec::new();
+    let _ = sock.read_to_end(&mut rest);
+    assert!(
+        String::from_utf8_lossy(&rest).ends_with("0\r\n\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}

@@ -251,6 +251,7 @@ impl CancelFlag {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::Acquire)
     }
+
     /// Whether both are the same job's flag.
     pub fn same(&self, other: &CancelFlag) -> bool {
         Arc::ptr_eq(&self.0, &other.0)

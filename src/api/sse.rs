@@ -437,6 +437,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stream_of_several_choices_stamps_each_once_it_started() {
+        let (tx, job, _) = job();
+        let activity = Arc::new(Activity::new());
+        // A choice submitted on its own flag, as `chain.rs` does.
+        let choice = activity.begin("chat_completions", &CancelFlag::default());
+        choice.update(|p| p.engine_job = Some(3));
+        let opts = StreamOptions {
+            activity: Some(activity.clone()),
+            ..StreamOptions::new(Duration::from_secs(60), Protocol::OpenAI)
+        };
+        let mut body = stream_job(job, Echo, opts).into_body().into_data_stream();
+        assert_eq!(body.next().await.unwrap().unwrap(), "data: open\n\n");
+        assert!(!choice.is_streaming());
+        tx.send(Event::Started {
+            job: 3,
+            prompt_tokens: 4,
+            cached: 0,
+            source: crate::engine::PrefixSource::None,
+        })
+        .unwrap();
+        tx.send(Event::Text("t".into())).unwrap();
+        assert_eq!(body.next().await.unwrap().unwrap(), "data: t\n\n");
+        assert!(choice.is_streaming());
+        let since = choice.since_last_write(std::time::Instant::now()).unwrap();
+        assert!(since < Duration::from_millis(20), "{since:?}");
+    }
+
+    #[tokio::test]
     async fn a_shutdown_ends_the_stream_with_the_protocols_error_event() {
         for (protocol, expected) in [
             (Protocol::OpenAI, vec!["data: {\"error\":", "data: [DONE]"]),

@@ -8,8 +8,8 @@
 #   --all           fetch every model, not only the default one
 #   --no-build      skip `cargo build --release`
 #
-# Steps: system packages (cmake, clang, libclang-dev, and tmux for the
-# tests, via apt-get when missing), the rustfmt and clippy components (via rustup, for the checks
+# Steps: system packages (cmake, clang, libclang-dev, and tmux and chromium
+# for the tests, via apt-get when missing), the rustfmt and clippy components (via rustup, for the checks
 # in scripts/test.sh), .venv with the pinned Python test clients,
 # tests/node packages (npm ci), models (scripts/fetch-models.sh),
 # `cargo build --release`.
@@ -74,6 +74,11 @@ fi
 if [[ "$test_deps" == 1 ]]; then
     command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 fi
+# The status page's browser test drives Debian's Chromium (never a
+# downloaded browser).
+if [[ "$test_deps" == 1 ]] && [[ ! -x /usr/bin/chromium ]]; then
+    missing+=(chromium)
+fi
 if ((${#missing[@]})); then
     command -v apt-get >/dev/null 2>&1 \
         || die "missing ${missing[*]} and no apt-get here: install them by hand"
@@ -82,7 +87,7 @@ if ((${#missing[@]})); then
     quietly as_root apt-get update
     quietly as_root apt-get install -y --no-install-recommends "${missing[@]}"
 else
-    say "system packages ok (cmake, clang, libclang-dev)"
+    say "system packages ok (cmake, clang, libclang-dev$([[ "$test_deps" == 1 ]] && echo ", tmux, chromium"))"
 fi
 
 # --- rustfmt and clippy -----------------------------------------------------------

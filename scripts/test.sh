@@ -8,7 +8,8 @@
 # 2. cargo fmt --check and cargo clippy --release --all-targets -- -D warnings
 # 3. cargo test --release     (unit tests and Rust integration tests)
 # 4. .venv/bin/pytest -q tests/python   (official OpenAI and Anthropic SDKs)
-# 5. node --test tests/node   (undici with strict idle timeouts: the stall scenarios)
+# 5. node --test tests/node   (undici with strict idle timeouts: the stall scenarios;
+#                              the status page in headless Chromium)
 #
 # Every suite runs even when an earlier one fails; the exit status is non-zero
 # when any of them failed. Each suite has a wall-clock limit, so a hung server

@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// they are ended with an error event.
     #[arg(long, env = "HEARTH_SHUTDOWN_GRACE_SECS", default_value_t = 10.0, value_parser = parse_grace)]
     pub shutdown_grace_secs: f64,
+    /// Turn the status page (`GET /` and its live stream) off: `/` is then
+    /// a 404.
+    #[arg(long, env = "HEARTH_NO_UI", default_value_t = false)]
+    pub no_ui: bool,
     /// Append one JSON line per request to this file: the raw request, the
     /// rendered prompt, the cache decision and the generated text.
     #[arg(long, env = "HEARTH_TRACE")]

@@ -3,7 +3,7 @@
 //! The crate is split along the one seam that matters: `engine` owns
 //! llama.cpp on a dedicated OS thread and speaks only through channels;
 //! `api` speaks HTTP and the wire protocols; `chat` turns requests into
-//! prompt text. See ARCHITECTURE.md for the map.
+//! prompt text; `ui` is the status page. See ARCHITECTURE.md for the map.
 
 pub mod api;
 pub mod bench;
@@ -17,3 +17,4 @@ pub mod server;
 pub mod setup;
 pub mod shutdown;
 pub mod trace;
+pub mod ui;

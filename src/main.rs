@@ -106,6 +106,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         metrics: Arc::new(Metrics::new()),
         trace,
+        activity: (!args.no_ui).then(|| Arc::new(hearth::ui::activity::Activity::new())),
     };
     let loaded = hearth::setup::load(&args.engine)?;
     let model = loaded.model.clone();

@@ -1,5 +1,5 @@
-//! Watching a job between the engine and its response, for metrics and the
-//! trace.
+//! Watching a job between the engine and its response, for metrics, the
+//! trace and the status page.
 //!
 //! Every submitted job's events pass through one small task that records
 //! what the metrics and the trace need (the cache decision, time to first
@@ -21,6 +21,7 @@ use crate::engine::{Event, FinishReason, JobHandle, PrefixSource};
 use crate::metrics::{Metrics, Outcome};
 use crate::shutdown::Shutdown;
 use crate::trace::{raw_body, TraceLog};
+use crate::ui::activity::{Activity, Ending};
 
 /// What the watcher needs besides the job.
 pub struct Watch {
@@ -30,6 +31,8 @@ pub struct Watch {
     pub shutdown: Shutdown,
     /// Set when tracing: the trace file, the raw body, the rendered prompt.
     pub trace: Option<(Arc<TraceLog>, bytes::Bytes, Option<String>)>,
+    /// Set when the status page is on: where the job's progress is shown.
+    pub activity: Option<Arc<Activity>>,
 }
 
 /// Forward `job`'s events through a watcher task; returns the handle the
@@ -37,6 +40,8 @@ pub struct Watch {
 pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
     let JobHandle { mut events, cancel } = job;
     let (tx, rx) = mpsc::unbounded_channel();
+    // Registered before the handler can open its stream, which looks it up.
+    let live = w.activity.as_ref().map(|a| a.begin(w.route, &cancel));
     tokio::spawn(async move {
         let queued = Instant::now();
         let mut text = w.trace.as_ref().map(|_| String::new());
@@ -44,6 +49,7 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
         let mut first_token = false;
         let mut end: Option<Value> = None;
         let mut done = None;
+        let mut finish = None;
         let outcome = loop {
             let event = tokio::select! {
                 biased;
@@ -58,15 +64,27 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
                     prompt_tokens,
                     cached,
                     source,
+                    ..
                 } => {
                     w.metrics.started(*cached, *source);
                     cache = Some((*prompt_tokens, *cached, *source));
+                    if let (Some(live), Event::Started { job, .. }) = (&live, &event) {
+                        live.update(|p| {
+                            p.engine_job = Some(*job);
+                            p.prompt_tokens = *prompt_tokens;
+                            p.cached_tokens = *cached;
+                            p.source = Some(*source);
+                        });
+                    }
                     false
                 }
                 Event::Text(t) => {
                     if !first_token {
                         first_token = true;
                         w.metrics.first_token(queued.elapsed());
+                        if let Some(live) = &live {
+                            live.update(|p| p.first_token = Some(queued.elapsed()));
+                        }
                     }
                     if let Some(text) = &mut text {
                         text.push_str(t);
@@ -80,6 +98,7 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
                     timings,
                 } => {
                     done = Some((*usage, *timings));
+                    finish = Some(finish_name(reason));
                     end = Some(json!({
                         "finish": finish_label(reason),
                         "usage": { "prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens,
@@ -93,7 +112,12 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
                     end = Some(json!({ "error": err.to_string() }));
                     true
                 }
-                Event::PrefillProgress { .. } => false,
+                Event::PrefillProgress { done, total, .. } => {
+                    if let Some(live) = &live {
+                        live.update(|p| (p.prefill_done, p.prefill_total) = (*done, *total));
+                    }
+                    false
+                }
             };
             if tx.send(event).is_err() {
                 break if w.shutdown.is_aborting() {
@@ -112,6 +136,14 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
         };
         // Drop the engine's receiver now, not when the trace is written.
         drop(events);
+        if let (Some(activity), Some(live)) = (&w.activity, &live) {
+            let ending = Ending {
+                outcome: outcome_label(outcome),
+                finish,
+                usage: done.map(|(usage, _)| usage),
+            };
+            activity.end(live, ending);
+        }
         w.metrics.finished(
             w.route,
             outcome,
@@ -144,10 +176,18 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
 
 fn finish_label(reason: &FinishReason) -> Value {
     match reason {
-        FinishReason::EndOfTurn => json!("end_of_turn"),
         FinishReason::StopSequence(s) => json!({ "stop_sequence": s }),
-        FinishReason::MaxTokens => json!("max_tokens"),
-        FinishReason::ContextFull => json!("context_full"),
+        other => json!(finish_name(other)),
+    }
+}
+
+/// Why generation ended, by name (a stop sequence without its text).
+fn finish_name(reason: &FinishReason) -> &'static str {
+    match reason {
+        FinishReason::EndOfTurn => "end_of_turn",
+        FinishReason::StopSequence(_) => "stop_sequence",
+        FinishReason::MaxTokens => "max_tokens",
+        FinishReason::ContextFull => "context_full",
     }
 }
 
@@ -177,6 +217,7 @@ mod tests {
             metrics: metrics.clone(),
             shutdown: Shutdown::new(),
             trace: None,
+            activity: None,
         };
         (tx, watch(job, w), metrics)
     }
@@ -185,6 +226,7 @@ mod tests {
     async fn forwards_every_event_and_counts_the_outcome() {
         let (tx, mut job, metrics) = watch_one();
         tx.send(Event::Started {
+            job: 0,
             prompt_tokens: 10,
             cached: 4,
             source: PrefixSource::Ram,

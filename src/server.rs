@@ -34,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::observe;
 use crate::shutdown::Shutdown;
 use crate::trace::TraceLog;
+use crate::ui::activity::Activity;
 
 /// What every handler shares.
 pub struct AppState {
@@ -74,6 +75,8 @@ pub struct ServiceState {
     /// Arc: streams hold it after their handler returned.
     pub metrics: Arc<Metrics>,
     pub trace: Option<Arc<TraceLog>>,
+    /// What the status page shows of each request; None: `--no-ui`.
+    pub activity: Option<Arc<Activity>>,
 }
 
 impl ServiceState {
@@ -86,6 +89,7 @@ impl ServiceState {
             shutdown: Shutdown::new(),
             metrics: Arc::new(Metrics::new()),
             trace: None,
+            activity: None,
         }
     }
 }
@@ -185,6 +189,7 @@ impl AppState {
                     metrics: self.service.metrics.clone(),
                     shutdown: self.service.shutdown.clone(),
                     trace,
+                    activity: self.service.activity.clone(),
                 };
                 observe::watch(job, watch)
             })
@@ -202,6 +207,7 @@ impl AppState {
         let opts = StreamOptions {
             shutdown: Some(self.service.shutdown.clone()),
             metrics: Some(self.service.metrics.clone()),
+            activity: self.service.activity.clone(),
             ..StreamOptions::new(self.heartbeat, protocol)
         };
         sse::stream_job(job, adapter, opts)
@@ -244,6 +250,14 @@ pub fn app(state: Arc<AppState>, cors: &[String]) -> Router {
         .route("/detokenize", post(tokenize::detokenize))
         .route("/apply-template", post(tokenize::apply_template))
         .merge(generate)
+        .merge(
+            state
+                .service
+                .activity
+                .as_ref()
+                .map(|_| crate::ui::router())
+                .unwrap_or_default(),
+        )
         .fallback(not_found)
         // The body is already read and bounded by `read_body`.
         .layer(DefaultBodyLimit::disable())

@@ -1,6 +1,7 @@
 //! API keys: `--api-key` and `--api-key-file`.
 //!
-//! When keys are configured, every route but `/health` wants one, sent the
+//! When keys are configured, every route but `/health` wants one (the
+//! status page at `/` asks for it itself, see `ui`), sent the
 //! way either SDK sends it: `Authorization: Bearer KEY` (OpenAI) or
 //! `x-api-key: KEY` (Anthropic). A missing or wrong key gets 401 in the
 //! route's protocol shape.
@@ -113,21 +114,32 @@ fn presented(headers: &HeaderMap) -> Vec<&[u8]> {
     out
 }
 
+/// Whether the headers carry one of the keys. Every presented key is
+/// checked (no early exit), so a request with one placeholder and one real
+/// key passes and timing reveals nothing.
+pub fn presents_key(keys: &ApiKeys, headers: &HeaderMap) -> bool {
+    presented(headers)
+        .iter()
+        .fold(false, |ok, k| keys.accepts(k) | ok)
+}
+
 /// Middleware: refuse requests without a valid key when keys are set.
 pub async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(keys) = &state.service.api_keys else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/health" {
+    let path = req.uri().path();
+    // The status page checks the key itself: without one it still answers,
+    // with 401 and a form asking for it.
+    if path == "/health"
+        || (state.service.activity.is_some() && crate::ui::answers_without_key(path))
+    {
+        return next.run(req).await;
+    }
+    if presents_key(keys, req.headers()) {
         return next.run(req).await;
     }
     let given = presented(req.headers());
-    // Every presented key is checked (no early exit), so a request with one
-    // placeholder and one real key passes and timing reveals nothing.
-    let ok = given.iter().fold(false, |ok, k| keys.accepts(k) | ok);
-    if ok {
-        return next.run(req).await;
-    }
     let message = if given.is_empty() {
         "this server requires an API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`"
     } else {

@@ -16,6 +16,10 @@
 //! client that leaves cancels its work. When a shutdown
 //! runs past its grace period the stream ends with the protocol's error
 //! event instead of a torn body, and its job is cancelled the same way.
+//!
+//! With the status page on, the pump stamps every write (heartbeats
+//! included) on its job's entry, so the page shows how long each client
+//! has gone without hearing from the server.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -34,6 +38,7 @@ pub use super::error::Protocol;
 use crate::engine::{CancelOnDrop, EngineError, Event, JobHandle};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::ui::activity::{Activity, LiveJob};
 
 /// Turns engine events into one protocol's SSE events.
 pub trait StreamAdapter: Send + 'static {
@@ -87,6 +92,8 @@ pub struct StreamOptions {
     pub shutdown: Option<Shutdown>,
     /// Count heartbeats.
     pub metrics: Option<Arc<Metrics>>,
+    /// Stamp each write on the job's status-page entry.
+    pub activity: Option<Arc<Activity>>,
 }
 
 impl StreamOptions {
@@ -96,6 +103,7 @@ impl StreamOptions {
             protocol,
             shutdown: None,
             metrics: None,
+            activity: None,
         }
     }
 }
@@ -112,7 +120,16 @@ pub fn job_events<A: StreamAdapter>(
     opts: StreamOptions,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
     let pending: VecDeque<SseEvent> = adapter.opening().into();
+    let watched: Vec<Arc<LiveJob>> = opts
+        .activity
+        .as_ref()
+        .and_then(|a| a.by_cancel(&job.cancel))
+        .into_iter()
+        .inspect(|j| j.streamed())
+        .collect();
     let pump = Pump {
+        watched,
+        last_write: Instant::now(),
         events: job.events,
         adapter,
         pending,
@@ -148,6 +165,9 @@ pub fn job_events<A: StreamAdapter>(
                 }
                 event = p.events.recv() => {
                     let event = event.unwrap_or(Event::Failed(EngineError::Stopped));
+                    if let Event::Started { job, .. } = &event {
+                        p.watch(*job);
+                    }
                     p.done = matches!(event, Event::Finished { .. } | Event::Failed(_));
                     let out = p.adapter.on_event(event);
                     p.pending.extend(out);
@@ -179,6 +199,11 @@ struct Pump<A> {
     /// Heartbeats written so far.
     beats: u64,
     opts: StreamOptions,
+    /// The status-page entries of the jobs this stream writes: its job, or
+    /// each choice of a multi-choice stream once it started.
+    watched: Vec<Arc<LiveJob>>,
+    /// When it last wrote.
+    last_write: Instant,
     /// Cancels the job when the stream is dropped unfinished.
     _cancel: CancelOnDrop,
 }
@@ -186,8 +211,28 @@ struct Pump<A> {
 impl<A> Pump<A> {
     /// Something is being written: the silence starts again from now.
     fn wrote(&mut self) {
-        let next = Instant::now() + self.opts.heartbeat;
-        self.silence.as_mut().reset(next);
+        let now = Instant::now();
+        self.last_write = now;
+        self.silence.as_mut().reset(now + self.opts.heartbeat);
+        for job in &self.watched {
+            job.wrote_at(now.into_std());
+        }
+    }
+
+    /// A job of this stream started (the engine numbered it `engine_job`):
+    /// watch it too if it is not watched yet.
+    fn watch(&mut self, engine_job: u64) {
+        let Some(activity) = &self.opts.activity else {
+            return;
+        };
+        let Some(job) = activity.by_engine_job(engine_job) else {
+            return;
+        };
+        if self.watched.iter().all(|w| w.id != job.id) {
+            job.streamed();
+            job.wrote_at(self.last_write.into_std());
+            self.watched.push(job);
+        }
     }
 }
 
@@ -360,6 +405,63 @@ mod tests {
             text.contains("hearth_stream_heartbeats_bucket{le=\"1\"} 0"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn every_write_is_stamped_on_the_jobs_status_entry() {
+        let (tx, job, _) = job();
+        let activity = Arc::new(Activity::new());
+        let live = activity.begin("messages", &job.cancel);
+        let opts = StreamOptions {
+            activity: Some(activity.clone()),
+            ..StreamOptions::new(Duration::from_millis(50), Protocol::Anthropic)
+        };
+        let mut body = stream_job(job, Echo, opts).into_body().into_data_stream();
+        assert!(live.is_streaming());
+        assert_eq!(body.next().await.unwrap().unwrap(), "data: open\n\n");
+        let opened = live.since_last_write(std::time::Instant::now()).unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // A heartbeat, with nothing from the engine: stamped too.
+        let ping = body.next().await.unwrap().unwrap();
+        assert!(ping.starts_with(b"event: ping"), "{ping:?}");
+        let since = live.since_last_write(std::time::Instant::now()).unwrap();
+        assert!(
+            since < Duration::from_millis(20),
+            "{since:?} after a heartbeat"
+        );
+        assert!(
+            opened < Duration::from_millis(20),
+            "{opened:?} after the opening"
+        );
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_stream_of_several_choices_stamps_each_once_it_started() {
+        let (tx, job, _) = job();
+        let activity = Arc::new(Activity::new());
+        // A choice submitted on its own flag, as `chain.rs` does.
+        let choice = activity.begin("chat_completions", &CancelFlag::default());
+        choice.update(|p| p.engine_job = Some(3));
+        let opts = StreamOptions {
+            activity: Some(activity.clone()),
+            ..StreamOptions::new(Duration::from_secs(60), Protocol::OpenAI)
+        };
+        let mut body = stream_job(job, Echo, opts).into_body().into_data_stream();
+        assert_eq!(body.next().await.unwrap().unwrap(), "data: open\n\n");
+        assert!(!choice.is_streaming());
+        tx.send(Event::Started {
+            job: 3,
+            prompt_tokens: 4,
+            cached: 0,
+            source: crate::engine::PrefixSource::None,
+        })
+        .unwrap();
+        tx.send(Event::Text("t".into())).unwrap();
+        assert_eq!(body.next().await.unwrap().unwrap(), "data: t\n\n");
+        assert!(choice.is_streaming());
+        let since = choice.since_last_write(std::time::Instant::now()).unwrap();
+        assert!(since < Duration::from_millis(20), "{since:?}");
     }
 
     #[tokio::test]

@@ -124,6 +124,7 @@ impl Local {
                         prompt_tokens,
                         cached,
                         source,
+                        ..
                     } => {
                         let _ = tx.send(ReplyEvent::Started {
                             prompt_tokens,

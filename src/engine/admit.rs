@@ -157,6 +157,7 @@ impl Worker {
             Waiting::New(job) => {
                 let faults = self.faults_for(&job, keep, prompt.len());
                 let _ = job.events.send(Event::Started {
+                    job: job.arrival,
                     prompt_tokens: prompt.len() as u32,
                     cached: keep as u32,
                     source,

@@ -57,6 +57,10 @@ fn init_backend() {
 /// created (they are how much memory the KV takes).
 static KV_SIZE_LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
+/// llama.cpp's lines reporting the context's other buffers (compute and
+/// output), gathered the same way.
+static BUFFER_SIZE_LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 /// Sum the MiB of `size = X MiB` lines.
 fn kv_bytes_of(lines: &[String]) -> u64 {
     lines
@@ -138,6 +142,11 @@ unsafe extern "C" fn log_to_tracing(
         && msg.contains("size =")
     {
         if let Ok(mut lines) = KV_SIZE_LINES.lock() {
+            lines.push(msg.to_string());
+        }
+    }
+    if msg.contains(" compute buffer size =") || msg.contains(" output buffer size =") {
+        if let Ok(mut lines) = BUFFER_SIZE_LINES.lock() {
             lines.push(msg.to_string());
         }
     }
@@ -509,6 +518,8 @@ pub struct Context {
     _abort: Box<Box<AbortFn>>,
     /// Bytes of KV buffers, as llama.cpp reported them at creation.
     kv_bytes: u64,
+    /// Bytes of the compute and output buffers, reported the same way.
+    buffer_bytes: u64,
     /// Keeps the weights alive as long as the context that reads them.
     model: Arc<Model>,
     /// The pools its graphs compute on; dropped after the context is freed.
@@ -556,8 +567,10 @@ impl Context {
         p.swa_full = model.has_swa();
         p.abort_callback = Some(abort_trampoline);
         p.abort_callback_data = &*abort as *const Box<AbortFn> as *mut c_void;
-        if let Ok(mut lines) = KV_SIZE_LINES.lock() {
-            lines.clear();
+        for lines in [&KV_SIZE_LINES, &BUFFER_SIZE_LINES] {
+            if let Ok(mut lines) = lines.lock() {
+                lines.clear();
+            }
         }
         // SAFETY: the model outlives the context (the Arc is kept in it);
         // the abort data pointer stays valid as long as `abort` lives.
@@ -566,6 +579,10 @@ impl Context {
             n_ctx: params.n_ctx,
         })?;
         let kv_bytes = KV_SIZE_LINES.lock().map(|l| kv_bytes_of(&l)).unwrap_or(0);
+        let buffer_bytes = BUFFER_SIZE_LINES
+            .lock()
+            .map(|l| kv_bytes_of(&l))
+            .unwrap_or(0);
         let batch_cap = params.n_batch.max(1) as usize;
         // SAFETY: allocates a batch for `batch_cap` tokens with one sequence
         // id each; freed once, in Drop.
@@ -576,6 +593,7 @@ impl Context {
             batch_cap,
             _abort: abort,
             kv_bytes,
+            buffer_bytes,
             model,
             pools: ThreadPools::new(params.poll),
         };
@@ -608,6 +626,12 @@ impl Context {
     /// Bytes the KV buffers take (0 when llama.cpp did not say).
     pub fn kv_bytes(&self) -> u64 {
         self.kv_bytes
+    }
+
+    /// Bytes of the compute and output buffers (0 when llama.cpp did not
+    /// say).
+    pub fn buffer_bytes(&self) -> u64 {
+        self.buffer_bytes
     }
 
     pub fn n_batch(&self) -> usize {

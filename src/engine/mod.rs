@@ -194,8 +194,9 @@ pub struct Timings {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The engine picked the job up. `cached` prompt tokens are reused,
-    /// found in `source`.
+    /// found in `source`. `job` is its arrival number, as `/slots` shows it.
     Started {
+        job: u64,
         prompt_tokens: u32,
         cached: u32,
         source: PrefixSource,
@@ -250,6 +251,11 @@ impl CancelFlag {
     }
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+
+    /// Whether both are the same job's flag.
+    pub fn same(&self, other: &CancelFlag) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -313,6 +319,10 @@ pub struct EngineStats {
     pub kv_used: AtomicUsize,
     /// KV cells in all.
     pub kv_cells: AtomicUsize,
+    /// Bytes the KV buffers take (a draft model's included), and the
+    /// compute and output buffers; set once the context exists.
+    pub kv_bytes: AtomicU64,
+    pub buffer_bytes: AtomicU64,
     /// Prompt tokens taken from another sequence by copy, ever.
     pub shared_tokens: AtomicU64,
     /// Engine steps, ever, and the rows they held (batch size = rows/steps).

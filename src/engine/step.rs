@@ -569,6 +569,7 @@ impl Worker {
                 )
             });
             let _ = fork.events.send(Event::Started {
+                job: fork.arrival,
                 prompt_tokens: n as u32,
                 cached: n as u32,
                 source: PrefixSource::Live,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::cache::disk::now_secs;
 use super::cache::disk::DiskStore;
 use super::cache::sequence::Sequence;
 use super::cache::RamStore;
@@ -26,7 +27,7 @@ use super::hook::{spawn_watchdog, AbortHook, Progress};
 use super::llama::{Context, ContextParams, LlamaError, Model};
 use super::schedule::{PrefillCredit, StepCost};
 use super::sequence::{Phase, Running};
-use super::status::{EngineStatus, SlotStatus};
+use super::status::{first_line, EngineStatus, SlotStatus, StoredSnapshot, STORES_EVERY};
 use super::threads::{cores, ThreadPolicy};
 use super::{Command, EngineConfig, EngineError, EngineStats, Event, Job};
 
@@ -214,6 +215,10 @@ pub(super) fn spawn(
         poll = config.threads.poll,
         "compute threads"
     );
+    stats.kv_bytes.store(ctx.kv_bytes(), Ordering::Relaxed);
+    stats
+        .buffer_bytes
+        .store(ctx.buffer_bytes(), Ordering::Relaxed);
     stats.alive.store(true, Ordering::Release);
     let spec = match config.spec {
         Some(_) if model.is_recurrent() => {
@@ -232,6 +237,7 @@ pub(super) fn spawn(
                 draft_kv_mib = format!("{:.1}", d.kv_bytes() as f64 / (1 << 20) as f64),
                 "speculative decoding: draft model"
             );
+            stats.kv_bytes.fetch_add(d.kv_bytes(), Ordering::Relaxed);
             Some(d)
         }
         (Some(s), None) => {
@@ -346,6 +352,8 @@ pub(super) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 
 impl Worker {
     fn run(&mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        // The status copy shows every sequence before the first step.
+        self.publish();
         loop {
             if !self.has_work() {
                 self.progress.idle();
@@ -614,6 +622,14 @@ impl Worker {
             .iter()
             .map(|r| slot_status(0, 0, Some(r), "preempted"))
             .collect();
+        let due = status
+            .stores_at
+            .is_none_or(|at| at.elapsed() >= STORES_EVERY);
+        let (stores, stores_at) = if due {
+            (self.stored_snapshots(), Some(Instant::now()))
+        } else {
+            (std::mem::take(&mut status.stores), status.stores_at)
+        };
         *status = EngineStatus {
             slots,
             preempted,
@@ -622,7 +638,43 @@ impl Worker {
             kv_used: used,
             steps: self.stats.steps.load(Ordering::Relaxed),
             last_step_rows: self.last_step_rows,
+            stores,
+            stores_at,
         };
+    }
+
+    /// A summary of the RAM and disk snapshots, for the status page.
+    fn stored_snapshots(&self) -> Vec<StoredSnapshot> {
+        let mut out: Vec<StoredSnapshot> = self
+            .kv
+            .ram
+            .items()
+            .iter()
+            .map(|s| StoredSnapshot {
+                store: "ram",
+                tokens: s.seq.len(),
+                bytes: s.state.len() as u64,
+                hits: s.hits,
+                age_secs: s.created.elapsed().as_secs(),
+                idle_secs: s.last_used.elapsed().as_secs(),
+                first_line: first_line(s.seq.text()),
+            })
+            .collect();
+        if let Some(disk) = &self.kv.disk {
+            let now = now_secs();
+            disk.with_entries(|entries| {
+                out.extend(entries.iter().map(|e| StoredSnapshot {
+                    store: "disk",
+                    tokens: e.seq.len(),
+                    bytes: e.header.file_len(),
+                    hits: e.header.hits,
+                    age_secs: now.saturating_sub(e.header.created),
+                    idle_secs: now.saturating_sub(e.header.last_used),
+                    first_line: first_line(e.seq.text()),
+                }))
+            });
+        }
+        out
     }
 }
 
@@ -639,6 +691,7 @@ fn slot_status(
         ..SlotStatus::default()
     };
     if let Some(r) = run {
+        s.job = Some(r.job.arrival);
         s.prompt_tokens = r.prompt_tokens;
         s.cached_tokens = r.cached;
         s.prefix = r.source_label.clone();

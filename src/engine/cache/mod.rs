@@ -55,7 +55,8 @@ pub fn match_prompt(seq: &Sequence, prompt: &[Token], prompt_text: Option<&str>)
 pub struct RamSnapshot {
     pub seq: Sequence,
     pub state: Arc<Vec<u8>>,
-    last_used: Instant,
+    pub created: Instant,
+    pub last_used: Instant,
     pub hits: u64,
 }
 
@@ -86,6 +87,11 @@ impl RamStore {
         self.items.is_empty()
     }
 
+    /// The snapshots kept, oldest first.
+    pub fn items(&self) -> &[RamSnapshot] {
+        &self.items
+    }
+
     pub fn bytes(&self) -> usize {
         self.items.iter().map(|s| s.state.len()).sum()
     }
@@ -108,6 +114,7 @@ impl RamStore {
         self.items.push(RamSnapshot {
             seq,
             state,
+            created: Instant::now(),
             last_used: Instant::now(),
             hits: 0,
         });

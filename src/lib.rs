@@ -14,4 +14,5 @@ pub mod metrics;
 pub mod observe;
 pub mod server;
 pub mod shutdown;
+pub mod state;
 pub mod trace;

@@ -14,14 +14,16 @@ use hearth::chat::tools::ToolFormat;
 
 /// Tool-call ids whose reply text is kept for exact replay.
 const REPLAY_ENTRIES: usize = 4096;
-use hearth::api::auth::ApiKeys;
-use hearth::api::guard::Admission;
 use hearth::config::{default_model_path, LogFormat, ServeArgs};
 use hearth::engine::fault::FaultPlan;
 use hearth::engine::{self, EngineConfig, Model};
 use hearth::metrics::Metrics;
-use hearth::server::{self, AppState, Limits, ServiceState};
+use hearth::server;
 use hearth::shutdown::Shutdown;
+use hearth::state::admission::Admission;
+use hearth::state::keys::ApiKeys;
+use hearth::state::responses::ResponseStore;
+use hearth::state::{AppState, Limits, ServiceState};
 use hearth::trace::TraceLog;
 
 #[derive(Parser)]
@@ -176,9 +178,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tool_format,
         specials: SpecialTexts::new(model.control_token_texts()),
         replay: ReplayStore::new(REPLAY_ENTRIES),
-        responses: hearth::api::responses::ResponseStore::new(
-            hearth::api::responses::STORED_RESPONSES,
-            hearth::api::responses::STORED_BYTES,
+        responses: ResponseStore::new(
+            hearth::state::responses::STORED_RESPONSES,
+            hearth::state::responses::STORED_BYTES,
         ),
         model_id,
         heartbeat: args.heartbeat(),

@@ -13,21 +13,21 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::Protocol;
 use super::error::{AnthropicError, ApiError, ErrorKind};
+use super::pipeline::{self, collect, count_prompt, prepare};
 use super::sampling::{SamplingFields, MESSAGES_REFUSED};
 use super::sse::{self, StreamAdapter};
-use super::{
-    check_max_tokens, check_range, collect, count_prompt, new_id, openai, prepare, GenOptions,
-};
+use super::{check_max_tokens, check_range, new_id, openai, GenOptions};
 use crate::chat::output::{OutputEvent, OutputParser};
 use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice};
 use crate::engine::{Event, FinishReason, SamplingParams, Usage};
-use crate::server::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct MessagesRequest {
@@ -557,6 +557,13 @@ fn input_object(arguments: &str) -> Value {
     }
 }
 
+/// This module's routes (the server guards them with queue admission).
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
+}
+
 /// `POST /v1/messages`
 pub async fn messages(
     State(state): State<Arc<AppState>>,
@@ -570,7 +577,7 @@ pub async fn messages(
         .await
         .map_err(name_format_field)?;
     let input_tokens = prepared.request.prompt.len() as u32;
-    let job = state.submit("messages", &body, prepared.request);
+    let job = pipeline::submit(&state, "messages", &body, prepared.request);
     let id = new_id("msg_");
     if stream {
         let adapter = EventAdapter {
@@ -583,7 +590,12 @@ pub async fn messages(
             parser: OutputParser::new(&prepared.output, "toolu_"),
             state: state.clone(),
         };
-        return Ok(state.stream_job(job, adapter, Protocol::Anthropic));
+        return Ok(pipeline::stream_job(
+            &state,
+            job,
+            adapter,
+            Protocol::Anthropic,
+        ));
     }
     let done = collect(&state, job, &prepared.output, "toolu_").await?;
     let out = &done.output;
@@ -753,7 +765,7 @@ impl StreamAdapter for EventAdapter {
                 }
                 self.close_block(&mut out);
                 let calls = !self.parser.output().calls.is_empty();
-                self.state.remember_calls(self.parser.output());
+                pipeline::remember_calls(&self.state, self.parser.output());
                 let (reason, stop_sequence) = stop_reason(&reason, calls);
                 out.push(sse::named(
                     "message_delta",

@@ -25,7 +25,7 @@ use tracing::Instrument;
 use crate::engine::{
     CancelFlag, CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, Usage,
 };
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// One job of a chain.
 #[derive(Debug)]
@@ -92,7 +92,7 @@ pub fn submit_all(
     let mut group: Vec<GenerateRequest> = Vec::new();
     let flush = |group: &mut Vec<GenerateRequest>, handles: &mut Vec<(JobHandle, bool)>| {
         if !group.is_empty() {
-            let hs = state.submit_group(route, body, std::mem::take(group));
+            let hs = super::pipeline::submit_group(state, route, body, std::mem::take(group));
             handles.extend(hs.into_iter().enumerate().map(|(i, h)| (h, i == 0)));
         }
     };

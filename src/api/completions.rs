@@ -19,13 +19,15 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::chain::{add_usage, chain, Boundaries, ChainJob};
 use super::error::{ApiError, OpenAIError, Protocol};
 use super::openai::{finish_reason, usage_json, StopField};
+use super::pipeline;
 use super::sampling::{check_vocab, SamplingFields, COMPLETIONS_REFUSED};
 use super::sse::{self, StreamAdapter};
 use super::{check_max_tokens, check_stop, new_id, unix_now};
@@ -33,7 +35,7 @@ use crate::engine::{
     CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams,
     Token, TokenLogprob, Usage,
 };
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// `max_tokens` when the request gives none (the official API's default).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -312,7 +314,7 @@ async fn plan(state: &Arc<AppState>, parsed: Parsed) -> Result<Vec<Planned>, Api
             }
             // Within the context and `--max-tokens`, as on the chat route;
             // not asking gets the official default, not the whole room.
-            let room = state.output_room(tokens.len(), parsed.max_tokens)?;
+            let room = pipeline::output_room(&state, tokens.len(), parsed.max_tokens)?;
             let max_tokens = if parsed.max_tokens.is_some() { room } else { room.min(DEFAULT_MAX_TOKENS) };
             for j in 0..parsed.n {
                 let mut sampling = parsed.sampling.clone();
@@ -422,6 +424,11 @@ pub fn legacy_logprobs(
     })
 }
 
+/// This module's routes (the server guards them with queue admission).
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/completions", post(completions))
+}
+
 /// `POST /v1/completions`
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -463,7 +470,7 @@ pub async fn completions(
             choices,
             boundaries,
         );
-        return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
+        return Ok(pipeline::stream_job(&state, job, adapter, Protocol::OpenAI));
     }
     let mut choices = Vec::with_capacity(jobs.len());
     let mut usage = Usage::default();

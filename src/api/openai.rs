@@ -10,7 +10,8 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -18,15 +19,16 @@ use super::chain::{add_usage, chain, Boundaries, ChainJob};
 use super::completions::MAX_N;
 use super::error::Protocol;
 use super::error::{ApiError, OpenAIError};
+use super::pipeline::{self, collect, prepare};
 use super::sampling::{SamplingFields, CHAT_REFUSED};
 use super::sse::{self, StreamAdapter};
-use super::{check_max_tokens, collect, new_id, prepare, unix_now, GenOptions};
+use super::{check_max_tokens, new_id, unix_now, GenOptions};
 use crate::chat::output::{OutputEvent, OutputParser, OutputSpec};
 use crate::chat::{
     ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice, ToolSpec,
 };
 use crate::engine::{Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
-use crate::server::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
@@ -481,6 +483,11 @@ pub fn tool_calls_json(calls: &[ToolCall]) -> Value {
 
 const ROUTE: &str = "chat_completions";
 
+/// This module's routes (the server guards them with queue admission).
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/chat/completions", post(chat_completions))
+}
+
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -516,7 +523,10 @@ pub async fn chat_completions(
     if stream {
         let (job, boundaries) = if n == 1 {
             let request = requests.into_iter().next().expect("n is at least 1");
-            (state.submit(ROUTE, &body, request), Boundaries::default())
+            (
+                pipeline::submit(&state, ROUTE, &body, request),
+                Boundaries::default(),
+            )
         } else {
             let jobs = requests
                 .into_iter()
@@ -541,12 +551,12 @@ pub async fn chat_completions(
             pending_logprobs: Vec::new(),
             state: state.clone(),
         };
-        return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
+        return Ok(pipeline::stream_job(&state, job, adapter, Protocol::OpenAI));
     }
     let mut choices = Vec::with_capacity(requests.len());
     let mut usage = Usage::default();
     // All choices are queued at once: one prefill, decoded together.
-    let handles = state.submit_group(ROUTE, &body, requests);
+    let handles = pipeline::submit_group(&state, ROUTE, &body, requests);
     for (j, handle) in handles.into_iter().enumerate() {
         let done = collect(&state, handle, &prepared.output, "call_").await?;
         add_usage(&mut usage, &done.usage, j == 0);
@@ -565,7 +575,7 @@ pub async fn chat_completions(
 }
 
 /// One finished choice of a chat completion.
-fn choice_json(index: usize, done: &super::Collected, want_logprobs: bool) -> Value {
+fn choice_json(index: usize, done: &pipeline::Collected, want_logprobs: bool) -> Value {
     let out = &done.output;
     let mut message = json!({
         "role": "assistant",
@@ -658,7 +668,7 @@ impl ChunkAdapter {
         let events = self.parser.finish();
         let mut out = self.output_events(events);
         let calls = !self.parser.output().calls.is_empty();
-        self.state.remember_calls(self.parser.output());
+        pipeline::remember_calls(&self.state, self.parser.output());
         let fin = self.chunk(json!({}), Some(chat_finish_reason(reason, calls)));
         out.push(sse::data(&fin));
         out

@@ -16,143 +16,29 @@
 //! ...) are left out of the prompt with a log line instead of failing the
 //! request: Codex sends some of them with every request.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, ErrorKind, OpenAIError, Protocol};
 use super::openai::{check_unique_tools, thinking_from_effort, tool_spec};
+use super::pipeline::{self, collect, count_prompt, prepare};
 use super::sampling::{SamplingFields, RESPONSES_REFUSED};
 use super::sse::{self, StreamAdapter};
-use super::{check_max_tokens, collect, count_prompt, new_id, prepare, unix_now, GenOptions};
+use super::{check_max_tokens, new_id, unix_now, GenOptions};
 use crate::chat::output::{Output, OutputEvent, OutputParser};
 use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec};
 use crate::engine::{Event, FinishReason, Usage};
-use crate::server::AppState;
-
-/// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.
-pub const STORED_RESPONSES: usize = 256;
-
-/// Most bytes of conversation text the store holds, all responses together.
-pub const STORED_BYTES: usize = 64 << 20;
-
-// --- the store ----------------------------------------------------------------
-
-/// One finished response: the object `GET` returns, and the conversation
-/// a continuation starts from (its input without the instructions, then
-/// its output as an assistant turn).
-pub struct StoredResponse {
-    pub object: Value,
-    pub messages: Arc<Vec<ChatMessage>>,
-}
-
-/// Bounded, least-recently-used store of recent responses, by id.
-pub struct ResponseStore {
-    inner: Mutex<StoreInner>,
-    capacity: usize,
-    max_bytes: usize,
-}
-
-struct StoreInner {
-    map: HashMap<String, (Arc<StoredResponse>, usize, u64)>,
-    bytes: usize,
-    tick: u64,
-}
-
-impl ResponseStore {
-    pub fn new(capacity: usize, max_bytes: usize) -> Self {
-        ResponseStore {
-            inner: Mutex::new(StoreInner {
-                map: HashMap::new(),
-                bytes: 0,
-                tick: 0,
-            }),
-            capacity,
-            max_bytes,
-        }
-    }
-
-    /// Keep a response; the least recently used go when the store is full.
-    pub fn insert(&self, id: String, stored: StoredResponse) {
-        if self.capacity == 0 {
-            return;
-        }
-        let size = stored.object.to_string().len()
-            + stored.messages.iter().map(message_bytes).sum::<usize>();
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.tick += 1;
-        let tick = inner.tick;
-        if let Some((_, old, _)) = inner.map.insert(id, (Arc::new(stored), size, tick)) {
-            inner.bytes -= old;
-        }
-        inner.bytes += size;
-        while inner.map.len() > self.capacity
-            || (inner.bytes > self.max_bytes && inner.map.len() > 1)
-        {
-            let Some(oldest) = inner
-                .map
-                .iter()
-                .min_by_key(|(_, (_, _, t))| *t)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            if let Some((_, size, _)) = inner.map.remove(&oldest) {
-                inner.bytes -= size;
-            }
-        }
-    }
-
-    pub fn get(&self, id: &str) -> Option<Arc<StoredResponse>> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.tick += 1;
-        let tick = inner.tick;
-        let entry = inner.map.get_mut(id)?;
-        entry.2 = tick;
-        Some(entry.0.clone())
-    }
-
-    /// Forget a response; whether it was there.
-    pub fn remove(&self, id: &str) -> bool {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        match inner.map.remove(id) {
-            Some((_, size, _)) => {
-                inner.bytes -= size;
-                true
-            }
-            None => false,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-fn message_bytes(m: &ChatMessage) -> usize {
-    m.content.len()
-        + m.reasoning.as_ref().map_or(0, String::len)
-        + m.tool_calls
-            .iter()
-            .map(|c| c.id.len() + c.name.len() + c.arguments.len())
-            .sum::<usize>()
-        + 64
-}
+use crate::state::responses::StoredResponse;
+use crate::state::AppState;
 
 // --- the request ----------------------------------------------------------------
 
@@ -1066,6 +952,19 @@ fn store(
     );
 }
 
+/// The routes that read a request into a prompt (the server guards them
+/// with queue admission).
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/responses", post(create))
+        .route("/v1/responses/input_tokens", post(input_tokens))
+}
+
+/// The routes over stored responses, which queue nothing.
+pub fn stored_router() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/responses/{id}", get(retrieve).delete(delete))
+}
+
 /// `POST /v1/responses`
 pub async fn create(
     State(state): State<Arc<AppState>>,
@@ -1098,7 +997,7 @@ pub async fn create(
             .await
             .map_err(|e| rename_param(e, &conv_origins))?
     };
-    let job = state.submit("responses", &body, prepared.request);
+    let job = pipeline::submit(&state, "responses", &body, prepared.request);
     let id = new_id("resp_");
     let created_at = unix_now();
     if stream {
@@ -1111,7 +1010,7 @@ pub async fn create(
             conversation,
             state: state.clone(),
         };
-        return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
+        return Ok(pipeline::stream_job(&state, job, adapter, Protocol::OpenAI));
     }
     let done = collect(&state, job, &prepared.output, "call_").await?;
     let cut_short = incomplete(&done.reason);
@@ -1158,7 +1057,7 @@ async fn prepare_truncated(
     chat: ChatRequest,
     opts: GenOptions,
     origins: &[String],
-) -> Result<super::PreparedJob, ApiError> {
+) -> Result<pipeline::PreparedJob, ApiError> {
     let n_ctx = state.engine.n_ctx() as usize;
     let reserve = opts.max_tokens.map_or(0, |m| (m as usize).min(n_ctx / 2));
     let (first, cuts) = turn_cuts(&chat.messages);
@@ -1561,7 +1460,7 @@ impl StreamAdapter for ResponseEvents {
                 self.feed(events);
                 let cut_short = incomplete(&reason);
                 self.items.finish(cut_short);
-                self.state.remember_calls(self.parser.output());
+                pipeline::remember_calls(&self.state, self.parser.output());
                 let out = self.parser.output();
                 let usage = usage_json(
                     &usage,
@@ -1827,29 +1726,5 @@ mod tests {
         assert_eq!(items.done[2]["arguments"], "{\"a\":1}");
         assert_eq!(items.done[2]["call_id"], "call_1");
         assert_eq!(items.seq as usize, items.events.len());
-    }
-
-    #[test]
-    fn the_store_forgets_the_least_recently_used() {
-        let store = ResponseStore::new(2, 1 << 20);
-        let entry = || StoredResponse {
-            object: json!({}),
-            messages: Arc::new(vec![]),
-        };
-        store.insert("a".into(), entry());
-        store.insert("b".into(), entry());
-        assert!(store.get("a").is_some());
-        store.insert("c".into(), entry());
-        assert!(store.get("b").is_none());
-        assert!(store.get("a").is_some() && store.get("c").is_some());
-        let small = ResponseStore::new(10, 100);
-        let big = || StoredResponse {
-            object: json!({}),
-            messages: Arc::new(vec![ChatMessage::new(Role::User, "x".repeat(80))]),
-        };
-        small.insert("a".into(), big());
-        small.insert("b".into(), big());
-        assert_eq!(small.len(), 1);
-        assert!(small.get("b").is_some());
     }
 }

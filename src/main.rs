@@ -177,7 +177,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         template,
         tool_format,
         specials: SpecialTexts::new(model.control_token_texts()),
-        replay: ReplayStore::new(REPLAY_ENTRIES),
+        replay: Arc::new(ReplayStore::new(REPLAY_ENTRIES)),
         responses: ResponseStore::new(
             hearth::state::responses::STORED_RESPONSES,
             hearth::state::responses::STORED_BYTES,

@@ -93,7 +93,7 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
                     end = Some(json!({ "error": err.to_string() }));
                     true
                 }
-                Event::PrefillProgress { .. } => false,
+                Event::PrefillProgress { .. } | Event::ChoiceEnd { .. } => false,
             };
             if tx.send(event).is_err() {
                 break if w.shutdown.is_aborting() {

@@ -19,14 +19,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::Protocol;
-use super::error::{AnthropicError, ApiError, ErrorKind};
-use super::pipeline::{self, collect, count_prompt, prepare};
+use super::error::{AnthropicError, ApiError};
+use super::pipeline::{self, count_prompt, prepare};
+use super::reply::{collect, Ended, Ending, Logprobs, Reply, Wire};
 use super::sampling::{SamplingFields, MESSAGES_REFUSED};
-use super::sse::{self, StreamAdapter};
+use super::sse;
 use super::{check_max_tokens, check_range, new_id, openai, GenOptions};
-use crate::chat::output::{OutputEvent, OutputParser};
+use crate::chat::output::OutputEvent;
 use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice};
-use crate::engine::{Event, FinishReason, SamplingParams, Usage};
+use crate::engine::{FinishReason, SamplingParams, Usage};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -519,12 +520,13 @@ fn convert_message(
     Ok(())
 }
 
+/// Anthropic's `stop_reason` and `stop_sequence`.
 fn stop_reason(reason: &FinishReason, calls: bool) -> (&'static str, Option<&str>) {
-    match reason {
-        FinishReason::EndOfTurn | FinishReason::StopSequence(_) if calls => ("tool_use", None),
-        FinishReason::EndOfTurn => ("end_turn", None),
-        FinishReason::StopSequence(s) => ("stop_sequence", Some(s.as_str())),
-        FinishReason::MaxTokens | FinishReason::ContextFull => ("max_tokens", None),
+    match Ending::of(reason, calls) {
+        Ending::ToolCalls => ("tool_use", None),
+        Ending::EndOfTurn => ("end_turn", None),
+        Ending::StopSequence(s) => ("stop_sequence", Some(s)),
+        Ending::Length => ("max_tokens", None),
     }
 }
 
@@ -580,24 +582,18 @@ pub async fn messages(
     let job = pipeline::submit(&state, "messages", &body, prepared.request);
     let id = new_id("msg_");
     if stream {
-        let adapter = EventAdapter {
+        let wire = EventWire {
             id,
             model,
             input_tokens,
             open: None,
             blocks: 0,
             thinking: String::new(),
-            parser: OutputParser::new(&prepared.output, "toolu_"),
-            state: state.clone(),
         };
-        return Ok(pipeline::stream_job(
-            &state,
-            job,
-            adapter,
-            Protocol::Anthropic,
-        ));
+        let reply = Reply::new(wire, prepared.output, "toolu_", state.replay.clone());
+        return Ok(pipeline::stream_job(&state, job, reply));
     }
-    let done = collect(&state, job, &prepared.output, "toolu_").await?;
+    let done = collect(&state.replay, job, &prepared.output, "toolu_").await?;
     let out = &done.output;
     let mut content = Vec::new();
     if !out.reasoning.is_empty() {
@@ -648,8 +644,8 @@ enum Block {
     ToolUse(usize),
 }
 
-/// Streams the Messages event sequence.
-struct EventAdapter {
+/// The wire of the Messages event sequence.
+struct EventWire {
     id: String,
     model: String,
     input_tokens: u32,
@@ -659,11 +655,9 @@ struct EventAdapter {
     blocks: u32,
     /// The open thinking block's text, for its signature.
     thinking: String,
-    parser: OutputParser,
-    state: Arc<AppState>,
 }
 
-impl EventAdapter {
+impl EventWire {
     fn start(&mut self, block: Block, content_block: Value, out: &mut Vec<SseEvent>) {
         self.close_block(out);
         out.push(sse::named(
@@ -733,7 +727,9 @@ impl EventAdapter {
     }
 }
 
-impl StreamAdapter for EventAdapter {
+impl Wire for EventWire {
+    const PROTOCOL: Protocol = Protocol::Anthropic;
+
     fn opening(&mut self) -> Vec<SseEvent> {
         vec![sse::named(
             "message_start",
@@ -749,46 +745,32 @@ impl StreamAdapter for EventAdapter {
         )]
     }
 
-    fn on_event(&mut self, event: Event) -> Vec<SseEvent> {
+    fn output(&mut self, pieces: Vec<OutputEvent>, _: &mut Logprobs) -> Vec<SseEvent> {
         let mut out = Vec::new();
-        match event {
-            Event::Text(text) => {
-                let events = self.parser.push(&text);
-                self.output_events(events, &mut out);
-            }
-            Event::Finished { reason, usage, .. } => {
-                let events = self.parser.finish();
-                self.output_events(events, &mut out);
-                // A reply with nothing in it still carries one (empty) text block.
-                if self.blocks == 0 && self.open.is_none() {
-                    self.start(Block::Text, json!({ "type": "text", "text": "" }), &mut out);
-                }
-                self.close_block(&mut out);
-                let calls = !self.parser.output().calls.is_empty();
-                pipeline::remember_calls(&self.state, self.parser.output());
-                let (reason, stop_sequence) = stop_reason(&reason, calls);
-                out.push(sse::named(
-                    "message_delta",
-                    &json!({
-                        "type": "message_delta",
-                        "delta": { "stop_reason": reason, "stop_sequence": stop_sequence },
-                        "usage": usage_json(&usage),
-                    }),
-                ));
-                out.push(sse::named(
-                    "message_stop",
-                    &json!({ "type": "message_stop" }),
-                ));
-            }
-            Event::Failed(err) => {
-                let api: ApiError = err.into();
-                if api.kind == ErrorKind::Internal {
-                    tracing::error!(cause = %api.message, "stream failed");
-                }
-                out.push(sse::named("error", &api.anthropic_body()));
-            }
-            Event::Started { .. } | Event::PrefillProgress { .. } | Event::Logprobs(_) => {}
+        self.output_events(pieces, &mut out);
+        out
+    }
+
+    fn ending(&mut self, end: Ended<'_>, usage: &Usage) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        // A reply with nothing in it still carries one (empty) text block.
+        if self.blocks == 0 && self.open.is_none() {
+            self.start(Block::Text, json!({ "type": "text", "text": "" }), &mut out);
         }
+        self.close_block(&mut out);
+        let (reason, stop_sequence) = stop_reason(end.reason, !end.output.calls.is_empty());
+        out.push(sse::named(
+            "message_delta",
+            &json!({
+                "type": "message_delta",
+                "delta": { "stop_reason": reason, "stop_sequence": stop_sequence },
+                "usage": usage_json(usage),
+            }),
+        ));
+        out.push(sse::named(
+            "message_stop",
+            &json!({ "type": "message_stop" }),
+        ));
         out
     }
 }

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod models;
 pub mod openai;
 pub mod pipeline;
+pub mod reply;
 pub mod responses;
 pub mod sampling;
 pub mod sse;
@@ -99,6 +100,17 @@ pub fn check_range(param: &str, value: f32, lo: f32, hi: f32) -> Result<f32, Api
         ));
     }
     Ok(value)
+}
+
+/// OpenAI's `tool_choice` modes, as chat and Responses spell them.
+pub fn tool_mode(mode: &str) -> Option<crate::chat::ToolChoice> {
+    use crate::chat::ToolChoice;
+    match mode {
+        "auto" => Some(ToolChoice::Auto),
+        "none" => Some(ToolChoice::None),
+        "required" => Some(ToolChoice::Required),
+        _ => None,
+    }
 }
 
 /// Map a prompt builder's complaint to a 400 naming the field. `messages`

@@ -1,23 +1,22 @@
 //! The request pipeline every protocol shares: render and tokenize the
 //! conversation (on the blocking pool), size the reply, queue the job
-//! watched for the metrics and the trace, and stream or collect what it
-//! sends back.
+//! watched for the metrics and the trace, and stream what it sends back
+//! (read through [`super::reply`]).
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::response::Response;
 
-use super::error::{ApiError, Protocol};
+use super::error::ApiError;
+use super::reply::{Reply, Wire};
 use super::sampling;
-use super::sse::{self, StreamAdapter, StreamOptions};
+use super::sse::{self, StreamOptions};
 use super::{prompt_error, GenOptions};
-use crate::chat::output::{Output, OutputParser, OutputSpec};
+use crate::chat::output::OutputSpec;
 use crate::chat::prompt::{self, PromptSetup};
 use crate::chat::ChatRequest;
-use crate::engine::{
-    CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, TokenLogprob, Usage,
-};
+use crate::engine::{GenerateRequest, JobHandle};
 use crate::observe;
 use crate::state::AppState;
 
@@ -43,15 +42,6 @@ pub fn output_room(
     }
     let room = cap.map_or(room, |c| c.min(room));
     Ok(asked.map_or(room, |m| m.min(room)))
-}
-
-/// Remember a reply that made tool calls, for exact replay.
-pub fn remember_calls(state: &AppState, output: &Output) {
-    if !output.calls.is_empty() {
-        state
-            .replay
-            .remember(output.calls.iter().map(|c| c.id.as_str()), &output.raw);
-    }
 }
 
 /// What the prompt builder needs.
@@ -108,18 +98,13 @@ pub fn submit_group(
 
 /// A streaming response for a job: heartbeats on this server's
 /// interval, counted, ended cleanly by a shutdown.
-pub fn stream_job<A: StreamAdapter>(
-    state: &AppState,
-    job: JobHandle,
-    adapter: A,
-    protocol: Protocol,
-) -> Response {
+pub fn stream_job<W: Wire>(state: &AppState, job: JobHandle, reply: Reply<W>) -> Response {
     let opts = StreamOptions {
         shutdown: Some(state.service.shutdown.clone()),
         metrics: Some(state.service.metrics.clone()),
-        ..StreamOptions::new(state.heartbeat, protocol)
+        ..StreamOptions::new(state.heartbeat, W::PROTOCOL)
     };
-    sse::stream_job(job, adapter, opts)
+    sse::stream_job(job, reply, opts)
 }
 
 /// A job ready to submit, and how to read its reply.
@@ -213,50 +198,4 @@ pub async fn prepare(
     })
     .await
     .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
-}
-
-/// A finished non-streaming generation.
-#[derive(Debug)]
-pub struct Collected {
-    pub output: Output,
-    pub reason: FinishReason,
-    pub usage: Usage,
-    pub logprobs: Vec<TokenLogprob>,
-}
-
-/// Wait for a job to finish and gather its reply, read as `spec` says.
-/// Dropping the future (the client went away) cancels the job. A reply
-/// with tool calls is remembered for exact replay.
-pub async fn collect(
-    state: &AppState,
-    job: JobHandle,
-    spec: &OutputSpec,
-    id_prefix: &'static str,
-) -> Result<Collected, EngineError> {
-    let JobHandle { mut events, cancel } = job;
-    let _guard = CancelOnDrop(cancel);
-    let mut parser = OutputParser::new(spec, id_prefix);
-    let mut logprobs = Vec::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Text(t) => {
-                parser.push(&t);
-            }
-            Event::Logprobs(lp) => logprobs.extend(lp),
-            Event::Finished { reason, usage, .. } => {
-                parser.finish();
-                let output = parser.into_output();
-                remember_calls(state, &output);
-                return Ok(Collected {
-                    output,
-                    reason,
-                    usage,
-                    logprobs,
-                });
-            }
-            Event::Failed(err) => return Err(err),
-            Event::Started { .. } | Event::PrefillProgress { .. } => {}
-        }
-    }
-    Err(EngineError::Stopped)
 }

@@ -30,13 +30,14 @@ use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, ErrorKind, OpenAIError, Protocol};
 use super::openai::{check_unique_tools, thinking_from_effort, tool_spec};
-use super::pipeline::{self, collect, count_prompt, prepare};
+use super::pipeline::{self, count_prompt, prepare};
+use super::reply::{collect, Ended, Ending, Logprobs, Reply, Wire};
 use super::sampling::{SamplingFields, RESPONSES_REFUSED};
-use super::sse::{self, StreamAdapter};
+use super::sse;
 use super::{check_max_tokens, new_id, unix_now, GenOptions};
-use crate::chat::output::{Output, OutputEvent, OutputParser};
+use crate::chat::output::{Output, OutputEvent};
 use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec};
-use crate::engine::{Event, FinishReason, Usage};
+use crate::engine::{FinishReason, Usage};
 use crate::state::responses::StoredResponse;
 use crate::state::AppState;
 
@@ -504,11 +505,9 @@ fn tool_choice(
     let usage = "tool_choice must be \"auto\", \"none\", \"required\", {\"type\": \"function\", \"name\": ...} or {\"type\": \"allowed_tools\", ...}";
     match value {
         None | Some(Value::Null) => Ok((ToolChoice::Auto, json!("auto"))),
-        Some(Value::String(s)) => match s.as_str() {
-            "auto" => Ok((ToolChoice::Auto, json!("auto"))),
-            "none" => Ok((ToolChoice::None, json!("none"))),
-            "required" => Ok((ToolChoice::Required, json!("required"))),
-            _ => Err(bad(usage)),
+        Some(Value::String(s)) => match super::tool_mode(&s) {
+            Some(choice) => Ok((choice, json!(s))),
+            None => Err(bad(usage)),
         },
         Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
             Some("function") => {
@@ -872,8 +871,9 @@ fn reasoning_tokens(state: &AppState, reasoning: &str, usage: &Usage) -> u32 {
         .min(usage.completion_tokens)
 }
 
+/// Cut short by `max_output_tokens` or the context.
 fn incomplete(reason: &FinishReason) -> bool {
-    matches!(reason, FinishReason::MaxTokens | FinishReason::ContextFull)
+    Ending::of(reason, false) == Ending::Length
 }
 
 fn output_text_part(text: &str) -> Value {
@@ -1001,18 +1001,18 @@ pub async fn create(
     let id = new_id("resp_");
     let created_at = unix_now();
     if stream {
-        let adapter = ResponseEvents {
+        let wire = ResponseEvents {
             id,
             created_at,
             echo,
-            parser: OutputParser::new(&prepared.output, "call_"),
             items: Items::default(),
             conversation,
             state: state.clone(),
         };
-        return Ok(pipeline::stream_job(&state, job, adapter, Protocol::OpenAI));
+        let reply = Reply::new(wire, prepared.output, "call_", state.replay.clone());
+        return Ok(pipeline::stream_job(&state, job, reply));
     }
-    let done = collect(&state, job, &prepared.output, "call_").await?;
+    let done = collect(&state.replay, job, &prepared.output, "call_").await?;
     let cut_short = incomplete(&done.reason);
     let output = output_items(&done.output, cut_short);
     let usage = usage_json(
@@ -1384,12 +1384,11 @@ impl Items {
     }
 }
 
-/// Streams the official Responses events.
+/// The wire of the official Responses events.
 struct ResponseEvents {
     id: String,
     created_at: u64,
     echo: Echo,
-    parser: OutputParser,
     items: Items,
     /// The conversation to store, before this reply.
     conversation: Vec<ChatMessage>,
@@ -1418,15 +1417,11 @@ impl ResponseEvents {
         self.items
             .emit("response.failed", json!({ "response": object }));
     }
-
-    fn feed(&mut self, events: Vec<OutputEvent>) {
-        for ev in events {
-            self.items.feed(ev);
-        }
-    }
 }
 
-impl StreamAdapter for ResponseEvents {
+impl Wire for ResponseEvents {
+    const PROTOCOL: Protocol = Protocol::OpenAI;
+
     fn opening(&mut self) -> Vec<SseEvent> {
         let object = self.echo.object(
             &self.id,
@@ -1444,62 +1439,50 @@ impl StreamAdapter for ResponseEvents {
         self.items.take()
     }
 
-    fn on_abort(&mut self, err: &ApiError, _protocol: Protocol) -> Vec<SseEvent> {
-        self.fail(err.clone());
+    fn output(&mut self, pieces: Vec<OutputEvent>, _: &mut Logprobs) -> Vec<SseEvent> {
+        for piece in pieces {
+            self.items.feed(piece);
+        }
         self.items.take()
     }
 
-    fn on_event(&mut self, event: Event) -> Vec<SseEvent> {
-        match event {
-            Event::Text(text) => {
-                let events = self.parser.push(&text);
-                self.feed(events);
-            }
-            Event::Finished { reason, usage, .. } => {
-                let events = self.parser.finish();
-                self.feed(events);
-                let cut_short = incomplete(&reason);
-                self.items.finish(cut_short);
-                pipeline::remember_calls(&self.state, self.parser.output());
-                let out = self.parser.output();
-                let usage = usage_json(
-                    &usage,
-                    reasoning_tokens(&self.state, &out.reasoning, &usage),
-                );
-                let (status, details) = if cut_short {
-                    ("incomplete", json!({"reason": "max_output_tokens"}))
-                } else {
-                    ("completed", Value::Null)
-                };
-                let object = self.echo.object(
-                    &self.id,
-                    self.created_at,
-                    status,
-                    self.items.done.clone(),
-                    usage,
-                    details,
-                    Value::Null,
-                );
-                store(
-                    &self.state,
-                    &self.echo,
-                    &self.id,
-                    &object,
-                    std::mem::take(&mut self.conversation),
-                    out,
-                );
-                self.items
-                    .emit(&format!("response.{status}"), json!({ "response": object }));
-            }
-            Event::Failed(err) => {
-                let api: ApiError = err.into();
-                if api.kind == ErrorKind::Internal {
-                    tracing::error!(cause = %api.message, "stream failed");
-                }
-                self.fail(api);
-            }
-            Event::Started { .. } | Event::PrefillProgress { .. } | Event::Logprobs(_) => {}
-        }
+    fn ending(&mut self, end: Ended<'_>, usage: &Usage) -> Vec<SseEvent> {
+        let (reason, output) = (end.reason, end.output);
+        let cut_short = incomplete(reason);
+        self.items.finish(cut_short);
+        let usage = usage_json(
+            usage,
+            reasoning_tokens(&self.state, &output.reasoning, usage),
+        );
+        let (status, details) = if cut_short {
+            ("incomplete", json!({"reason": "max_output_tokens"}))
+        } else {
+            ("completed", Value::Null)
+        };
+        let object = self.echo.object(
+            &self.id,
+            self.created_at,
+            status,
+            self.items.done.clone(),
+            usage,
+            details,
+            Value::Null,
+        );
+        store(
+            &self.state,
+            &self.echo,
+            &self.id,
+            &object,
+            std::mem::take(&mut self.conversation),
+            output,
+        );
+        self.items
+            .emit(&format!("response.{status}"), json!({ "response": object }));
+        self.items.take()
+    }
+
+    fn error(&mut self, err: &ApiError) -> Vec<SseEvent> {
+        self.fail(err.clone());
         self.items.take()
     }
 }

@@ -36,7 +36,8 @@ pub struct AppState {
     /// The vocabulary's control-token texts, kept out of client text.
     pub specials: SpecialTexts,
     /// The exact text of recent tool-calling replies, by call id.
-    pub replay: ReplayStore,
+    /// Arc: streams hold it after their handler returned.
+    pub replay: Arc<ReplayStore>,
     /// Recent Responses API responses, for `previous_response_id`.
     pub responses: ResponseStore,
     /// The id `/v1/models` reports.

@@ -16,5 +16,6 @@ pub mod observe;
 pub mod server;
 pub mod setup;
 pub mod shutdown;
+pub mod state;
 pub mod trace;
 pub mod ui;

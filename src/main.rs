@@ -7,14 +7,15 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing::info;
 
-use hearth::api::auth::ApiKeys;
-use hearth::api::guard::Admission;
 use hearth::config::{LogFormat, ServeArgs};
 use hearth::engine::fault::FaultPlan;
 use hearth::engine::{self, EngineConfig};
 use hearth::metrics::Metrics;
-use hearth::server::{self, Limits, ServiceState};
+use hearth::server;
 use hearth::shutdown::Shutdown;
+use hearth::state::admission::Admission;
+use hearth::state::keys::ApiKeys;
+use hearth::state::{Limits, ServiceState};
 use hearth::trace::TraceLog;
 
 #[derive(Parser)]
@@ -106,7 +107,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         metrics: Arc::new(Metrics::new()),
         trace,
-        activity: (!args.no_ui).then(|| Arc::new(hearth::ui::activity::Activity::new())),
+        activity: (!args.no_ui).then(|| Arc::new(hearth::state::activity::Activity::new())),
     };
     let loaded = hearth::setup::load(&args.engine)?;
     let model = loaded.model.clone();

@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use crate::engine::{Event, FinishReason, JobHandle, PrefixSource};
 use crate::metrics::{Metrics, Outcome};
 use crate::shutdown::Shutdown;
+use crate::state::activity::{Activity, Ending};
 use crate::trace::{raw_body, TraceLog};
-use crate::ui::activity::{Activity, Ending};
 
 /// What the watcher needs besides the job.
 pub struct Watch {
@@ -118,6 +118,7 @@ pub fn watch(job: JobHandle, w: Watch) -> JobHandle {
                     }
                     false
                 }
+                Event::ChoiceEnd { .. } => false,
             };
             if tx.send(event).is_err() {
                 break if w.shutdown.is_aborting() {

@@ -1,8 +1,9 @@
 //! The router and the serve loop.
 //!
-//! `app(state)` is the one place routes live, with the middleware that
-//! guards them; `run` takes an already-bound listener and the server's
-//! [`Shutdown`], so tests bind port 0.
+//! `app(state)` merges each protocol module's routes and wraps them in
+//! the middleware that guards them, in one order; `run` takes an
+//! already-bound listener and the server's [`Shutdown`], so tests bind
+//! port 0.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -20,199 +21,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
-use crate::api::auth::{self, ApiKeys};
 use crate::api::error::{ApiError, Protocol};
-use crate::api::guard::{self, Admission};
-use crate::api::sse::{self, StreamAdapter, StreamOptions};
-use crate::api::{anthropic, models, openai, tokenize};
-use crate::chat::prompt::{PromptSetup, SpecialTexts};
-use crate::chat::replay::ReplayStore;
-use crate::chat::template::ChatTemplate;
-use crate::chat::tools::ToolFormat;
-use crate::engine::{EngineHandle, GenerateRequest, JobHandle};
-use crate::metrics::Metrics;
-use crate::observe;
+use crate::api::{anthropic, auth, completions, guard, models, openai, responses, tokenize};
 use crate::shutdown::Shutdown;
-use crate::trace::TraceLog;
-use crate::ui::activity::Activity;
-
-/// What every handler shares.
-pub struct AppState {
-    pub engine: EngineHandle,
-    pub template: ChatTemplate,
-    /// The tool-call markup this model writes.
-    pub tool_format: ToolFormat,
-    /// The vocabulary's control-token texts, kept out of client text.
-    pub specials: SpecialTexts,
-    /// The exact text of recent tool-calling replies, by call id.
-    pub replay: ReplayStore,
-    /// Recent Responses API responses, for `previous_response_id`.
-    pub responses: crate::api::responses::ResponseStore,
-    /// The id `/v1/models` reports.
-    pub model_id: String,
-    /// Written when nothing else was for this long on a stream.
-    pub heartbeat: Duration,
-    /// Unix time the server started.
-    pub started_at: u64,
-    /// OpenAI's `system_fingerprint`: identifies model and build.
-    pub fingerprint: String,
-    /// Keep Claude Code's volatile billing line in system prompts (it
-    /// changes every request and would defeat prefix caching).
-    pub keep_billing_header: bool,
-    /// Running it as a service: access, limits, admission, shutdown,
-    /// metrics, trace.
-    pub service: ServiceState,
-}
-
-/// What the middleware and the streams share, besides the engine.
-pub struct ServiceState {
-    /// None: no key is required.
-    pub api_keys: Option<ApiKeys>,
-    pub limits: Limits,
-    /// Places in the generation queue.
-    pub admission: Admission,
-    pub shutdown: Shutdown,
-    /// Arc: streams hold it after their handler returned.
-    pub metrics: Arc<Metrics>,
-    pub trace: Option<Arc<TraceLog>>,
-    /// What the status page shows of each request; None: `--no-ui`.
-    pub activity: Option<Arc<Activity>>,
-}
-
-impl ServiceState {
-    /// An open server with default limits (tests).
-    pub fn new(max_queue: usize) -> Self {
-        Self {
-            api_keys: None,
-            limits: Limits::default(),
-            admission: Admission::new(max_queue, 1),
-            shutdown: Shutdown::new(),
-            metrics: Arc::new(Metrics::new()),
-            trace: None,
-            activity: None,
-        }
-    }
-}
-
-/// Bounds on what one request may ask of the server.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_body_bytes: usize,
-    /// For the headers of a request, and again for its body.
-    pub read_timeout: Duration,
-    /// The largest `max_tokens` a request may ask for (None: the context).
-    pub max_tokens: Option<u32>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_body_bytes: 32 << 20,
-            read_timeout: Duration::from_secs(30),
-            max_tokens: None,
-        }
-    }
-}
-
-impl AppState {
-    /// How many tokens a reply to a `prompt_len`-token prompt may have:
-    /// what the client asked for, within the context and `--max-tokens`.
-    /// Asking for more than the server's cap is a mistake; asking for
-    /// nothing gets the cap.
-    pub fn output_room(&self, prompt_len: usize, asked: Option<u32>) -> Result<u32, ApiError> {
-        let n_ctx = self.engine.n_ctx() as usize;
-        let room = n_ctx.saturating_sub(prompt_len) as u32;
-        let cap = self.service.limits.max_tokens;
-        if let (Some(cap), Some(asked)) = (cap, asked) {
-            if asked > cap {
-                return Err(ApiError::invalid_param(
-                    "max_tokens",
-                    format!("max_tokens must be at most {cap} on this server, got {asked}"),
-                ));
-            }
-        }
-        let room = cap.map_or(room, |c| c.min(room));
-        Ok(asked.map_or(room, |m| m.min(room)))
-    }
-
-    /// Remember a reply that made tool calls, for exact replay.
-    pub fn remember_calls(&self, output: &crate::chat::output::Output) {
-        if !output.calls.is_empty() {
-            self.replay
-                .remember(output.calls.iter().map(|c| c.id.as_str()), &output.raw);
-        }
-    }
-
-    /// What the prompt builder needs.
-    pub fn prompt_setup(&self) -> PromptSetup<'_> {
-        PromptSetup {
-            template: &self.template,
-            format: self.tool_format,
-            model: self.engine.model(),
-            specials: &self.specials,
-            replay: &self.replay,
-        }
-    }
-
-    /// Queue a prepared job, watched for the metrics and the trace. `route`
-    /// is the metrics label; `raw` the request body as received.
-    pub fn submit(
-        &self,
-        route: &'static str,
-        raw: &axum::body::Bytes,
-        request: GenerateRequest,
-    ) -> JobHandle {
-        let mut jobs = self.submit_group(route, raw, vec![request]);
-        jobs.pop().expect("one request, one job")
-    }
-
-    /// Queue the choices of one prompt together (one prefill, forked), each
-    /// watched like [`AppState::submit`]'s.
-    pub fn submit_group(
-        &self,
-        route: &'static str,
-        raw: &axum::body::Bytes,
-        requests: Vec<GenerateRequest>,
-    ) -> Vec<JobHandle> {
-        let texts: Vec<Option<String>> = requests.iter().map(|r| r.prompt_text.clone()).collect();
-        let jobs = self.engine.submit_group(requests);
-        jobs.into_iter()
-            .zip(texts)
-            .map(|(job, text)| {
-                let trace = self
-                    .service
-                    .trace
-                    .as_ref()
-                    .map(|log| (log.clone(), raw.clone(), text));
-                let watch = observe::Watch {
-                    route,
-                    metrics: self.service.metrics.clone(),
-                    shutdown: self.service.shutdown.clone(),
-                    trace,
-                    activity: self.service.activity.clone(),
-                };
-                observe::watch(job, watch)
-            })
-            .collect()
-    }
-
-    /// A streaming response for a job: heartbeats on this server's
-    /// interval, counted, ended cleanly by a shutdown.
-    pub fn stream_job<A: StreamAdapter>(
-        &self,
-        job: JobHandle,
-        adapter: A,
-        protocol: Protocol,
-    ) -> Response {
-        let opts = StreamOptions {
-            shutdown: Some(self.service.shutdown.clone()),
-            metrics: Some(self.service.metrics.clone()),
-            activity: self.service.activity.clone(),
-            ..StreamOptions::new(self.heartbeat, protocol)
-        };
-        sse::stream_job(job, adapter, opts)
-    }
-}
+use crate::state::AppState;
 
 /// All routes, and the middleware around them. `cors` lists the origins
 /// browsers may call from (`*`: any); empty turns CORS off.
@@ -223,32 +35,16 @@ impl AppState {
 /// generation routes admission to the queue.
 pub fn app(state: Arc<AppState>, cors: &[String]) -> Router {
     let generate = Router::new()
-        .route("/v1/chat/completions", post(openai::chat_completions))
-        .route(
-            "/v1/completions",
-            post(crate::api::completions::completions),
-        )
-        .route("/v1/messages", post(anthropic::messages))
-        .route("/v1/responses", post(crate::api::responses::create))
-        .route(
-            "/v1/responses/input_tokens",
-            post(crate::api::responses::input_tokens),
-        )
-        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .merge(openai::router())
+        .merge(completions::router())
+        .merge(anthropic::router())
+        .merge(responses::router())
         .route_layer(from_fn_with_state(state.clone(), guard::admit));
     let router = Router::new()
-        .route("/health", get(models::health))
-        .route("/v1/models", get(models::list))
-        .route("/v1/models/{id}", get(models::retrieve))
+        .merge(models::router())
         .route("/metrics", get(metrics))
-        .route("/slots", get(models::slots))
-        .route(
-            "/v1/responses/{id}",
-            get(crate::api::responses::retrieve).delete(crate::api::responses::delete),
-        )
-        .route("/tokenize", post(tokenize::tokenize))
-        .route("/detokenize", post(tokenize::detokenize))
-        .route("/apply-template", post(tokenize::apply_template))
+        .merge(responses::stored_router())
+        .merge(tokenize::router())
         .merge(generate)
         .merge(
             state

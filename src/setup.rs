@@ -16,7 +16,7 @@ use crate::chat::template::ChatTemplate;
 use crate::chat::tools::ToolFormat;
 use crate::config::{default_model_path, EngineArgs};
 use crate::engine::{EngineHandle, Model};
-use crate::server::{AppState, ServiceState};
+use crate::state::{AppState, ServiceState};
 
 /// Tool-call ids whose reply text is kept for exact replay.
 const REPLAY_ENTRIES: usize = 4096;
@@ -91,10 +91,10 @@ impl Loaded {
             template: self.template,
             tool_format: self.tool_format,
             specials: SpecialTexts::new(self.model.control_token_texts()),
-            replay: ReplayStore::new(REPLAY_ENTRIES),
-            responses: crate::api::responses::ResponseStore::new(
-                crate::api::responses::STORED_RESPONSES,
-                crate::api::responses::STORED_BYTES,
+            replay: std::sync::Arc::new(ReplayStore::new(REPLAY_ENTRIES)),
+            responses: crate::state::responses::ResponseStore::new(
+                crate::state::responses::STORED_RESPONSES,
+                crate::state::responses::STORED_BYTES,
             ),
             model_id,
             heartbeat,

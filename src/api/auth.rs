@@ -9,10 +9,8 @@
 //! Keys are kept only as SHA-256 digests and a presented key is hashed and
 //! compared against every configured digest with a branch-free fold, so the
 //! time taken says nothing about how much of a key was right, nor which key
-//! matched. (Hashing first also makes the comparison fixed-length; the
-//! `sha2` crate is already here for cache keys.)
+//! matched ([`crate::state::keys::ApiKeys`]).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -20,83 +18,10 @@ use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use sha2::{Digest, Sha256};
 
 use super::error::{ApiError, Protocol};
-use crate::server::AppState;
-
-/// The accepted keys, as digests.
-#[derive(Clone)]
-pub struct ApiKeys {
-    digests: Vec<[u8; 32]>,
-}
-
-impl std::fmt::Debug for ApiKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ApiKeys({} keys)", self.digests.len())
-    }
-}
-
-impl ApiKeys {
-    /// `None` when no key is given: the server is open.
-    pub fn new<I, S>(keys: I) -> Option<ApiKeys>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let digests: Vec<[u8; 32]> = keys
-            .into_iter()
-            .map(|k| k.as_ref().trim().to_string())
-            .filter(|k| !k.is_empty())
-            .map(|k| digest(k.as_bytes()))
-            .collect();
-        (!digests.is_empty()).then_some(ApiKeys { digests })
-    }
-
-    /// The keys from `--api-key` and the lines of `--api-key-file`
-    /// (blank lines and `#` comments skipped).
-    pub fn load(key: Option<&str>, file: Option<&Path>) -> Result<Option<ApiKeys>, String> {
-        let mut keys: Vec<String> = key.map(str::to_string).into_iter().collect();
-        if let Some(file) = file {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| format!("cannot read the API key file {}: {e}", file.display()))?;
-            let from_file: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_string)
-                .collect();
-            if from_file.is_empty() {
-                return Err(format!("the API key file {} holds no key", file.display()));
-            }
-            keys.extend(from_file);
-        }
-        if key.is_some_and(|k| k.trim().is_empty()) {
-            return Err("--api-key is empty".into());
-        }
-        Ok(ApiKeys::new(keys))
-    }
-
-    /// Whether `presented` is one of the keys, in time independent of the
-    /// keys' contents.
-    pub fn accepts(&self, presented: &[u8]) -> bool {
-        let d = digest(presented);
-        let mut matched = 0u8;
-        for k in &self.digests {
-            let mut diff = 0u8;
-            for (a, b) in d.iter().zip(k) {
-                diff |= a ^ b;
-            }
-            // 1 when diff is 0, else 0, without a branch.
-            matched |= (((diff as u16).wrapping_sub(1) >> 8) & 1) as u8;
-        }
-        std::hint::black_box(matched) == 1
-    }
-}
-
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
+use crate::state::keys::ApiKeys;
+use crate::state::AppState;
 
 /// The keys a request presents: `x-api-key`, and the token of an
 /// `Authorization: Bearer` header.
@@ -157,18 +82,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accepts_only_configured_keys() {
-        let keys = ApiKeys::new(["sk-one", " sk-two "]).unwrap();
-        assert!(keys.accepts(b"sk-one"));
-        assert!(keys.accepts(b"sk-two"));
-        for wrong in [&b""[..], b"sk-on", b"sk-one ", b"SK-ONE", b"sk-onex"] {
-            assert!(!keys.accepts(wrong), "{wrong:?}");
-        }
-        assert!(ApiKeys::new(Vec::<String>::new()).is_none());
-        assert!(ApiKeys::new([" "]).is_none());
-    }
-
-    #[test]
     fn reads_both_header_forms() {
         let mut h = HeaderMap::new();
         h.insert("x-api-key", HeaderValue::from_static("a"));
@@ -177,20 +90,5 @@ mod tests {
         let mut basic = HeaderMap::new();
         basic.insert(AUTHORIZATION, HeaderValue::from_static("Basic Zm9v"));
         assert!(presented(&basic).is_empty());
-    }
-
-    #[test]
-    fn loads_a_key_file() {
-        let path =
-            std::env::temp_dir().join(format!("hearth-keys-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&path, "# rotated monthly\nsk-file\n\n").unwrap();
-        let keys = ApiKeys::load(Some("sk-flag"), Some(&path))
-            .unwrap()
-            .unwrap();
-        assert!(keys.accepts(b"sk-file") && keys.accepts(b"sk-flag"));
-        std::fs::write(&path, "# nothing\n").unwrap();
-        assert!(ApiKeys::load(None, Some(&path)).is_err());
-        let _ = std::fs::remove_file(&path);
-        assert!(ApiKeys::load(None, None).unwrap().is_none());
     }
 }

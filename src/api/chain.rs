@@ -7,25 +7,22 @@
 //! forwarded one job after another: a later job's events wait in its own
 //! channel until the jobs before it have ended.
 //!
-//! Between two jobs the chain queues the finished job's reason on
-//! [`Boundaries`] and then sends a marker event on the channel. Every
-//! event of a job comes before its marker, so an adapter that closes a
-//! choice when it reads the marker ([`Boundaries::ended`]) keeps each
-//! choice's events under its own index. Only the last job's `Finished` is
-//! forwarded, with the whole request's usage; a failure ends the chain.
+//! Between two jobs the chain sends [`Event::ChoiceEnd`] with the finished
+//! job's reason. Every event of a job comes before it, so a stream that
+//! closes a choice there keeps each choice's events under its own index.
+//! Only the last job's `Finished` is forwarded, with the whole request's
+//! usage; a failure ends the chain.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::engine::{
-    CancelFlag, CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, Usage,
+    CancelFlag, CancelOnDrop, EngineError, Event, GenerateRequest, JobHandle, Usage,
 };
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// One job of a chain.
 #[derive(Debug)]
@@ -33,41 +30,6 @@ pub struct ChainJob {
     pub request: GenerateRequest,
     /// The first job of its prompt: its prompt counts in the usage.
     pub first_of_prompt: bool,
-}
-
-/// The finish reasons of the chain's jobs that ended, in order, for the
-/// adapter to read at each marker.
-#[derive(Debug, Clone, Default)]
-pub struct Boundaries(Arc<Mutex<VecDeque<FinishReason>>>);
-
-impl Boundaries {
-    pub(super) fn push(&self, reason: FinishReason) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(reason);
-    }
-
-    /// When `event` is the chain's marker: the reason the job before it
-    /// ended.
-    pub fn ended(&self, event: &Event) -> Option<FinishReason> {
-        match event {
-            Event::PrefillProgress { total: 0, .. } => {
-                self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
-            }
-            _ => None,
-        }
-    }
-}
-
-/// The marker between two jobs: a progress event no prefill sends (a real
-/// one has `total > 0`).
-pub(super) fn marker() -> Event {
-    Event::PrefillProgress {
-        done: 0,
-        total: 0,
-        elapsed: Duration::ZERO,
-    }
 }
 
 /// Add one job's usage to a request's: a prompt counts once, however many
@@ -92,7 +54,7 @@ pub fn submit_all(
     let mut group: Vec<GenerateRequest> = Vec::new();
     let flush = |group: &mut Vec<GenerateRequest>, handles: &mut Vec<(JobHandle, bool)>| {
         if !group.is_empty() {
-            let hs = state.submit_group(route, body, std::mem::take(group));
+            let hs = super::pipeline::submit_group(state, route, body, std::mem::take(group));
             handles.extend(hs.into_iter().enumerate().map(|(i, h)| (h, i == 0)));
         }
     };
@@ -114,10 +76,8 @@ pub fn chain(
     route: &'static str,
     body: Bytes,
     jobs: Vec<ChainJob>,
-) -> (JobHandle, Boundaries) {
+) -> JobHandle {
     let (tx, rx) = mpsc::unbounded_channel();
-    let boundaries = Boundaries::default();
-    let ends = boundaries.clone();
     let handles = submit_all(&state, route, &body, jobs);
     let task = async move {
         let count = handles.len();
@@ -149,8 +109,7 @@ pub fn chain(
                             });
                             return;
                         }
-                        ends.push(reason);
-                        if tx.send(marker()).is_err() {
+                        if tx.send(Event::ChoiceEnd { reason }).is_err() {
                             return;
                         }
                         break;
@@ -171,37 +130,15 @@ pub fn chain(
     tokio::spawn(task.instrument(tracing::Span::current()));
     // The pump's own cancel guard sets this flag; the chain watches its
     // channel instead, which closes at the same moment.
-    (
-        JobHandle {
-            events: rx,
-            cancel: CancelFlag::default(),
-        },
-        boundaries,
-    )
+    JobHandle {
+        events: rx,
+        cancel: CancelFlag::default(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_marker_reads_a_boundary() {
-        let b = Boundaries::default();
-        b.push(FinishReason::MaxTokens);
-        // The ended job's last text, read after its reason was queued.
-        assert_eq!(b.ended(&Event::Text("\n".into())), None);
-        // A real progress event of the next job.
-        assert_eq!(
-            b.ended(&Event::PrefillProgress {
-                done: 4,
-                total: 4,
-                elapsed: Duration::ZERO
-            }),
-            None
-        );
-        assert_eq!(b.ended(&marker()), Some(FinishReason::MaxTokens));
-        assert_eq!(b.ended(&marker()), None);
-    }
 
     #[test]
     fn a_prompt_counts_once_and_every_output_counts() {

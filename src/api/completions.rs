@@ -18,22 +18,24 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::chain::{add_usage, chain, Boundaries, ChainJob};
+use super::chain::{add_usage, chain, ChainJob};
 use super::error::{ApiError, OpenAIError, Protocol};
-use super::openai::{finish_reason, usage_json, StopField};
+use super::openai::{finish_reason, usage_json, ChunkHead, StopField};
+use super::pipeline;
+use super::reply::{collect, Ended, Logprobs, Reply, Wire};
 use super::sampling::{check_vocab, SamplingFields, COMPLETIONS_REFUSED};
-use super::sse::{self, StreamAdapter};
+use super::sse;
 use super::{check_max_tokens, check_stop, new_id, unix_now};
-use crate::engine::{
-    CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams,
-    Token, TokenLogprob, Usage,
-};
-use crate::server::AppState;
+use crate::chat::output::{OutputEvent, OutputSpec};
+use crate::engine::{FinishReason, GenerateRequest, SamplingParams, Token, TokenLogprob, Usage};
+use crate::state::AppState;
 
 /// `max_tokens` when the request gives none (the official API's default).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
@@ -312,7 +314,7 @@ async fn plan(state: &Arc<AppState>, parsed: Parsed) -> Result<Vec<Planned>, Api
             }
             // Within the context and `--max-tokens`, as on the chat route;
             // not asking gets the official default, not the whole room.
-            let room = state.output_room(tokens.len(), parsed.max_tokens)?;
+            let room = pipeline::output_room(&state, tokens.len(), parsed.max_tokens)?;
             let max_tokens = if parsed.max_tokens.is_some() { room } else { room.min(DEFAULT_MAX_TOKENS) };
             for j in 0..parsed.n {
                 let mut sampling = parsed.sampling.clone();
@@ -335,46 +337,6 @@ async fn plan(state: &Arc<AppState>, parsed: Parsed) -> Result<Vec<Planned>, Api
     })
     .await
     .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
-}
-
-/// A finished non-streaming job.
-struct Done {
-    text: String,
-    reason: FinishReason,
-    usage: Usage,
-    logprobs: Vec<TokenLogprob>,
-}
-
-/// Wait for a job and gather its text and logprobs. Dropping the future
-/// (the client left) cancels the job.
-async fn collect(job: JobHandle) -> Result<Done, EngineError> {
-    let JobHandle { mut events, cancel } = job;
-    let _guard = CancelOnDrop(cancel);
-    let mut text = String::new();
-    let mut logprobs = Vec::new();
-    // Tokens reported but whose text has not come yet: a stop sequence
-    // may still cut them.
-    let mut pending = Vec::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Logprobs(lp) => pending.extend(lp),
-            Event::Text(t) => {
-                text.push_str(&t);
-                logprobs.append(&mut pending);
-            }
-            Event::Finished { reason, usage, .. } => {
-                return Ok(Done {
-                    text,
-                    reason,
-                    usage,
-                    logprobs,
-                })
-            }
-            Event::Failed(err) => return Err(err),
-            Event::Started { .. } | Event::PrefillProgress { .. } => {}
-        }
-    }
-    Err(EngineError::Stopped)
 }
 
 /// The index of the character of `text` that byte `at` falls in (or
@@ -422,6 +384,11 @@ pub fn legacy_logprobs(
     })
 }
 
+/// This module's routes (the server guards them with queue admission).
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/completions", post(completions))
+}
+
 /// `POST /v1/completions`
 pub async fn completions(
     State(state): State<Arc<AppState>>,
@@ -453,17 +420,11 @@ pub async fn completions(
                 first_of_prompt: j.first_of_prompt,
             })
             .collect();
-        let (job, boundaries) = chain(state.clone(), ROUTE, body, jobs);
-        let adapter = CompletionChunks::new(
-            id,
-            created,
-            model,
-            include_usage,
-            want_logprobs,
-            choices,
-            boundaries,
-        );
-        return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
+        let job = chain(state.clone(), ROUTE, body, jobs);
+        let wire = CompletionChunks::new(id, created, model, include_usage, want_logprobs, choices);
+        // Raw text: no reasoning, no tool calls to read out of it.
+        let reply = Reply::new(wire, OutputSpec::default(), "call_", state.replay.clone());
+        return Ok(pipeline::stream_job(&state, job, reply));
     }
     let mut choices = Vec::with_capacity(jobs.len());
     let mut usage = Usage::default();
@@ -478,10 +439,10 @@ pub async fn completions(
     // All prompts and choices are queued at once and decoded together.
     let handles = super::chain::submit_all(&state, ROUTE, &body, chained);
     for ((handle, first), (echo, index)) in handles.into_iter().zip(meta) {
-        let done = collect(handle).await?;
+        let done = collect(&state.replay, handle, &OutputSpec::default(), "call_").await?;
         add_usage(&mut usage, &done.usage, first);
         let echo = echo.unwrap_or_default();
-        let text = format!("{echo}{}", done.text);
+        let text = format!("{echo}{}", done.output.text);
         let logprobs = if want_logprobs {
             legacy_logprobs(&done.logprobs, &text, echo.len(), 0)
         } else {
@@ -491,7 +452,7 @@ pub async fn completions(
             "text": text,
             "index": index,
             "logprobs": logprobs,
-            "finish_reason": finish_reason(&done.reason),
+            "finish_reason": finish_reason(&done.reason, false),
         }));
     }
     Ok(Json(json!({
@@ -506,12 +467,9 @@ pub async fn completions(
     .into_response())
 }
 
-/// Streams `text_completion` chunks for the chained choices, in order.
+/// The wire of `text_completion` chunks for the chained choices, in order.
 struct CompletionChunks {
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
+    head: ChunkHead,
     want_logprobs: bool,
     /// Each job's choice index and echo text, in run order.
     choices: Vec<(u32, Option<String>)>,
@@ -519,9 +477,6 @@ struct CompletionChunks {
     current: usize,
     /// Characters written so far in the current choice's text.
     chars: usize,
-    /// Logprobs waiting for the text that holds their tokens.
-    pending: Vec<TokenLogprob>,
-    boundaries: Boundaries,
 }
 
 impl CompletionChunks {
@@ -532,19 +487,21 @@ impl CompletionChunks {
         include_usage: bool,
         want_logprobs: bool,
         choices: Vec<(u32, Option<String>)>,
-        boundaries: Boundaries,
     ) -> Self {
-        Self {
+        let head = ChunkHead {
             id,
+            object: "text_completion",
             created,
             model,
+            fingerprint: None,
             include_usage,
+        };
+        Self {
+            head,
             want_logprobs,
             choices,
             current: 0,
             chars: 0,
-            pending: Vec::new(),
-            boundaries,
         }
     }
 
@@ -552,33 +509,21 @@ impl CompletionChunks {
         self.choices.get(self.current).map_or(0, |c| c.0)
     }
 
-    fn chunk(&self, choices: Value) -> Value {
-        let mut c = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        });
-        if self.include_usage {
-            c["usage"] = Value::Null;
-        }
-        c
+    fn text_chunk(&self, text: &str, logprobs: Value, finish: Option<&str>) -> SseEvent {
+        sse::data(&self.head.chunk(json!([{ "text": text, "index": self.index(), "logprobs": logprobs, "finish_reason": finish }])))
     }
 
-    fn text_chunk(
-        &self,
-        text: &str,
-        logprobs: Value,
-        finish: Option<&str>,
-    ) -> axum::response::sse::Event {
-        sse::data(&self.chunk(json!([{ "text": text, "index": self.index(), "logprobs": logprobs, "finish_reason": finish }])))
+    fn end_choice(&mut self, reason: &FinishReason) -> SseEvent {
+        self.text_chunk("", Value::Null, Some(finish_reason(reason, false)))
     }
+}
+
+impl Wire for CompletionChunks {
+    const PROTOCOL: Protocol = Protocol::OpenAI;
 
     /// The current choice's echo, as its first chunk.
-    fn start_choice(&mut self) -> Vec<axum::response::sse::Event> {
+    fn opening(&mut self) -> Vec<SseEvent> {
         self.chars = 0;
-        self.pending.clear();
         match self.choices.get(self.current).and_then(|c| c.1.clone()) {
             Some(echo) if !echo.is_empty() => {
                 self.chars = echo.chars().count();
@@ -588,57 +533,33 @@ impl CompletionChunks {
         }
     }
 
-    fn end_choice(&mut self, reason: &FinishReason) -> axum::response::sse::Event {
-        self.text_chunk("", Value::Null, Some(finish_reason(reason)))
-    }
-}
-
-impl StreamAdapter for CompletionChunks {
-    fn opening(&mut self) -> Vec<axum::response::sse::Event> {
-        self.start_choice()
-    }
-
-    fn on_event(&mut self, event: Event) -> Vec<axum::response::sse::Event> {
+    fn output(&mut self, pieces: Vec<OutputEvent>, logprobs: &mut Logprobs) -> Vec<SseEvent> {
         let mut out = Vec::new();
-        // The chain's marker: the choice before it has ended.
-        if let Some(reason) = self.boundaries.ended(&event) {
-            out.push(self.end_choice(&reason));
-            self.current += 1;
-            out.extend(self.start_choice());
-            return out;
+        for piece in pieces {
+            // Raw text is read with no reasoning and no tools: text only.
+            let OutputEvent::Text(text) = piece else {
+                continue;
+            };
+            let logprobs = if self.want_logprobs {
+                legacy_logprobs(&std::mem::take(logprobs), &text, 0, self.chars)
+            } else {
+                Value::Null
+            };
+            self.chars += text.chars().count();
+            out.push(self.text_chunk(&text, logprobs, None));
         }
-        match event {
-            Event::Logprobs(lp) => self.pending.extend(lp),
-            Event::Text(text) => {
-                let logprobs = if self.want_logprobs {
-                    let tokens = std::mem::take(&mut self.pending);
-                    legacy_logprobs(&tokens, &text, 0, self.chars)
-                } else {
-                    Value::Null
-                };
-                if !text.is_empty() {
-                    self.chars += text.chars().count();
-                    out.push(self.text_chunk(&text, logprobs, None));
-                }
-            }
-            Event::Finished { reason, usage, .. } => {
-                out.push(self.end_choice(&reason));
-                if self.include_usage {
-                    let mut last = self.chunk(json!([]));
-                    last["usage"] = usage_json(&usage);
-                    out.push(sse::data(&last));
-                }
-                out.push(axum::response::sse::Event::default().data("[DONE]"));
-            }
-            Event::Failed(err) => {
-                let api: ApiError = err.into();
-                if api.kind == super::error::ErrorKind::Internal {
-                    tracing::error!(cause = %api.message, "stream failed");
-                }
-                out.extend(Protocol::OpenAI.error_events(&api));
-            }
-            Event::Started { .. } | Event::PrefillProgress { .. } => {}
-        }
+        out
+    }
+
+    fn choice_end(&mut self, end: Ended<'_>) -> Vec<SseEvent> {
+        let fin = self.end_choice(end.reason);
+        self.current += 1;
+        vec![fin]
+    }
+
+    fn ending(&mut self, end: Ended<'_>, usage: &Usage) -> Vec<SseEvent> {
+        let mut out = vec![self.end_choice(end.reason)];
+        out.extend(self.head.tail(usage));
         out
     }
 }
@@ -759,27 +680,22 @@ mod tests {
     }
 
     #[test]
-    fn stream_adapter_closes_each_choice_in_order() {
-        let boundaries = Boundaries::default();
+    fn the_stream_closes_each_choice_in_order() {
+        use crate::api::sse::StreamAdapter;
+        use crate::chat::replay::ReplayStore;
+        use crate::engine::Event;
+
         let choices = vec![(0, Some("P".to_string())), (1, Some("Q".to_string()))];
-        let mut a = CompletionChunks::new(
-            "cmpl-1".into(),
-            0,
-            "m".into(),
-            true,
-            false,
-            choices,
-            boundaries.clone(),
-        );
-        let frames = |evs: Vec<axum::response::sse::Event>| evs.len();
+        let wire = CompletionChunks::new("cmpl-1".into(), 0, "m".into(), true, false, choices);
+        let replay = std::sync::Arc::new(ReplayStore::new(4));
+        let mut a = Reply::new(wire, OutputSpec::default(), "call_", replay);
+        let frames = |evs: Vec<SseEvent>| evs.len();
+        // The echo of choice 0.
         assert_eq!(frames(a.opening()), 1);
         assert_eq!(frames(a.on_event(Event::Text("x".into()))), 1);
-        // The chain queues the reason before the adapter has read the
-        // choice's last text: that text still belongs to choice 0.
-        boundaries.push(FinishReason::MaxTokens);
         assert_eq!(frames(a.on_event(Event::Text("\n".into()))), 1);
-        assert_eq!(a.index(), 0);
-        // A real progress event of the next choice closes nothing.
+        assert_eq!(a.wire().index(), 0);
+        // A progress event of the next choice closes nothing.
         assert_eq!(
             frames(a.on_event(Event::PrefillProgress {
                 done: 4,
@@ -788,10 +704,14 @@ mod tests {
             })),
             0
         );
-        assert_eq!(a.index(), 0);
+        assert_eq!(a.wire().index(), 0);
         // Finish chunk of choice 0, echo chunk of choice 1.
-        assert_eq!(frames(a.on_event(super::super::chain::marker())), 2);
-        assert_eq!(a.index(), 1);
+        let end = Event::ChoiceEnd {
+            reason: FinishReason::MaxTokens,
+        };
+        assert_eq!(frames(a.on_event(end)), 2);
+        assert_eq!(a.wire().index(), 1);
+        assert_eq!(a.wire().chars, 1, "choice 1 starts after its echo");
         let end = a.on_event(Event::Finished {
             reason: FinishReason::EndOfTurn,
             usage: Usage::default(),

@@ -8,7 +8,6 @@
 use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -22,55 +21,8 @@ use futures::FutureExt;
 
 use super::error::{ApiError, Protocol};
 use crate::metrics::route_label;
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::trace::{raw_body, TraceLog};
-
-/// How many generation requests may be in flight: the `--parallel` ones
-/// the engine runs plus `--max-queue` waiting. Counted here rather than read from the
-/// engine's queue so that admission is one atomic step (requests that are
-/// still tokenizing count too, and a burst cannot overshoot).
-#[derive(Debug)]
-pub struct Admission {
-    in_flight: Arc<AtomicUsize>,
-    limit: usize,
-    /// Requests the engine runs at once.
-    running: usize,
-}
-
-/// A place in the queue, released when dropped.
-#[derive(Debug)]
-pub struct Permit(Arc<AtomicUsize>);
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Admission {
-    /// Room for `max_queue` waiting requests besides `running` ones.
-    pub fn new(max_queue: usize, running: usize) -> Self {
-        Self {
-            in_flight: Arc::default(),
-            limit: max_queue.saturating_add(running.max(1)),
-            running: running.max(1),
-        }
-    }
-
-    pub fn try_admit(&self) -> Option<Permit> {
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Permit(self.in_flight.clone()))
-    }
-
-    /// Generation requests admitted and not yet answered in full.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
-    }
-}
 
 /// A response body that holds something (a queue permit) until the body is
 /// finished or dropped: for a stream, until its last event is written or
@@ -111,7 +63,7 @@ pub async fn admit(State(state): State<Arc<AppState>>, req: Request, next: Next)
         return protocol.error_response(ApiError::unavailable("the server is shutting down"));
     }
     let Some(permit) = service.admission.try_admit() else {
-        let waiting = service.admission.limit - service.admission.running;
+        let waiting = service.admission.queue_room();
         let mut resp = protocol.error_response(ApiError::overloaded(format!(
             "the server is busy: {waiting} requests are already waiting for the model; retry shortly"
         )));
@@ -269,26 +221,6 @@ pub async fn count_requests(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn admission_holds_one_running_plus_the_queue() {
-        let a = Admission::new(1, 1);
-        let first = a.try_admit().unwrap();
-        let second = a.try_admit().unwrap();
-        assert!(a.try_admit().is_none());
-        drop(first);
-        let third = a.try_admit().unwrap();
-        assert_eq!(a.in_flight(), 2);
-        drop((second, third));
-        assert_eq!(a.in_flight(), 0);
-        let none_waiting = Admission::new(0, 1);
-        let _only = none_waiting.try_admit().unwrap();
-        assert!(none_waiting.try_admit().is_none());
-        let four = Admission::new(2, 4);
-        let held: Vec<Permit> = (0..6).map(|_| four.try_admit().unwrap()).collect();
-        assert!(four.try_admit().is_none());
-        drop(held);
-    }
 
     #[tokio::test]
     async fn a_panicking_handler_gets_a_500_in_its_protocol() {

@@ -1,7 +1,7 @@
 //! The HTTP side: one module per protocol, all feeding the one engine API.
 //!
 //! Each protocol module parses its wire request, converts it into
-//! a [`ChatRequest`] and [`GenOptions`], calls [`prepare`] (render, tokenize,
+//! a [`crate::chat::ChatRequest`] and [`GenOptions`], calls [`pipeline::prepare`] (render, tokenize,
 //! check the context), submits the job and adapts the engine's events back
 //! into its own wire format, streamed through [`sse`] or collected.
 
@@ -14,22 +14,17 @@ pub mod error;
 pub mod guard;
 pub mod models;
 pub mod openai;
+pub mod pipeline;
+pub mod reply;
 pub mod responses;
 pub mod sampling;
 pub mod sse;
 pub mod tokenize;
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::chat::output::{Output, OutputParser, OutputSpec};
-use crate::chat::prompt::{self, PromptError};
-use crate::chat::ChatRequest;
-use crate::engine::{
-    CancelOnDrop, EngineError, Event, FinishReason, GenerateRequest, JobHandle, SamplingParams,
-    TokenLogprob, Usage,
-};
-use crate::server::AppState;
+use crate::chat::prompt::PromptError;
+use crate::engine::SamplingParams;
 use error::ApiError;
 
 /// Generation options common to every protocol, already validated.
@@ -108,11 +103,15 @@ pub fn check_range(param: &str, value: f32, lo: f32, hi: f32) -> Result<f32, Api
     Ok(value)
 }
 
-/// A job ready to submit, and how to read its reply.
-#[derive(Debug, Clone)]
-pub struct PreparedJob {
-    pub request: GenerateRequest,
-    pub output: OutputSpec,
+/// OpenAI's `tool_choice` modes, as chat and Responses spell them.
+pub fn tool_mode(mode: &str) -> Option<crate::chat::ToolChoice> {
+    use crate::chat::ToolChoice;
+    match mode {
+        "auto" => Some(ToolChoice::Auto),
+        "none" => Some(ToolChoice::None),
+        "required" => Some(ToolChoice::Required),
+        _ => None,
+    }
 }
 
 /// Map a prompt builder's complaint to a 400 naming the field. `messages`
@@ -147,138 +146,6 @@ pub fn openai_sampling(
         .transpose()?
         .unwrap_or(defaults.top_p);
     sampling::resolve(fields, temperature, top_p, refused)
-}
-
-/// Render the conversation and tokenize it, checking its grammar (on the
-/// calling thread: callers run it on the blocking pool).
-fn render(
-    state: &AppState,
-    chat: ChatRequest,
-    messages: &'static str,
-) -> Result<prompt::Prepared, ApiError> {
-    let has_format = chat.response_format.is_some();
-    let prepared = prompt::prepare(&state.prompt_setup(), chat).map_err(|e| {
-        let mut api = prompt_error(e, messages);
-        if has_format && api.param.as_deref() == Some("tools") {
-            api.param = Some("response_format".into());
-        }
-        api
-    })?;
-    if let Some(g) = &prepared.grammar {
-        crate::engine::grammar::validate(state.engine.model(), g).map_err(|e| {
-            ApiError::invalid_param(
-                if has_format {
-                    "response_format"
-                } else {
-                    "tools"
-                },
-                format!("the schema gives a grammar llama.cpp rejects: {e}"),
-            )
-        })?;
-    }
-    Ok(prepared)
-}
-
-/// The prompt's length in tokens, for the token-counting routes. No
-/// context check: a client counts to learn whether its conversation still
-/// fits, so a count past the context is an answer, not an error.
-pub async fn count_prompt(
-    state: &Arc<AppState>,
-    chat: ChatRequest,
-    messages: &'static str,
-) -> Result<usize, ApiError> {
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || render(&state, chat, messages).map(|p| p.tokens.len()))
-        .await
-        .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
-}
-
-/// Render the conversation, tokenize it and check it fits. Runs on the
-/// blocking pool: a 100k-token prompt takes a while to tokenize and must
-/// not hold up the async threads (which keep heartbeats flowing).
-/// `messages` names the history field in errors.
-pub async fn prepare(
-    state: &Arc<AppState>,
-    chat: ChatRequest,
-    opts: GenOptions,
-    messages: &'static str,
-) -> Result<PreparedJob, ApiError> {
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || {
-        sampling::check_vocab(&opts.sampling, state.engine.model().n_vocab())?;
-        let prepared = render(&state, chat, messages)?;
-        let mut stop = opts.stop;
-        stop.extend(prepared.stops.iter().cloned());
-        let prompt = prepared.tokens;
-        let n_ctx = state.engine.n_ctx() as usize;
-        if prompt.len() >= n_ctx {
-            return Err(ApiError::invalid_param(
-                messages,
-                format!(
-                    "the prompt is {} tokens long, but the context holds only {n_ctx} tokens (prompt and output together)",
-                    prompt.len()
-                ),
-            )
-            .with_code("context_length_exceeded"));
-        }
-        let max_tokens = state.output_room(prompt.len(), opts.max_tokens)?;
-        let mut req = GenerateRequest::new(prompt, opts.sampling, max_tokens);
-        req.stop = stop;
-        req.prompt_text = prepared.text_exact.then_some(prepared.text);
-        req.grammar = prepared.grammar;
-        req.logprobs = opts.logprobs;
-        req.ignore_eos = opts.ignore_eos;
-        req.reasoning_budget = prepared.reasoning_budget;
-        Ok(PreparedJob { request: req, output: prepared.output })
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
-}
-
-/// A finished non-streaming generation.
-#[derive(Debug)]
-pub struct Collected {
-    pub output: Output,
-    pub reason: FinishReason,
-    pub usage: Usage,
-    pub logprobs: Vec<TokenLogprob>,
-}
-
-/// Wait for a job to finish and gather its reply, read as `spec` says.
-/// Dropping the future (the client went away) cancels the job. A reply
-/// with tool calls is remembered for exact replay.
-pub async fn collect(
-    state: &AppState,
-    job: JobHandle,
-    spec: &OutputSpec,
-    id_prefix: &'static str,
-) -> Result<Collected, EngineError> {
-    let JobHandle { mut events, cancel } = job;
-    let _guard = CancelOnDrop(cancel);
-    let mut parser = OutputParser::new(spec, id_prefix);
-    let mut logprobs = Vec::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Text(t) => {
-                parser.push(&t);
-            }
-            Event::Logprobs(lp) => logprobs.extend(lp),
-            Event::Finished { reason, usage, .. } => {
-                parser.finish();
-                let output = parser.into_output();
-                state.remember_calls(&output);
-                return Ok(Collected {
-                    output,
-                    reason,
-                    usage,
-                    logprobs,
-                });
-            }
-            Event::Failed(err) => return Err(err),
-            Event::Started { .. } | Event::PrefillProgress { .. } => {}
-        }
-    }
-    Err(EngineError::Stopped)
 }
 
 /// Seconds since the Unix epoch, for `created` fields.

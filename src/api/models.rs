@@ -5,11 +5,21 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::get;
+use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::error::{AnthropicError, ApiError, OpenAIError};
-use crate::server::AppState;
+use crate::state::AppState;
+
+/// This module's routes.
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(list))
+        .route("/v1/models/{id}", get(retrieve))
+        .route("/slots", get(slots))
+}
 
 /// 200 while the engine serves (the router only exists once the model is
 /// loaded); 503 with the reason once the engine has stopped.

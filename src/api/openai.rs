@@ -9,24 +9,28 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::chain::{add_usage, chain, Boundaries, ChainJob};
+use super::chain::{add_usage, chain, ChainJob};
 use super::completions::MAX_N;
 use super::error::Protocol;
 use super::error::{ApiError, OpenAIError};
+use super::pipeline::{self, prepare};
+use super::reply::{collect, Collected, Ended, Ending, Logprobs, Reply, Wire};
 use super::sampling::{SamplingFields, CHAT_REFUSED};
-use super::sse::{self, StreamAdapter};
-use super::{check_max_tokens, collect, new_id, prepare, unix_now, GenOptions};
-use crate::chat::output::{OutputEvent, OutputParser, OutputSpec};
+use super::sse;
+use super::{check_max_tokens, new_id, unix_now, GenOptions};
+use crate::chat::output::OutputEvent;
 use crate::chat::{
     ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice, ToolSpec,
 };
-use crate::engine::{Event, FinishReason, GenerateRequest, TokenLogprob, Usage};
-use crate::server::AppState;
+use crate::engine::{FinishReason, GenerateRequest, TokenLogprob, Usage};
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 pub struct ChatCompletionRequest {
@@ -230,12 +234,7 @@ pub fn tool_choice(value: Option<Value>) -> Result<ToolChoice, ApiError> {
     };
     match value {
         None | Some(Value::Null) => Ok(ToolChoice::Auto),
-        Some(Value::String(s)) => match s.as_str() {
-            "auto" => Ok(ToolChoice::Auto),
-            "none" => Ok(ToolChoice::None),
-            "required" => Ok(ToolChoice::Required),
-            _ => Err(bad()),
-        },
+        Some(Value::String(s)) => super::tool_mode(&s).ok_or_else(bad),
         Some(Value::Object(o)) => {
             let name = o
                 .get("function")
@@ -429,18 +428,13 @@ pub fn convert(req: ChatCompletionRequest) -> Result<(ChatRequest, GenOptions), 
     ))
 }
 
-pub fn finish_reason(reason: &FinishReason) -> &'static str {
-    match reason {
-        FinishReason::EndOfTurn | FinishReason::StopSequence(_) => "stop",
-        FinishReason::MaxTokens | FinishReason::ContextFull => "length",
-    }
-}
-
-/// A reply that made calls finished to have them run, unless it was cut short.
-fn chat_finish_reason(reason: &FinishReason, calls: bool) -> &'static str {
-    match (reason, calls) {
-        (FinishReason::EndOfTurn | FinishReason::StopSequence(_), true) => "tool_calls",
-        _ => finish_reason(reason),
+/// OpenAI's `finish_reason`: a reply that made calls (`calls`) finished
+/// to have them run, unless it was cut short.
+pub fn finish_reason(reason: &FinishReason, calls: bool) -> &'static str {
+    match Ending::of(reason, calls) {
+        Ending::ToolCalls => "tool_calls",
+        Ending::EndOfTurn | Ending::StopSequence(_) => "stop",
+        Ending::Length => "length",
     }
 }
 
@@ -481,6 +475,11 @@ pub fn tool_calls_json(calls: &[ToolCall]) -> Value {
 
 const ROUTE: &str = "chat_completions";
 
+/// This module's routes (the server guards them with queue admission).
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/chat/completions", post(chat_completions))
+}
+
 /// `POST /v1/chat/completions`
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
@@ -514,9 +513,9 @@ pub async fn chat_completions(
     let id = new_id("chatcmpl-");
     let created = unix_now();
     if stream {
-        let (job, boundaries) = if n == 1 {
+        let job = if n == 1 {
             let request = requests.into_iter().next().expect("n is at least 1");
-            (state.submit(ROUTE, &body, request), Boundaries::default())
+            pipeline::submit(&state, ROUTE, &body, request)
         } else {
             let jobs = requests
                 .into_iter()
@@ -528,27 +527,28 @@ pub async fn chat_completions(
                 .collect();
             chain(state.clone(), ROUTE, body, jobs)
         };
-        let adapter = ChunkAdapter {
+        let head = ChunkHead {
             id,
+            object: "chat.completion.chunk",
             created,
             model,
+            fingerprint: Some(state.fingerprint.clone()),
             include_usage,
+        };
+        let wire = ChunkWire {
+            head,
             want_logprobs,
             index: 0,
-            boundaries,
-            parser: OutputParser::new(&prepared.output, "call_"),
-            spec: prepared.output,
-            pending_logprobs: Vec::new(),
-            state: state.clone(),
         };
-        return Ok(state.stream_job(job, adapter, Protocol::OpenAI));
+        let reply = Reply::new(wire, prepared.output, "call_", state.replay.clone());
+        return Ok(pipeline::stream_job(&state, job, reply));
     }
     let mut choices = Vec::with_capacity(requests.len());
     let mut usage = Usage::default();
     // All choices are queued at once: one prefill, decoded together.
-    let handles = state.submit_group(ROUTE, &body, requests);
+    let handles = pipeline::submit_group(&state, ROUTE, &body, requests);
     for (j, handle) in handles.into_iter().enumerate() {
-        let done = collect(&state, handle, &prepared.output, "call_").await?;
+        let done = collect(&state.replay, handle, &prepared.output, "call_").await?;
         add_usage(&mut usage, &done.usage, j == 0);
         choices.push(choice_json(j, &done, want_logprobs));
     }
@@ -565,7 +565,7 @@ pub async fn chat_completions(
 }
 
 /// One finished choice of a chat completion.
-fn choice_json(index: usize, done: &super::Collected, want_logprobs: bool) -> Value {
+fn choice_json(index: usize, done: &Collected, want_logprobs: bool) -> Value {
     let out = &done.output;
     let mut message = json!({
         "role": "assistant",
@@ -587,54 +587,102 @@ fn choice_json(index: usize, done: &super::Collected, want_logprobs: bool) -> Va
         "index": index,
         "message": message,
         "logprobs": logprobs,
-        "finish_reason": chat_finish_reason(&done.reason, !out.calls.is_empty()),
+        "finish_reason": finish_reason(&done.reason, !out.calls.is_empty()),
     })
 }
 
-/// Streams `chat.completion.chunk` objects.
-struct ChunkAdapter {
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
-    want_logprobs: bool,
-    /// The choice being streamed; with `n` above 1 the choices come in
-    /// turn, each closed at its chain marker.
-    index: u32,
-    boundaries: Boundaries,
-    parser: OutputParser,
-    /// How to read each choice, for the next choice's parser.
-    spec: OutputSpec,
-    /// Logprobs of tokens whose text has not been sent yet.
-    pending_logprobs: Vec<TokenLogprob>,
-    state: Arc<AppState>,
+/// What every chunk of an OpenAI stream (chat or legacy completions)
+/// carries around its choices.
+pub struct ChunkHead {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    /// Chat chunks name the build; legacy completion chunks do not.
+    pub fingerprint: Option<String>,
+    /// `stream_options.include_usage`: every chunk has `usage`, null but
+    /// in the last.
+    pub include_usage: bool,
 }
 
-impl ChunkAdapter {
-    fn chunk(&mut self, delta: Value, finish: Option<&str>) -> Value {
-        let logprobs = if self.want_logprobs && !self.pending_logprobs.is_empty() {
-            json!({ "content": logprobs_content(&std::mem::take(&mut self.pending_logprobs)), "refusal": null })
-        } else {
-            Value::Null
-        };
+impl ChunkHead {
+    /// A chunk with these `choices`.
+    pub fn chunk(&self, choices: Value) -> Value {
         let mut c = json!({
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": self.object,
             "created": self.created,
             "model": self.model,
-            "system_fingerprint": self.state.fingerprint,
-            "choices": [{ "index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
         });
+        if let Some(f) = &self.fingerprint {
+            c["system_fingerprint"] = json!(f);
+        }
+        c["choices"] = choices;
         if self.include_usage {
             c["usage"] = Value::Null;
         }
         c
     }
 
-    fn output_events(&mut self, events: Vec<OutputEvent>) -> Vec<axum::response::sse::Event> {
+    /// What ends the stream: the last chunk, with no choices and the whole
+    /// request's usage, when the client asked for it; then `[DONE]`.
+    pub fn tail(&self, usage: &Usage) -> Vec<SseEvent> {
         let mut out = Vec::new();
-        for ev in events {
-            let delta = match ev {
+        if self.include_usage {
+            let mut last = self.chunk(json!([]));
+            last["usage"] = usage_json(usage);
+            out.push(sse::data(&last));
+        }
+        out.push(SseEvent::default().data("[DONE]"));
+        out
+    }
+}
+
+/// The wire of `chat.completion.chunk` objects.
+struct ChunkWire {
+    head: ChunkHead,
+    want_logprobs: bool,
+    /// The choice being streamed; with `n` above 1 the choices come in
+    /// turn, each closed where the chain says it ended.
+    index: u32,
+}
+
+impl ChunkWire {
+    /// A chunk of the current choice, carrying the logprobs still to send.
+    fn chunk(
+        &self,
+        delta: Value,
+        finish: Option<&str>,
+        logprobs: &mut Vec<TokenLogprob>,
+    ) -> SseEvent {
+        let logprobs = if self.want_logprobs && !logprobs.is_empty() {
+            json!({ "content": logprobs_content(&std::mem::take(logprobs)), "refusal": null })
+        } else {
+            Value::Null
+        };
+        let choice = json!({ "index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish });
+        sse::data(&self.head.chunk(json!([choice])))
+    }
+
+    /// The current choice's finish chunk.
+    fn finish(&self, end: Ended<'_>) -> SseEvent {
+        let reason = finish_reason(end.reason, !end.output.calls.is_empty());
+        self.chunk(json!({}), Some(reason), end.logprobs)
+    }
+}
+
+impl Wire for ChunkWire {
+    const PROTOCOL: Protocol = Protocol::OpenAI;
+
+    fn opening(&mut self) -> Vec<SseEvent> {
+        let delta = json!({ "role": "assistant", "content": "" });
+        vec![self.chunk(delta, None, &mut Vec::new())]
+    }
+
+    fn output(&mut self, pieces: Vec<OutputEvent>, logprobs: &mut Logprobs) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        for piece in pieces {
+            let delta = match piece {
                 OutputEvent::Text(t) => json!({ "content": t }),
                 OutputEvent::Reasoning(r) => json!({ "reasoning_content": r }),
                 OutputEvent::CallStart { index, id, name } => json!({ "tool_calls": [{
@@ -645,73 +693,21 @@ impl ChunkAdapter {
                 }
                 OutputEvent::CallEnd { .. } => continue,
             };
-            let chunk = self.chunk(delta, None);
-            out.push(sse::data(&chunk));
+            out.push(self.chunk(delta, None, logprobs));
         }
         out
     }
-}
 
-impl ChunkAdapter {
-    /// The rest of the current choice and its finish chunk.
-    fn end_choice(&mut self, reason: &FinishReason) -> Vec<axum::response::sse::Event> {
-        let events = self.parser.finish();
-        let mut out = self.output_events(events);
-        let calls = !self.parser.output().calls.is_empty();
-        self.state.remember_calls(self.parser.output());
-        let fin = self.chunk(json!({}), Some(chat_finish_reason(reason, calls)));
-        out.push(sse::data(&fin));
+    fn choice_end(&mut self, end: Ended<'_>) -> Vec<SseEvent> {
+        let fin = self.finish(end);
+        self.index += 1;
+        vec![fin]
+    }
+
+    fn ending(&mut self, end: Ended<'_>, usage: &Usage) -> Vec<SseEvent> {
+        let mut out = vec![self.finish(end)];
+        out.extend(self.head.tail(usage));
         out
-    }
-}
-
-impl StreamAdapter for ChunkAdapter {
-    fn opening(&mut self) -> Vec<axum::response::sse::Event> {
-        let chunk = self.chunk(json!({ "role": "assistant", "content": "" }), None);
-        vec![sse::data(&chunk)]
-    }
-
-    fn on_event(&mut self, event: Event) -> Vec<axum::response::sse::Event> {
-        if let Some(reason) = self.boundaries.ended(&event) {
-            let mut out = self.end_choice(&reason);
-            self.index += 1;
-            self.parser = OutputParser::new(&self.spec, "call_");
-            self.pending_logprobs.clear();
-            out.extend(self.opening());
-            return out;
-        }
-        match event {
-            Event::Text(text) => {
-                let events = self.parser.push(&text);
-                self.output_events(events)
-            }
-            Event::Logprobs(lps) => {
-                self.pending_logprobs.extend(lps);
-                vec![]
-            }
-            Event::Finished { reason, usage, .. } => {
-                let mut out = self.end_choice(&reason);
-                if self.include_usage {
-                    let mut last = self.chunk(json!({}), None);
-                    last["choices"] = json!([]);
-                    last["usage"] = usage_json(&usage);
-                    out.push(sse::data(&last));
-                }
-                out.push(axum::response::sse::Event::default().data("[DONE]"));
-                out
-            }
-            Event::Failed(err) => {
-                let api: ApiError = err.into();
-                if api.kind == super::error::ErrorKind::Internal {
-                    tracing::error!(cause = %api.message, "stream failed");
-                }
-                vec![
-                    sse::data(&json!({ "error": api.openai_body() })),
-                    axum::response::sse::Event::default().data("[DONE]"),
-                ]
-            }
-            Event::Started { .. } | Event::PrefillProgress { .. } => vec![],
-        }
     }
 }
 

@@ -38,7 +38,7 @@ pub use super::error::Protocol;
 use crate::engine::{CancelOnDrop, EngineError, Event, JobHandle};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::ui::activity::{Activity, LiveJob};
+use crate::state::activity::{Activity, LiveJob};
 
 /// Turns engine events into one protocol's SSE events.
 pub trait StreamAdapter: Send + 'static {

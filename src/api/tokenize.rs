@@ -11,14 +11,16 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, OpenAIError};
 use super::openai::{convert, ChatCompletionRequest};
+use super::pipeline;
 use crate::engine::Token;
-use crate::server::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 struct TokenizeRequest {
@@ -52,6 +54,14 @@ fn tokens_json(state: &AppState, tokens: &[Token], with_pieces: bool) -> Value {
         })
         .collect();
     json!({ "tokens": items })
+}
+
+/// This module's routes.
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/apply-template", post(apply_template))
 }
 
 /// `POST /tokenize`
@@ -131,8 +141,10 @@ async fn prepared_prompt(
     chat: crate::chat::ChatRequest,
 ) -> Result<crate::chat::prompt::Prepared, ApiError> {
     let st = state.clone();
-    tokio::task::spawn_blocking(move || crate::chat::prompt::prepare(&st.prompt_setup(), chat))
-        .await
-        .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
-        .map_err(|e| super::prompt_error(e, "messages"))
+    tokio::task::spawn_blocking(move || {
+        crate::chat::prompt::prepare(&pipeline::prompt_setup(&st), chat)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("prompt preparation panicked: {e}")))?
+    .map_err(|e| super::prompt_error(e, "messages"))
 }

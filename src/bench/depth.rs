@@ -98,7 +98,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", csv.display()))?;
     }
     if let Some(svg) = &args.svg {
-        let title = format!("{}, threads {}", model.description(), reference_threads(args));
+        let title = format!(
+            "{}, threads {}",
+            model.description(),
+            reference_threads(args)
+        );
         super::plot::draw(svg, &title, &rows)?;
     }
     Ok(())

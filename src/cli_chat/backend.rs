@@ -16,7 +16,7 @@ use crate::api::{self, GenOptions};
 use crate::chat::output::{OutputEvent, OutputParser};
 use crate::chat::ChatRequest;
 use crate::engine::{CancelOnDrop, Event, Usage};
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// One thing a reply did, in order.
 #[derive(Debug, Clone)]
@@ -99,7 +99,7 @@ impl Local {
             ..Default::default()
         };
         let task = tokio::spawn(async move {
-            let job = match api::prepare(&state, chat, gen, "messages").await {
+            let job = match api::pipeline::prepare(&state, chat, gen, "messages").await {
                 Ok(job) => job,
                 Err(e) => {
                     let _ = tx.send(ReplyEvent::Failed(e.message));
@@ -144,14 +144,14 @@ impl Local {
                         });
                     }
                     Event::Text(t) => send(parser.push(&t)),
-                    Event::Logprobs(_) => {}
+                    Event::Logprobs(_) | Event::ChoiceEnd { .. } => {}
                     Event::Finished {
                         reason,
                         usage,
                         timings,
                     } => {
                         send(parser.finish());
-                        state.remember_calls(parser.output());
+                        crate::api::reply::remember_calls(&state.replay, parser.output());
                         let _ = tx.send(ReplyEvent::Finished {
                             reason: finish_name(&reason).into(),
                             usage,

@@ -24,7 +24,7 @@ use clap::Args;
 
 use crate::chat::{ChatMessage, ChatRequest, Role, ToolSpec};
 use crate::config::{hearth_home, EngineArgs};
-use crate::server::ServiceState;
+use crate::state::ServiceState;
 use backend::{Local, Reply, ReplyEvent, ReplyOptions};
 use display::{Collected, Printer, ReplyStats};
 use remote::Remote;

@@ -221,6 +221,11 @@ pub enum Event {
     },
     /// The last event of a failed job.
     Failed(EngineError),
+    /// One reply of several streamed as one job ended, `reason` saying
+    /// why; the next reply's events follow. The engine never sends it:
+    /// the HTTP side's chain (`api/chain.rs`) puts it between the jobs it
+    /// forwards, after every event of the job that ended.
+    ChoiceEnd { reason: FinishReason },
 }
 
 /// Failures inside the engine. None of them is the client's fault: the

@@ -17,7 +17,6 @@
 //! `EventSource`, which cannot send headers). The key never goes in a URL.
 //! `--no-ui` leaves these routes out.
 
-pub mod activity;
 pub mod snapshot;
 
 use std::convert::Infallible;
@@ -34,7 +33,7 @@ use axum::{Json, Router};
 use futures::stream::{self, Stream};
 use tokio::time::MissedTickBehavior;
 
-use crate::server::AppState;
+use crate::state::AppState;
 pub use snapshot::Snapshot;
 
 /// How often the live stream sends a snapshot.
@@ -100,7 +99,7 @@ async fn script() -> Response {
 }
 
 /// The activity record, which exists whenever these routes are mounted.
-fn activity(state: &AppState) -> Arc<activity::Activity> {
+fn activity(state: &AppState) -> Arc<crate::state::activity::Activity> {
     state.service.activity.clone().unwrap_or_default()
 }
 

@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::activity::{Activity, LiveJob, Progress, RecentRequest};
 use crate::engine::status::{EngineStatus, SlotStatus, StoredSnapshot};
-use crate::server::AppState;
+use crate::state::activity::{Activity, LiveJob, Progress, RecentRequest};
+use crate::state::AppState;
 
 /// Everything the page shows.
 #[derive(Debug, Clone, Serialize)]

@@ -12,24 +12,24 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::betas::{self, Betas, INTERLEAVED_THINKING};
-use super::error::Protocol;
-use super::error::{AnthropicError, ApiError, ErrorKind};
+use super::error::{AnthropicError, ApiError};
+use super::pipeline::{self, count_prompt, prepare};
+use super::reply::{collect, Reply};
 use super::sampling::{SamplingFields, MESSAGES_REFUSED};
-use super::sse::{self, StreamAdapter};
-use super::{
-    check_max_tokens, check_range, collect, count_prompt, new_id, openai, prepare, GenOptions,
-};
-use crate::chat::output::{OutputEvent, OutputParser};
+use super::{check_max_tokens, check_range, new_id, openai, GenOptions};
 use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice};
-use crate::engine::{Event, FinishReason, SamplingParams, Usage};
-use crate::server::AppState;
+use crate::engine::SamplingParams;
+use crate::state::AppState;
+use stream::*;
+
+mod stream;
 
 #[derive(Debug, Deserialize)]
 pub struct MessagesRequest {
@@ -545,31 +545,11 @@ fn convert_message(
     Ok(())
 }
 
-fn stop_reason(reason: &FinishReason, calls: bool) -> (&'static str, Option<&str>) {
-    match reason {
-        FinishReason::EndOfTurn | FinishReason::StopSequence(_) if calls => ("tool_use", None),
-        FinishReason::EndOfTurn => ("end_turn", None),
-        FinishReason::StopSequence(s) => ("stop_sequence", Some(s.as_str())),
-        FinishReason::MaxTokens | FinishReason::ContextFull => ("max_tokens", None),
-    }
-}
-
-/// Anthropic counts only uncached prompt tokens as `input_tokens`.
-fn usage_json(u: &Usage) -> Value {
-    json!({
-        "input_tokens": u.prompt_tokens - u.cached_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": u.cached_tokens,
-        "output_tokens": u.completion_tokens,
-    })
-}
-
-/// A call's arguments as the `input` object.
-fn input_object(arguments: &str) -> Value {
-    match serde_json::from_str::<Value>(arguments) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => json!({}),
-    }
+/// This module's routes (the server guards them with queue admission).
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
 }
 
 /// `POST /v1/messages`
@@ -599,10 +579,10 @@ pub async fn messages(
         .await
         .map_err(name_format_field)?;
     let input_tokens = prepared.request.prompt.len() as u32;
-    let job = state.submit("messages", &body, prepared.request);
+    let job = pipeline::submit(&state, "messages", &body, prepared.request);
     let id = new_id("msg_");
     if stream {
-        let adapter = EventAdapter {
+        let wire = EventWire {
             id,
             model,
             input_tokens,
@@ -611,12 +591,11 @@ pub async fn messages(
             thinking: String::new(),
             omit_thinking,
             context_management,
-            parser: OutputParser::new(&prepared.output, "toolu_"),
-            state: state.clone(),
         };
-        return Ok(state.stream_job(job, adapter, Protocol::Anthropic));
+        let reply = Reply::new(wire, prepared.output, "toolu_", state.replay.clone());
+        return Ok(pipeline::stream_job(&state, job, reply));
     }
-    let done = collect(&state, job, &prepared.output, "toolu_").await?;
+    let done = collect(&state.replay, job, &prepared.output, "toolu_").await?;
     let out = &done.output;
     let mut content = Vec::new();
     if !out.reasoning.is_empty() {
@@ -667,167 +646,6 @@ pub async fn count_tokens(
         .await
         .map_err(name_format_field)?;
     Ok(Json(json!({ "input_tokens": n })).into_response())
-}
-
-/// The kind of content block being streamed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Block {
-    Thinking,
-    Text,
-    /// A tool call: its index among the reply's calls.
-    ToolUse(usize),
-}
-
-/// Streams the Messages event sequence.
-struct EventAdapter {
-    id: String,
-    model: String,
-    input_tokens: u32,
-    /// The block being streamed.
-    open: Option<Block>,
-    /// Content blocks started so far (the next block's index).
-    blocks: u32,
-    /// The open thinking block's text, for its signature.
-    thinking: String,
-    /// `thinking.display: omitted`: thinking blocks carry no text deltas.
-    omit_thinking: bool,
-    /// The request sent `context_management`: the reply reports its edits.
-    context_management: bool,
-    parser: OutputParser,
-    state: Arc<AppState>,
-}
-
-impl EventAdapter {
-    fn start(&mut self, block: Block, content_block: Value, out: &mut Vec<SseEvent>) {
-        self.close_block(out);
-        out.push(sse::named(
-            "content_block_start",
-            &json!({ "type": "content_block_start", "index": self.blocks, "content_block": content_block }),
-        ));
-        self.open = Some(block);
-    }
-
-    fn delta(&self, delta: Value, out: &mut Vec<SseEvent>) {
-        out.push(sse::named(
-            "content_block_delta",
-            &json!({ "type": "content_block_delta", "index": self.blocks, "delta": delta }),
-        ));
-    }
-
-    fn close_block(&mut self, out: &mut Vec<SseEvent>) {
-        if let Some(block) = self.open.take() {
-            if block == Block::Thinking {
-                let sig = betas::signature(&std::mem::take(&mut self.thinking), self.omit_thinking);
-                self.delta(json!({ "type": "signature_delta", "signature": sig }), out);
-            }
-            out.push(sse::named(
-                "content_block_stop",
-                &json!({ "type": "content_block_stop", "index": self.blocks }),
-            ));
-            self.blocks += 1;
-        }
-    }
-
-    fn output_events(&mut self, events: Vec<OutputEvent>, out: &mut Vec<SseEvent>) {
-        for ev in events {
-            match ev {
-                OutputEvent::Reasoning(r) => {
-                    if self.open != Some(Block::Thinking) {
-                        self.start(
-                            Block::Thinking,
-                            json!({ "type": "thinking", "thinking": "", "signature": "" }),
-                            out,
-                        );
-                    }
-                    self.thinking.push_str(&r);
-                    if !self.omit_thinking {
-                        self.delta(json!({ "type": "thinking_delta", "thinking": r }), out);
-                    }
-                }
-                OutputEvent::Text(t) => {
-                    if self.open != Some(Block::Text) {
-                        self.start(Block::Text, json!({ "type": "text", "text": "" }), out);
-                    }
-                    self.delta(json!({ "type": "text_delta", "text": t }), out);
-                }
-                OutputEvent::CallStart { index, id, name } => {
-                    self.start(
-                        Block::ToolUse(index),
-                        json!({ "type": "tool_use", "id": id, "name": name, "input": {} }),
-                        out,
-                    );
-                }
-                OutputEvent::CallArgs { fragment, .. } => {
-                    self.delta(
-                        json!({ "type": "input_json_delta", "partial_json": fragment }),
-                        out,
-                    );
-                }
-                OutputEvent::CallEnd { .. } => self.close_block(out),
-            }
-        }
-    }
-}
-
-impl StreamAdapter for EventAdapter {
-    fn opening(&mut self) -> Vec<SseEvent> {
-        vec![sse::named(
-            "message_start",
-            &json!({
-                "type": "message_start",
-                "message": {
-                    "id": self.id, "type": "message", "role": "assistant", "model": self.model,
-                    "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": { "input_tokens": self.input_tokens, "cache_creation_input_tokens": 0,
-                               "cache_read_input_tokens": 0, "output_tokens": 0 },
-                },
-            }),
-        )]
-    }
-
-    fn on_event(&mut self, event: Event) -> Vec<SseEvent> {
-        let mut out = Vec::new();
-        match event {
-            Event::Text(text) => {
-                let events = self.parser.push(&text);
-                self.output_events(events, &mut out);
-            }
-            Event::Finished { reason, usage, .. } => {
-                let events = self.parser.finish();
-                self.output_events(events, &mut out);
-                // A reply with nothing in it still carries one (empty) text block.
-                if self.blocks == 0 && self.open.is_none() {
-                    self.start(Block::Text, json!({ "type": "text", "text": "" }), &mut out);
-                }
-                self.close_block(&mut out);
-                let calls = !self.parser.output().calls.is_empty();
-                self.state.remember_calls(self.parser.output());
-                let (reason, stop_sequence) = stop_reason(&reason, calls);
-                let mut delta = json!({
-                    "type": "message_delta",
-                    "delta": { "stop_reason": reason, "stop_sequence": stop_sequence },
-                    "usage": usage_json(&usage),
-                });
-                if self.context_management {
-                    delta["context_management"] = betas::context_management_reply();
-                }
-                out.push(sse::named("message_delta", &delta));
-                out.push(sse::named(
-                    "message_stop",
-                    &json!({ "type": "message_stop" }),
-                ));
-            }
-            Event::Failed(err) => {
-                let api: ApiError = err.into();
-                if api.kind == ErrorKind::Internal {
-                    tracing::error!(cause = %api.message, "stream failed");
-                }
-                out.push(sse::named("error", &api.anthropic_body()));
-            }
-            Event::Started { .. } | Event::PrefillProgress { .. } | Event::Logprobs(_) => {}
-        }
-        out
-    }
 }
 
 #[cfg(test)]

@@ -153,7 +153,9 @@ impl Activity {
             source: p.source.map(PrefixSource::as_str),
             ttft_secs: p.first_token.map(|d| d.as_secs_f64()),
             total_secs: job.arrived.elapsed().as_secs_f64(),
-            ended_at: crate::api::unix_now(),
+            ended_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
         let mut r = self.lock();
         r.live.retain(|j| j.id != job.id);

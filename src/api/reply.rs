@@ -53,6 +53,12 @@ pub trait Wire: Send + 'static {
     fn error(&mut self, err: &ApiError) -> Vec<SseEvent> {
         Self::PROTOCOL.error_events(err)
     }
+
+    /// What keeps a silent stream alive: the protocol's heartbeat unless
+    /// the wire has its own.
+    fn heartbeat(&mut self) -> SseEvent {
+        Self::PROTOCOL.heartbeat()
+    }
 }
 
 /// Logprobs of tokens whose text has not been written yet.
@@ -158,6 +164,10 @@ impl<W: Wire> Reply<W> {
 impl<W: Wire> StreamAdapter for Reply<W> {
     fn opening(&mut self) -> Vec<SseEvent> {
         self.wire.opening()
+    }
+
+    fn heartbeat(&mut self, _: Protocol) -> SseEvent {
+        self.wire.heartbeat()
     }
 
     fn on_event(&mut self, event: Event) -> Vec<SseEvent> {

@@ -53,6 +53,11 @@ pub trait StreamAdapter: Send + 'static {
     fn on_abort(&mut self, err: &ApiError, protocol: Protocol) -> Vec<SseEvent> {
         protocol.error_events(err)
     }
+    /// The heartbeat written after a silence: the protocol's, unless the
+    /// adapter has its own (Responses repeats `response.in_progress`).
+    fn heartbeat(&mut self, protocol: Protocol) -> SseEvent {
+        protocol.heartbeat()
+    }
 }
 
 impl Protocol {
@@ -178,7 +183,8 @@ pub fn job_events<A: StreamAdapter>(
                         m.heartbeat();
                     }
                     p.wrote();
-                    return Some((Ok(p.opts.protocol.heartbeat()), p));
+                    let beat = p.adapter.heartbeat(p.opts.protocol);
+                    return Some((Ok(beat), p));
                 }
             }
         }

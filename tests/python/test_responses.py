@@ -460,3 +460,23 @@ def test_server_still_serves_after_bad_requests(base_url: str, client: openai.Op
     for body, _ in BAD_REQUESTS.values():
         post(base_url + "/v1/responses", body)
     assert create(client, max_output_tokens=4).output_text
+
+
+def test_a_silent_stream_repeats_in_progress_events_the_sdk_reads(start_hearth):
+    """A stall inside the prefill: the Responses stream's heartbeat is a
+    repeated `response.in_progress` event (Codex's idle timer counts only
+    events, not SSE comments), with its own sequence number, and the SDK's
+    stream helper still builds the whole response."""
+    srv = start_hearth("--heartbeat-secs", "0.5", env={"HEARTH_FAULT": "prefill_stall:3:1"})
+    c = openai_client(srv.url, 60)
+    with c.responses.stream(model="m", input="Say hi.", max_output_tokens=8, temperature=0) as s:
+        events = list(s)
+    assert events[-1].type in ("response.completed", "response.incomplete"), events[-1].type
+    final = events[-1].response
+    kinds = [e.type for e in events]
+    beats = kinds.count("response.in_progress") - 1
+    assert beats >= 3, kinds[:12]
+    seqs = [e.sequence_number for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert all(e.response.id == final.id for e in events if e.type == "response.in_progress")
+    assert final.status in ("completed", "incomplete") and final.output, final

@@ -47,12 +47,18 @@ pub(super) struct Items {
 
 impl Items {
     pub(super) fn emit(&mut self, kind: &str, fields: Value) {
+        let event = self.event(kind, fields);
+        self.events.push(event);
+    }
+
+    /// One event with the next sequence number.
+    pub(super) fn event(&mut self, kind: &str, fields: Value) -> SseEvent {
         let mut body = json!({ "type": kind, "sequence_number": self.seq });
         if let (Some(b), Value::Object(f)) = (body.as_object_mut(), fields) {
             b.extend(f);
         }
         self.seq += 1;
-        self.events.push(sse::named(kind, &body));
+        sse::named(kind, &body)
     }
 
     pub(super) fn take(&mut self) -> Vec<SseEvent> {
@@ -279,6 +285,24 @@ impl Wire for ResponseEvents {
         self.items
             .emit("response.in_progress", json!({ "response": object }));
         self.items.take()
+    }
+
+    /// `response.in_progress` again: a comment would keep the connection
+    /// open, but Codex's stream idle timer (and any client that times out
+    /// on events) counts only events, and this one every client already
+    /// reads (the SDKs check its id and keep their snapshot).
+    fn heartbeat(&mut self) -> SseEvent {
+        let object = self.echo.object(
+            &self.id,
+            self.created_at,
+            "in_progress",
+            vec![],
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        );
+        self.items
+            .event("response.in_progress", json!({ "response": object }))
     }
 
     fn output(&mut self, pieces: Vec<OutputEvent>, _: &mut Logprobs) -> Vec<SseEvent> {

@@ -81,6 +81,10 @@ impl Waiting {
 
 pub(super) struct Worker {
     pub ctx: Context,
+    /// Told once the engine has stopped and its context (and the compute
+    /// threads' pools) are freed, so a process that exits right after
+    /// `EngineHandle::shutdown` never tears down threads still running.
+    pub on_stopped: Option<tokio::sync::oneshot::Sender<()>>,
     pub model: Arc<Model>,
     pub slots: Vec<Slot>,
     /// The KV cells each sequence holds, shared prefixes counted once.
@@ -272,6 +276,7 @@ pub(super) fn spawn(
         snapshot_taken: false,
         last_step_rows: 0,
         threads,
+        on_stopped: None,
     };
     std::thread::Builder::new()
         .name("hearth-engine".into())
@@ -290,6 +295,11 @@ pub(super) fn spawn(
             if let Ok(mut w) = stats.stopped_why.lock() {
                 *w = Some(why);
             };
+            let on_stopped = worker.on_stopped.take();
+            drop(worker);
+            if let Some(done) = on_stopped {
+                let _ = done.send(());
+            }
         })
         .expect("cannot spawn the engine thread");
     Ok(n_ctx_seq as u32)
@@ -440,7 +450,7 @@ impl Worker {
             }
             Command::Shutdown(done) => {
                 self.shutdown();
-                let _ = done.send(());
+                self.on_stopped = Some(done);
                 // Fail whatever is still queued, then stop.
                 commands.close();
                 while let Some(Command::Run(job)) = commands.blocking_recv() {

@@ -244,6 +244,19 @@ pub(super) struct ResponseEvents {
 }
 
 impl ResponseEvents {
+    /// The response object while it is being generated: no output yet.
+    fn in_progress(&self) -> Value {
+        self.echo.object(
+            &self.id,
+            self.created_at,
+            "in_progress",
+            vec![],
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        )
+    }
+
     /// End the response as failed, with the error in the Responses shape.
     pub(super) fn fail(&mut self, api: ApiError) {
         self.items.close("incomplete");
@@ -271,15 +284,7 @@ impl Wire for ResponseEvents {
     const PROTOCOL: Protocol = Protocol::OpenAI;
 
     fn opening(&mut self) -> Vec<SseEvent> {
-        let object = self.echo.object(
-            &self.id,
-            self.created_at,
-            "in_progress",
-            vec![],
-            Value::Null,
-            Value::Null,
-            Value::Null,
-        );
+        let object = self.in_progress();
         self.items
             .emit("response.created", json!({ "response": object }));
         self.items
@@ -292,15 +297,7 @@ impl Wire for ResponseEvents {
     /// on events) counts only events, and this one every client already
     /// reads (the SDKs check its id and keep their snapshot).
     fn heartbeat(&mut self) -> SseEvent {
-        let object = self.echo.object(
-            &self.id,
-            self.created_at,
-            "in_progress",
-            vec![],
-            Value::Null,
-            Value::Null,
-            Value::Null,
-        );
+        let object = self.in_progress();
         self.items
             .event("response.in_progress", json!({ "response": object }))
     }

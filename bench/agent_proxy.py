@@ -102,6 +102,21 @@ class Recorder:
             return len(self.records)
 
 
+def kv_held(up, headers: dict) -> int | None:
+    """The most tokens an idle sequence of the server holds (its `/slots`),
+    read just before a request goes on: what the request could reuse."""
+    auth = {k: v for k, v in headers.items() if k.lower() in ("authorization", "x-api-key")}
+    conn = http.client.HTTPConnection(up.hostname, up.port, timeout=10)
+    try:
+        conn.request("GET", "/slots", headers=auth)
+        slots = json.loads(conn.getresponse().read()).get("slots", [])
+        return max((s.get("kv_tokens") or 0 for s in slots if s.get("state") == "idle"), default=0)
+    except (OSError, ValueError, AttributeError):
+        return None
+    finally:
+        conn.close()
+
+
 def make_handler(upstream: str, recorder: Recorder):
     up = urllib.parse.urlsplit(upstream)
 
@@ -126,6 +141,8 @@ def make_handler(upstream: str, recorder: Recorder):
                 rec["body"] = json.loads(body) if body else None
             except ValueError:
                 rec["body_text"] = body.decode("utf-8", "replace")[:2000]
+            if self.command == "POST":
+                rec["kv_held"] = kv_held(up, headers)
             conn = http.client.HTTPConnection(up.hostname, up.port, timeout=3600)
             try:
                 conn.request(self.command, self.path, body=body or None, headers=headers)

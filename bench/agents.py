@@ -17,7 +17,10 @@ whether the stream ended cleanly.
 
 Per turn: prompt tokens; tokens new since the previous turn (this prompt
 less the previous prompt and reply: what the agent added); tokens actually
-prefilled (prompt less cached); cached tokens and where they came from
+prefilled (prompt less cached); tokens dropped (what hearth's KV held for
+the conversation before the request, from `/slots`, that the request did not
+send back unchanged: the agent trimmed or left out part of its history);
+cached tokens and where they came from
 (hearth's log); time to first token; the largest silence; the agent's own
 outcome and how many requests it sent (more than one per turn is a retry
 or a side request). After the last turn hearth gets a SIGTERM and restarts
@@ -228,7 +231,7 @@ MAX_OUTPUT = 256
 # Codex's own stream idle limit (its default: 300 s); lowered for the seed scenario.
 CODEX_IDLE_MS = 300_000
 
-FIELDS = ["agent", "turn", "requests", "retries", "prompt", "new", "prefilled", "ratio", "cached", "source",
+FIELDS = ["agent", "turn", "requests", "retries", "prompt", "new", "prefilled", "ratio", "dropped", "cached", "source",
           "ttft_s", "max_silence_s", "complete", "outcome"]
 
 
@@ -243,7 +246,10 @@ def one_turn(agent: Agent, hearth: Hearth, recorder, label, prompt, first, prev,
     A turn may hold several requests: the agent continues a reply cut at
     its output cap, or runs a tool. `new` counts, request by request, the
     tokens beyond the previous request's prompt and reply (what the agent
-    added); `prefilled` the tokens hearth computed (prompt less cached). A
+    added); `prefilled` the tokens hearth computed (prompt less cached);
+    `dropped` the tokens hearth held for the conversation that the request
+    did not send back unchanged (the agent trimmed or left out part of its
+    history), so `prefilled` = `new` + `dropped` when nothing is lost. A
     request whose conversation repeats an earlier one of the turn is a
     retry."""
     n0 = recorder.count()
@@ -252,7 +258,7 @@ def one_turn(agent: Agent, hearth: Hearth, recorder, label, prompt, first, prev,
             and not r["path"].rstrip("/").endswith(("count_tokens", "input_tokens"))]
     prefixes = hearth.prefix_lines()
     seen: set[str] = set()
-    retries = new = prefilled = 0
+    retries = new = prefilled = dropped = 0
     last = prev
     for r in recs:
         conv = conversation(r)
@@ -263,6 +269,8 @@ def one_turn(agent: Agent, hearth: Hearth, recorder, label, prompt, first, prev,
             continue
         new += max(0, u["prompt"] - (last["prompt"] + last["generated"])) if last else u["prompt"]
         prefilled += u["prompt"] - u["cached"]
+        if last and r.get("kv_held") is not None:
+            dropped += max(0, r["kv_held"] - u["cached"])
         last = u
     head = recs[0] if recs else {}
     u0 = usage_of(head) if head else {}
@@ -270,6 +278,7 @@ def one_turn(agent: Agent, hearth: Hearth, recorder, label, prompt, first, prev,
         "agent": agent.name, "turn": label, "requests": len(recs), "retries": retries,
         "prompt": u0.get("prompt", ""), "new": new, "prefilled": prefilled,
         "ratio": round(prefilled / new, 3) if new else "",
+        "dropped": dropped,
         "cached": u0.get("cached", ""),
         "source": prefixes[0].get("source", "") if prefixes else "",
         "ttft_s": round(head.get("ttfc") or head.get("ttfb") or 0, 2) if head else "",

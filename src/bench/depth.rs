@@ -10,7 +10,9 @@ use std::path::Path;
 use anyhow::Context as _;
 use serde_json::Value;
 
-use super::{generate, mean_sd, reference_threads, secs, start_engine, BenchArgs, Prompts};
+use super::{
+    generate, mean_sd, reference_threads, secs, start_engine, stop_engine, BenchArgs, Prompts,
+};
 use crate::config::default_model_path;
 use crate::engine::Model;
 
@@ -88,7 +90,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         print_row(&row, &model, args);
         rows.push(row);
     }
-    drop(engine);
+    stop_engine(&rt, engine);
     for row in &llama {
         print_row(row, &model, args);
     }

@@ -109,7 +109,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // The reference runs alone, as llama-bench does in its own process:
     // with the engine's context and worker still alive beside it, its
     // decode test measured at less than half speed.
-    drop(engine);
+    stop_engine(&rt, engine);
     let (ref_pp, ref_tg) = if args.no_reference {
         (Vec::new(), Vec::new())
     } else {
@@ -201,6 +201,14 @@ impl Prompts {
             .map(|i| (salt * 7919 + i * 31) % (self.n_vocab - 1) + 1)
             .collect()
     }
+}
+
+/// Stop the engine and wait until its thread has freed the context: a
+/// process that exits while the engine thread is still inside llama.cpp
+/// (it decodes a finished reply's last token once it goes idle) can crash
+/// in llama.cpp's teardown.
+pub(crate) fn stop_engine(rt: &tokio::runtime::Runtime, engine: EngineHandle) {
+    rt.block_on(engine.shutdown());
 }
 
 /// Run one greedy job to the end, past end-of-turn tokens.

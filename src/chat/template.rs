@@ -44,13 +44,15 @@ pub enum TemplateError {
 /// stops at `\nUser:` ([`ChatTemplate::fallback_stops`]). No BOS text is
 /// written: llama.cpp's tokenizer adds BOS itself where the vocabulary asks.
 /// A past assistant turn is written as `Assistant: ` plus its text without
-/// leading whitespace, which is what the model produced after `Assistant:`
-/// (its first token usually carries the space), so a resent conversation
-/// renders to the text the KV cache already holds.
+/// leading or trailing whitespace: the model produced the space after
+/// `Assistant:` (its first token usually carries it), and a reply cut at
+/// `\nUser:` keeps the newline before it, so the stripped text followed by
+/// the blank line and `User:` is what the model wrote, and a resent
+/// conversation renders to the text the KV cache already holds.
 const FALLBACK: &str = "{% for m in messages %}\
 {% if m.role == 'system' %}{% if m.content %}{{ m.content }}\n\n{% endif %}\
 {% elif m.role == 'user' %}User: {{ m.content }}\n\n\
-{% else %}Assistant: {{ m.content.lstrip() }}\n\n\
+{% else %}Assistant: {{ m.content.strip() }}\n\n\
 {% endif %}{% endfor %}\
 {% if add_generation_prompt %}Assistant:{% endif %}";
 
@@ -790,12 +792,13 @@ mod tests {
         let list = [
             (System, "Be kind."),
             (User, "Hi"),
-            (Assistant, " Hello."),
+            (Assistant, " Hello.\n"),
             (User, "Bye"),
         ];
         assert_eq!(
             render(&t, &list, true),
-            "Be kind.\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: Bye\n\nAssistant:"
+            "Be kind.\n\nUser: Hi\n\nAssistant: Hello.\n\nUser: Bye\n\nAssistant:",
+            "a reply cut at the stop renders to what the model wrote: \" Hello.\\n\\nUser:\""
         );
         assert_eq!(
             render(&t, &[(System, ""), (User, "Hi"), (Assistant, "Yo")], false),

@@ -186,6 +186,7 @@ impl Worker {
                 *run
             }
         };
+        self.slots[target].tail = None;
         self.slots[target].run = Some(Box::new(run));
         Ok(())
     }
@@ -287,6 +288,7 @@ impl Worker {
         self.ledger.clear(i);
         self.slots[i].seq.clear();
         self.slots[i].disk_saved_len = 0;
+        self.slots[i].tail = None;
     }
 
     /// Copy slot `i`'s sequence out: to RAM, and to disk when it is long.

@@ -534,6 +534,9 @@ unsafe impl Send for Context {}
 /// `data` is the `Box<AbortFn>` that `Context::new` passed as the callback
 /// data; the context keeps it alive (`_abort`) for as long as llama.cpp may call.
 unsafe extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
+    if super::exit::exiting() {
+        return true;
+    }
     // SAFETY: see above; the closure is Sync, so calling it from a compute
     // thread is sound.
     let f = &*(data as *const Box<AbortFn>);
@@ -578,6 +581,7 @@ impl Context {
         let ptr = NonNull::new(raw).ok_or(LlamaError::Context {
             n_ctx: params.n_ctx,
         })?;
+        super::exit::register();
         let kv_bytes = KV_SIZE_LINES.lock().map(|l| kv_bytes_of(&l)).unwrap_or(0);
         let buffer_bytes = BUFFER_SIZE_LINES
             .lock()
@@ -683,6 +687,7 @@ impl Context {
             }
         }
         b.n_tokens = rows.len() as i32;
+        let _computing = super::exit::computing();
         // SAFETY: a live context and the batch it was created with, filled
         // above within its capacity; `&mut self` means no other call on the
         // context runs meanwhile (the abort callback only reads its own data).

@@ -14,6 +14,7 @@ mod admit;
 pub mod cache;
 pub mod cells;
 mod draft;
+mod exit;
 pub mod fault;
 pub mod grammar;
 mod hook;

@@ -95,6 +95,12 @@ pub(super) struct Running {
     /// When the current prefill chunk started, for its log line.
     pub chunk_t: Instant,
     pub last_log: Instant,
+    /// The token sampled by the call that ended the job, which no step
+    /// decoded: the reply's last token, the one that completed a stop
+    /// sequence, or the end-of-turn token the
+    /// template renders after it. The worker decodes it into the idle
+    /// sequence, so the next turn finds the whole reply in the KV.
+    pub last_sampled: Option<Token>,
 }
 
 impl Running {
@@ -171,6 +177,7 @@ impl Running {
         }
         let eog = model.is_eog(token);
         if eog && !was_forced && !req.ignore_eos {
+            self.last_sampled = Some(token);
             return Some(Done::Finished(FinishReason::EndOfTurn));
         }
         // Special tokens keep their text (tool-call markers must reach the
@@ -187,10 +194,12 @@ impl Running {
             b.observe(&bytes);
         }
         if let Some(stop) = self.out.push(&bytes, logprob) {
+            self.last_sampled = Some(token);
             return Some(Done::Finished(FinishReason::StopSequence(stop)));
         }
         if self.generated >= req.max_tokens {
             // No need to compute logits nobody will read.
+            self.last_sampled = Some(token);
             return Some(Done::Finished(FinishReason::MaxTokens));
         }
         self.phase = Phase::Decode { pending: token };
@@ -284,6 +293,7 @@ pub(super) fn start(model: &Model, job: Job, s: Start) -> Running {
         t1: None,
         chunk_t: now,
         last_log: now,
+        last_sampled: None,
         pieces: None,
         tokens: s.tokens,
         job,

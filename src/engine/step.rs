@@ -609,6 +609,10 @@ impl Worker {
         };
         let (usage, timings) = run.finish(reason.clone());
         let kv_tokens = self.slots[i].seq.len();
+        // A stop sequence's last token too: a template that writes the
+        // stop text after the reply (the plain-text format's `\nUser:`)
+        // then finds it in the KV.
+        self.slots[i].tail = run.last_sampled.map(|t| (t, kv_tokens));
         let source = run.source_label.as_str();
         let prefill_secs = timings.prefill.as_secs_f64();
         let decode_secs = timings.decode.as_secs_f64();
@@ -632,6 +636,43 @@ impl Worker {
         });
         if matches!(reason, FinishReason::ContextFull) {
             debug!(seq = i, "context full");
+        }
+    }
+
+    /// The engine is going idle: decode each finished reply's last token
+    /// into its sequence (one batch, no logits), so a client that sends
+    /// the conversation back finds all of the reply in the KV instead of
+    /// prefilling its last token again. A failure only drops the tails.
+    pub(super) fn decode_tails(&mut self) {
+        let mut rows = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let Some((token, pos)) = slot.tail.take() else {
+                continue;
+            };
+            if slot.run.is_none() && slot.seq.len() == pos && pos > 0 {
+                rows.push(Row {
+                    token,
+                    pos,
+                    seq: i as i32,
+                    logits: false,
+                });
+            }
+        }
+        if rows.is_empty() || rows.len() > self.ledger.free() {
+            return;
+        }
+        self.ctx.set_threads(self.threads.for_step(rows.len()));
+        match catch(|| self.ctx.decode_rows(&rows)) {
+            Ok(Ok(())) => {
+                for r in &rows {
+                    let i = r.seq as usize;
+                    let piece = self.model.token_text(r.token);
+                    self.slots[i].seq.push(r.token, &piece);
+                    self.ledger.append(i, 1);
+                }
+                debug!(rows = rows.len(), "finished replies' last tokens decoded");
+            }
+            _ => self.resync(),
         }
     }
 

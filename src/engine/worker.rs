@@ -24,7 +24,7 @@ use super::cache::RamStore;
 use super::cells::CellLedger;
 use super::draft::{check_compatible, Drafter};
 use super::hook::{spawn_watchdog, AbortHook, Progress};
-use super::llama::{Context, ContextParams, LlamaError, Model};
+use super::llama::{Context, ContextParams, LlamaError, Model, Token};
 use super::schedule::{PrefillCredit, StepCost};
 use super::sequence::{Phase, Running};
 use super::status::{first_line, EngineStatus, SlotStatus, StoredSnapshot, STORES_EVERY};
@@ -62,6 +62,10 @@ pub(super) struct Slot {
     pub last_used: Instant,
     /// Length of this sequence's longest prefix already on disk.
     pub disk_saved_len: usize,
+    /// The finished reply's last sampled token and its position: not in
+    /// the KV yet, decoded when the engine next goes idle (`decode_tails`).
+    /// Stale once the slot runs again or its length changes.
+    pub tail: Option<(Token, usize)>,
 }
 
 /// A job waiting for a sequence, or a sequence preempted for KV room.
@@ -203,6 +207,7 @@ pub(super) fn spawn(
             run: None,
             last_used: now,
             disk_saved_len: 0,
+            tail: None,
         })
         .collect();
     stats.kv_cells.store(kv_cells, Ordering::Relaxed);
@@ -366,6 +371,8 @@ impl Worker {
         self.publish();
         loop {
             if !self.has_work() {
+                self.decode_tails();
+                self.publish();
                 self.progress.idle();
                 match commands.blocking_recv() {
                     Some(c) => {

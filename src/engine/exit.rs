@@ -1,0 +1,50 @@
+//! Process exit while the engine thread computes.
+//!
+//! When a process ends by `exit` (main returning, a test harness finishing)
+//! libc runs llama.cpp's static destructors on the exiting thread while the
+//! engine thread may still be inside `llama_decode` (it decodes a finished
+//! reply's last token as soon as it goes idle), and the compute then reads
+//! freed memory. An `atexit` handler registered after llama.cpp's own (so
+//! it runs before them) marks the process as exiting, which aborts a step
+//! in progress at its next graph node, and waits until no decode is
+//! running; none starts after that.
+
+use std::os::raw::c_int;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
+
+static EXITING: AtomicBool = AtomicBool::new(false);
+static IN_COMPUTE: Mutex<()> = Mutex::new(());
+static REGISTER: Once = Once::new();
+
+extern "C" {
+    fn atexit(f: extern "C" fn()) -> c_int;
+}
+
+extern "C" fn on_exit() {
+    EXITING.store(true, Ordering::SeqCst);
+    // Held until the process is gone: no decode starts after this.
+    std::mem::forget(IN_COMPUTE.lock().unwrap_or_else(|e| e.into_inner()));
+}
+
+/// Register the handler; call once llama.cpp is loaded (a context exists),
+/// so that it runs before llama.cpp's static destructors.
+pub fn register() {
+    REGISTER.call_once(|| {
+        // SAFETY: `atexit` is libc's; `on_exit` is a plain function that
+        // lives as long as the program and touches only statics.
+        unsafe {
+            atexit(on_exit);
+        }
+    });
+}
+
+/// Whether the process is exiting: the abort callback stops the step.
+pub fn exiting() -> bool {
+    EXITING.load(Ordering::Relaxed)
+}
+
+/// Held for the length of one decode.
+pub fn computing() -> MutexGuard<'static, ()> {
+    IN_COMPUTE.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -6,12 +6,18 @@
 //! reply's last token as soon as it goes idle), and the compute then reads
 //! freed memory. An `atexit` handler registered after llama.cpp's own (so
 //! it runs before them) marks the process as exiting, which aborts a step
-//! in progress at its next graph node, and waits until no decode is
-//! running; none starts after that.
+//! in progress at its next graph node (an injected stall included), and
+//! waits until no decode is running, at most `EXIT_WAIT`; none starts
+//! after that.
 
 use std::os::raw::c_int;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::{Mutex, MutexGuard, Once, TryLockError};
+use std::time::{Duration, Instant};
+
+/// The longest an exit waits for a decode to stop: an abort takes effect at
+/// the next graph node, so this is only reached by a node that never ends.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
 
 static EXITING: AtomicBool = AtomicBool::new(false);
 static IN_COMPUTE: Mutex<()> = Mutex::new(());
@@ -23,8 +29,21 @@ extern "C" {
 
 extern "C" fn on_exit() {
     EXITING.store(true, Ordering::SeqCst);
-    // Held until the process is gone: no decode starts after this.
-    std::mem::forget(IN_COMPUTE.lock().unwrap_or_else(|e| e.into_inner()));
+    let until = Instant::now() + EXIT_WAIT;
+    loop {
+        let guard = match IN_COMPUTE.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(TryLockError::WouldBlock) => return,
+        };
+        // Held until the process is gone: no decode starts after this.
+        std::mem::forget(guard);
+        return;
+    }
 }
 
 /// Register the handler; call once llama.cpp is loaded (a context exists),

@@ -43,7 +43,7 @@ impl AbortHook {
             // slow memory wait would. Only cancellation ends it early.
             let until = Instant::now() + stall;
             while Instant::now() < until {
-                if self.all_cancelled() {
+                if self.all_cancelled() || super::exit::exiting() {
                     return true;
                 }
                 std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));

@@ -609,9 +609,9 @@ impl Worker {
         };
         let (usage, timings) = run.finish(reason.clone());
         let kv_tokens = self.slots[i].seq.len();
-        // A stop sequence's last token too: a template that writes the
-        // stop text after the reply (the plain-text format's `\nUser:`)
-        // then finds it in the KV.
+        // Decoded when the engine goes idle (`decode_tails`). After a stop
+        // sequence too: a template that writes the stop text after the
+        // reply (the plain-text format's `\nUser:`) then finds it in the KV.
         self.slots[i].tail = run.last_sampled.map(|t| (t, kv_tokens));
         let source = run.source_label.as_str();
         let prefill_secs = timings.prefill.as_secs_f64();
@@ -661,7 +661,8 @@ impl Worker {
         if rows.is_empty() || rows.len() > self.ledger.free() {
             return;
         }
-        self.ctx.set_threads(self.threads.for_step(rows.len()));
+        // A few rows: decode's thread count.
+        self.ctx.set_threads(self.threads.for_step(0));
         match catch(|| self.ctx.decode_rows(&rows)) {
             Ok(Ok(())) => {
                 for r in &rows {

@@ -53,7 +53,7 @@ run_suite() {
 run_suite "cargo fmt --check" 300 cargo fmt --all --check
 run_suite "cargo clippy" 1200 cargo clippy --release --all-targets --quiet -- -D warnings
 run_suite "cargo test --release" 1200 cargo test --release --quiet
-run_suite "pytest tests/python" 1200 .venv/bin/pytest -q tests/python
+run_suite "pytest tests/python" 2400 .venv/bin/pytest -q tests/python
 run_suite "node --test tests/node" 900 \
     node --test --test-concurrency=1 --test-reporter=spec tests/node/*.test.mjs
 

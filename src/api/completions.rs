@@ -395,17 +395,8 @@ pub async fn completions(
     body: Bytes,
 ) -> Result<Response, OpenAIError> {
     let req: CompletionRequest = ApiError::parse_json(&body)?;
-    let model = req
-        .model
-        .clone()
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| state.model_id.clone());
-    let stream = req.stream.unwrap_or(false);
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let (model, stream, include_usage) =
+        super::openai::reply_settings(&state, &req.model, req.stream, &req.stream_options);
     let parsed = convert(req, state.engine.model().n_vocab())?;
     let want_logprobs = parsed.logprobs.is_some();
     let jobs = plan(&state, parsed).await?;

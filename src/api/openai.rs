@@ -113,6 +113,25 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
+/// The model name a reply carries (the request's, else the server's),
+/// whether it streams, and whether a stream reports usage.
+pub fn reply_settings(
+    state: &AppState,
+    model: &Option<String>,
+    stream: Option<bool>,
+    options: &Option<StreamOptions>,
+) -> (String, bool, bool) {
+    let model = model
+        .clone()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| state.model_id.clone());
+    let include_usage = options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    (model, stream.unwrap_or(false), include_usage)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum StopField {
@@ -486,17 +505,8 @@ pub async fn chat_completions(
     body: Bytes,
 ) -> Result<Response, OpenAIError> {
     let req: ChatCompletionRequest = ApiError::parse_json(&body)?;
-    let model = req
-        .model
-        .clone()
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| state.model_id.clone());
-    let stream = req.stream.unwrap_or(false);
-    let include_usage = req
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let (model, stream, include_usage) =
+        reply_settings(&state, &req.model, req.stream, &req.stream_options);
     let n = req.n.unwrap_or(1);
     let (chat, opts) = convert(req)?;
     let want_logprobs = opts.logprobs.is_some();

@@ -181,21 +181,7 @@ pub(super) fn spawn(
     let progress = Arc::new(Progress::default());
     let epoch = Instant::now();
     spawn_watchdog(progress.clone(), epoch);
-    let disk = match &config.kv_disk_dir {
-        Some(dir) => match DiskStore::open(
-            dir,
-            model.fingerprint(),
-            n_ctx_seq as u32,
-            config.kv_disk_bytes,
-        ) {
-            Ok(d) => Some(d),
-            Err(err) => {
-                warn!(dir = %dir.display(), cause = %err, "KV disk cache unavailable");
-                None
-            }
-        },
-        None => None,
-    };
+    let disk = open_disk(&config, &model, n_ctx_seq);
     let kv = KvStores {
         ram: RamStore::new(config.cache_ram_bytes),
         disk,
@@ -229,36 +215,8 @@ pub(super) fn spawn(
         .buffer_bytes
         .store(ctx.buffer_bytes(), Ordering::Relaxed);
     stats.alive.store(true, Ordering::Release);
-    let spec = match config.spec {
-        Some(_) if model.is_recurrent() => {
-            info!("speculative decoding off: this model's memory cannot drop rejected drafts");
-            None
-        }
-        Some(s) => Some(s),
-        None => None,
-    };
-    let drafter = match (&spec, &config.draft_model) {
-        (Some(s), Some(path)) => {
-            let d = start_drafter(&model, path, config.n_gpu_layers, params, chunk as usize)?;
-            info!(
-                draft_max = s.draft_max,
-                draft_model = %path.display(),
-                draft_kv_mib = format!("{:.1}", d.kv_bytes() as f64 / (1 << 20) as f64),
-                "speculative decoding: draft model"
-            );
-            stats.kv_bytes.fetch_add(d.kv_bytes(), Ordering::Relaxed);
-            Some(d)
-        }
-        (Some(s), None) => {
-            info!(
-                draft_max = s.draft_max,
-                "speculative decoding: prompt lookup"
-            );
-            None
-        }
-        _ => None,
-    };
-    let mut worker = Worker {
+    let (spec, drafter) = speculation(&model, &config, params, chunk as usize, &stats)?;
+    let worker = Worker {
         spec,
         drafter,
         recurrent: model.is_recurrent(),
@@ -283,6 +241,72 @@ pub(super) fn spawn(
         threads,
         on_stopped: None,
     };
+    start_thread(worker, jobs);
+    Ok(n_ctx_seq as u32)
+}
+
+/// The disk cache in `--kv-disk-dir`, when it opens: without it the engine
+/// serves from RAM alone.
+fn open_disk(config: &EngineConfig, model: &Model, n_ctx_seq: usize) -> Option<DiskStore> {
+    let dir = config.kv_disk_dir.as_ref()?;
+    match DiskStore::open(
+        dir,
+        model.fingerprint(),
+        n_ctx_seq as u32,
+        config.kv_disk_bytes,
+    ) {
+        Ok(d) => Some(d),
+        Err(err) => {
+            warn!(dir = %dir.display(), cause = %err, "KV disk cache unavailable");
+            None
+        }
+    }
+}
+
+/// Speculative decoding as configured and as the model allows, and the
+/// draft model when drafts come from one.
+fn speculation(
+    model: &Arc<Model>,
+    config: &EngineConfig,
+    params: ContextParams,
+    chunk: usize,
+    stats: &EngineStats,
+) -> Result<(Option<super::spec::SpecConfig>, Option<Drafter>), LlamaError> {
+    let spec = match config.spec {
+        Some(_) if model.is_recurrent() => {
+            info!("speculative decoding off: this model's memory cannot drop rejected drafts");
+            None
+        }
+        Some(s) => Some(s),
+        None => None,
+    };
+    let drafter = match (&spec, &config.draft_model) {
+        (Some(s), Some(path)) => {
+            let d = start_drafter(model, path, config.n_gpu_layers, params, chunk)?;
+            info!(
+                draft_max = s.draft_max,
+                draft_model = %path.display(),
+                draft_kv_mib = format!("{:.1}", d.kv_bytes() as f64 / (1 << 20) as f64),
+                "speculative decoding: draft model"
+            );
+            stats.kv_bytes.fetch_add(d.kv_bytes(), Ordering::Relaxed);
+            Some(d)
+        }
+        (Some(s), None) => {
+            info!(
+                draft_max = s.draft_max,
+                "speculative decoding: prompt lookup"
+            );
+            None
+        }
+        _ => None,
+    };
+    Ok((spec, drafter))
+}
+
+/// Run the engine loop on its own thread until shutdown or a panic, then
+/// fail what is left, record why it stopped, and free the context.
+fn start_thread(mut worker: Worker, jobs: mpsc::UnboundedReceiver<Command>) {
     std::thread::Builder::new()
         .name("hearth-engine".into())
         .spawn(move || {
@@ -307,7 +331,6 @@ pub(super) fn spawn(
             }
         })
         .expect("cannot spawn the engine thread");
-    Ok(n_ctx_seq as u32)
 }
 
 /// A thread setting for the log: the fixed count, or how it is chosen.

@@ -24,7 +24,9 @@ use super::pipeline::{self, count_prompt, prepare};
 use super::reply::{collect, Reply};
 use super::sampling::{SamplingFields, MESSAGES_REFUSED};
 use super::{check_max_tokens, check_range, new_id, openai, GenOptions};
-use crate::chat::{ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice};
+use crate::chat::{
+    ChatMessage, ChatRequest, ResponseFormat, Role, Thinking, ToolCall, ToolChoice, ToolSpec,
+};
 use crate::engine::SamplingParams;
 use crate::state::AppState;
 use stream::*;
@@ -222,8 +224,55 @@ pub fn convert(
             "messages: at least one message is required",
         ));
     }
-    let mut messages = Vec::with_capacity(req.messages.len() + 1);
-    if let Some(system) = req.system {
+    let messages = convert_messages(req.system, req.messages, keep_billing_header)?;
+    let defaults = SamplingParams::default();
+    let temperature = req
+        .temperature
+        .map(|t| check_range("temperature", t, 0.0, 1.0))
+        .transpose()?
+        .unwrap_or(defaults.temperature);
+    let top_p = req
+        .top_p
+        .map(|p| check_range("top_p", p, 0.0, 1.0))
+        .transpose()?
+        .unwrap_or(defaults.top_p);
+    let (sampling, ignore_eos) =
+        super::sampling::resolve(req.sampling, temperature, top_p, MESSAGES_REFUSED)?;
+    let stop = super::check_stop("stop_sequences", req.stop_sequences.unwrap_or_default())?;
+    betas::check_context_management(req.context_management.as_ref())?;
+    let tools = convert_tools(req.tools.unwrap_or_default())?;
+    let (tool_choice, parallel) = convert_tool_choice(req.tool_choice)?;
+    let thinking = convert_thinking(req.thinking, max_tokens, count_only, betas)?;
+    let response_format = output_format(req.output_config, req.output_format)?;
+    let chat = ChatRequest {
+        messages,
+        tools,
+        tool_choice,
+        parallel_tool_calls: parallel,
+        response_format,
+        thinking,
+    };
+    Ok((
+        chat,
+        GenOptions {
+            sampling,
+            max_tokens: Some(max_tokens),
+            stop,
+            logprobs: None,
+            ignore_eos,
+        },
+    ))
+}
+
+/// The system text and the messages, as chat messages. System text is
+/// cleaned of the client's billing line unless `keep_billing_header`.
+fn convert_messages(
+    system: Option<WireContent>,
+    messages_in: Vec<WireMessage>,
+    keep_billing_header: bool,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    let mut messages = Vec::with_capacity(messages_in.len() + 1);
+    if let Some(system) = system {
         // Each system block is cleaned on its own: the billing line is
         // usually a block by itself.
         let text = match system {
@@ -249,7 +298,7 @@ pub fn convert(
             messages.push(ChatMessage::new(Role::System, text));
         }
     }
-    for (i, m) in req.messages.into_iter().enumerate() {
+    for (i, m) in messages_in.into_iter().enumerate() {
         let role = match m.role.as_str() {
             "user" => Role::User,
             "assistant" => Role::Assistant,
@@ -273,23 +322,13 @@ pub fn convert(
         }
         convert_message(i, role, m.content, &mut messages)?;
     }
-    let defaults = SamplingParams::default();
-    let temperature = req
-        .temperature
-        .map(|t| check_range("temperature", t, 0.0, 1.0))
-        .transpose()?
-        .unwrap_or(defaults.temperature);
-    let top_p = req
-        .top_p
-        .map(|p| check_range("top_p", p, 0.0, 1.0))
-        .transpose()?
-        .unwrap_or(defaults.top_p);
-    let (sampling, ignore_eos) =
-        super::sampling::resolve(req.sampling, temperature, top_p, MESSAGES_REFUSED)?;
-    let stop = super::check_stop("stop_sequences", req.stop_sequences.unwrap_or_default())?;
-    betas::check_context_management(req.context_management.as_ref())?;
+    Ok(messages)
+}
+
+/// The custom tools; a server tool is refused, a deferred one left out.
+fn convert_tools(wire: Vec<WireTool>) -> Result<Vec<ToolSpec>, ApiError> {
     let mut tools = Vec::new();
-    for (i, t) in req.tools.unwrap_or_default().into_iter().enumerate() {
+    for (i, t) in wire.into_iter().enumerate() {
         if let Some(kind) = t.kind.as_deref().filter(|k| *k != "custom") {
             return Err(ApiError::invalid_param(
                 &format!("tools.{i}.type"),
@@ -309,7 +348,12 @@ pub fn convert(
         }
     }
     openai::check_unique_tools("tools", &tools)?;
-    let (tool_choice, parallel) = match req.tool_choice {
+    Ok(tools)
+}
+
+/// `tool_choice`, with whether parallel calls are allowed.
+fn convert_tool_choice(choice: Option<WireToolChoice>) -> Result<(ToolChoice, bool), ApiError> {
+    Ok(match choice {
         None => (ToolChoice::Auto, true),
         Some(c) => {
             let parallel = !c.disable_parallel_tool_use.unwrap_or(false);
@@ -327,11 +371,21 @@ pub fn convert(
             };
             (choice, parallel)
         }
-    };
-    if let Some(t) = &req.thinking {
+    })
+}
+
+/// `thinking`: its budget is checked against `max_tokens` unless the
+/// interleaved-thinking beta lets it span the turn.
+fn convert_thinking(
+    wire: Option<WireThinking>,
+    max_tokens: u32,
+    count_only: bool,
+    betas: &Betas,
+) -> Result<Thinking, ApiError> {
+    if let Some(t) = &wire {
         betas::omit_thinking(t.display.as_deref())?;
     }
-    let thinking = match req.thinking {
+    Ok(match wire {
         None => Thinking::Default,
         Some(t) => match t.kind.as_str() {
             "disabled" => Thinking::Off,
@@ -360,26 +414,7 @@ pub fn convert(
             )))
             }
         },
-    };
-    let response_format = output_format(req.output_config, req.output_format)?;
-    let chat = ChatRequest {
-        messages,
-        tools,
-        tool_choice,
-        parallel_tool_calls: parallel,
-        response_format,
-        thinking,
-    };
-    Ok((
-        chat,
-        GenOptions {
-            sampling,
-            max_tokens: Some(max_tokens),
-            stop,
-            logprobs: None,
-            ignore_eos,
-        },
-    ))
+    })
 }
 
 /// Structured output: `output_config.format` (or the beta's top-level

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
-use super::grammar::{self, SchemaError};
+use super::grammar::SchemaError;
 use super::output::{OutputParser, OutputSpec};
 use super::reasoning::{detect_markers, prompt_opens_reasoning, ReasoningMarkers};
 use super::replay::ReplayStore;
@@ -23,6 +23,8 @@ use super::template::{ChatTemplate, RenderOptions, TemplateError};
 use super::tools::{fallback_system_prompt, fallback_tool_result, ToolFormat, ToolSpec};
 use super::{ChatMessage, ChatRequest, Role, Thinking, ToolChoice};
 use crate::engine::{Grammar, Model, ReasoningBudget, Token};
+
+mod constrain;
 
 /// Why a request cannot be turned into a prompt: all the client's doing.
 #[derive(Debug, thiserror::Error)]
@@ -360,7 +362,8 @@ fn fold_late_system(messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
     out
 }
 
-/// Build the prompt for `req`.
+/// Build the prompt for `req`: check it, make client text safe, render,
+/// tokenize, then say how to read the reply and how to constrain it.
 pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, PromptError> {
     let ChatRequest {
         mut messages,
@@ -371,18 +374,7 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
         thinking,
     } = req;
     check_history(&mut messages)?;
-    if let ToolChoice::Named(name) = &tool_choice {
-        if !tools.iter().any(|t| &t.name == name) {
-            return Err(PromptError::ToolChoice(format!(
-                "tool_choice names `{name}`, which is not among the tools"
-            )));
-        }
-    }
-    if matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_)) && tools.is_empty() {
-        return Err(PromptError::ToolChoice(
-            "tool_choice requires a tool call, but no tools were given".into(),
-        ));
-    }
+    check_tool_choice(&tools, &tool_choice)?;
 
     let template = setup.template;
     let native = template.handles_tools() && setup.format != ToolFormat::Fallback;
@@ -397,80 +389,19 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
         detect_markers(template.source())
     };
 
-    // Safe text: protect client strings before anything is added around them.
-    // Every client string a template may write: names and ids too.
-    let has = |s: &Option<String>| s.as_deref().is_some_and(|s| setup.specials.contains_any(s));
-    let needs_protection = messages.iter().any(|m| {
-        setup.specials.contains_any(&m.content)
-            || has(&m.reasoning)
-            || has(&m.name)
-            || has(&m.tool_call_id)
-            || m.tool_calls.iter().any(|c| {
-                setup.specials.contains_any(&c.arguments)
-                    || setup.specials.contains_any(&c.name)
-                    || setup.specials.contains_any(&c.id)
-            })
-    }) || tools.iter().any(|t| {
-        setup.specials.contains_any(&t.name)
-            || setup.specials.contains_any(&t.description)
-            || setup.specials.contains_any(&t.parameters.to_string())
-    });
     let mut protector = Protector {
         specials: setup.specials,
         nonce: nonce(),
         literals: Vec::new(),
     };
-
-    // Exact replay of past calls, then protection of what the client wrote.
-    let mut rendered_msgs = Vec::with_capacity(messages.len());
-    for mut m in messages {
-        if m.role == Role::Assistant && !m.tool_calls.is_empty() {
-            if let Some(raw) = setup
-                .replay
-                .lookup(m.tool_calls.iter().map(|c| c.id.as_str()))
-            {
-                // The model's own bytes, rendered as they are. Not when they
-                // spell a control token: the text alone cannot tell a
-                // generated control token from the same characters
-                // generated as text (a call's arguments copying what a
-                // client wrote), and tokenized with markup parsing on they
-                // would become control tokens. Those replies are
-                // re-rendered from their structure, and protected below.
-                // And only when the reply made the very calls the client
-                // sends back: a client may have changed them.
-                if !setup.specials.contains_any(&raw)
-                    && replay_matches(&raw, &m.tool_calls, format, markers.as_ref())
-                {
-                    rendered_msgs.push(ChatMessage {
-                        content: raw.to_string(),
-                        tool_calls: vec![],
-                        reasoning: None,
-                        ..m
-                    });
-                    continue;
-                }
-            }
-        }
-        if needs_protection {
-            m.content = protector.protect(&m.content);
-            m.reasoning = m.reasoning.map(|r| protector.protect(&r));
-            m.name = m.name.map(|n| protector.protect(&n));
-            m.tool_call_id = m.tool_call_id.map(|id| protector.protect(&id));
-            for c in &mut m.tool_calls {
-                c.id = protector.protect(&c.id);
-                c.name = protector.protect(&c.name);
-                c.arguments = protector.protect(&c.arguments);
-            }
-        }
-        rendered_msgs.push(m);
-    }
-    let mut tool_specs = tools.clone();
-    if needs_protection {
-        for t in &mut tool_specs {
-            t.description = protector.protect(&t.description);
-            protector.protect_value(&mut t.parameters);
-        }
-    }
+    let (mut rendered_msgs, tool_specs) = safe_messages(
+        setup,
+        &mut protector,
+        messages,
+        &tools,
+        format,
+        markers.as_ref(),
+    );
 
     let has_tool_turns = rendered_msgs
         .iter()
@@ -480,8 +411,7 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
     // calls; a forced call leaves the format nothing to shape).
     let forced_call =
         !tools.is_empty() && matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_));
-    let format_applies = response_format.is_some() && !forced_call;
-    let forced = forced_call || format_applies;
+    let forced = forced_call || response_format.is_some();
     // A forced grammar leaves no room for a thinking block: turn thinking
     // off unless the client asked for it.
     let enable_thinking = match thinking {
@@ -519,112 +449,25 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
         resolve_sentinels(setup.model, &rendered, &protector)
     };
 
-    // How to read the reply.
     let reasoning = markers.as_ref().map(|m| ReasoningMarkers {
         opened_by_prompt: prompt_opens_reasoning(&text, &m.open, &m.close),
         ..m.clone()
     });
     let parse_tools = !tools.is_empty() && tool_choice != ToolChoice::None;
-    // A reply that starts inside reasoning the prompt opened is replayed
-    // with the prompt's opening (`<think>\n`): the bytes the KV cache holds.
-    let replay_prefix = match &reasoning {
-        Some(ReasoningMarkers {
-            open,
-            opened_by_prompt: true,
-            ..
-        }) => text
-            .rfind(open.as_str())
-            .map(|at| text[at..].to_string())
-            .unwrap_or_default(),
-        _ => String::new(),
-    };
     let output = OutputSpec {
         reasoning: reasoning.clone(),
         tools: parse_tools.then_some(format),
-        replay_prefix,
+        replay_prefix: replay_prefix(&text, reasoning.as_ref()),
     };
-
-    // How to constrain it.
-    let mut grammar = None;
-    if parse_tools {
-        let offered: Vec<&ToolSpec> = match &tool_choice {
-            ToolChoice::Named(name) => tools.iter().filter(|t| &t.name == name).collect(),
-            _ => tools.iter().collect(),
-        };
-        // A forced choice is met by one call, and a small model made to
-        // call may repeat it until `max_tokens`: grammars that hold the
-        // reply from its first token (a forced call, calls-or-answer) end
-        // after one call. When the model chose to call under the lazy
-        // grammar, it may make as many as `parallel_tool_calls` allows.
-        let parallel = parallel_tool_calls && !forced;
-        if let Some(gbnf) = grammar::tool_calls(format, &offered, parallel)? {
-            grammar = Some(match (&reasoning, &response_format) {
-                _ if forced_call => Grammar {
-                    gbnf,
-                    triggers: vec![],
-                },
-                (_, Some(rf)) => Grammar {
-                    gbnf: grammar::calls_or_answer(&gbnf, &grammar::response(rf)?),
-                    triggers: vec![],
-                },
-                // The model may reason first: calls only after the reasoning.
-                (
-                    Some(ReasoningMarkers {
-                        open,
-                        close,
-                        opened_by_prompt: opened,
-                    }),
-                    None,
-                ) if enable_thinking != Some(false) || *opened => {
-                    let (gbnf, triggers) = grammar::calls_after_reasoning(
-                        &gbnf,
-                        format.call_opener(),
-                        open,
-                        close,
-                        *opened,
-                    );
-                    Grammar { gbnf, triggers }
-                }
-                _ => Grammar {
-                    gbnf,
-                    triggers: vec![format.call_opener().to_string()],
-                },
-            });
-        }
-    } else if let Some(rf) = &response_format {
-        grammar = Some(Grammar {
-            gbnf: grammar::response(rf)?,
-            triggers: vec![],
-        });
-    }
-    // A prompt that ends inside reasoning: the constraint starts after it.
-    // Thinking asked for, and the model opens its reasoning itself: the
-    // constraint allows a reasoning block first.
-    match (&mut grammar, &reasoning) {
-        (
-            Some(g),
-            Some(ReasoningMarkers {
-                close,
-                opened_by_prompt: true,
-                ..
-            }),
-        ) if g.triggers.is_empty() => {
-            g.gbnf = grammar::after_marker(&g.gbnf, close);
-            g.triggers = vec![close.clone()];
-        }
-        (
-            Some(g),
-            Some(ReasoningMarkers {
-                open,
-                close,
-                opened_by_prompt: false,
-            }),
-        ) if g.triggers.is_empty() && enable_thinking == Some(true) => {
-            g.gbnf = grammar::optional_reasoning_first(&g.gbnf, open, close);
-        }
-        _ => {}
-    }
-
+    let grammar = constrain::grammar(&constrain::Constraint {
+        tools: parse_tools.then_some((tools.as_slice(), &tool_choice)),
+        format,
+        forced_call,
+        parallel: parallel_tool_calls && !forced_call && response_format.is_none(),
+        response_format: response_format.as_ref(),
+        reasoning: reasoning.as_ref(),
+        enable_thinking,
+    })?;
     let reasoning_budget = match (thinking, &reasoning) {
         (Thinking::On { budget: Some(b) }, Some(ReasoningMarkers { close, .. })) => {
             Some(ReasoningBudget {
@@ -643,6 +486,120 @@ pub fn prepare(setup: &PromptSetup<'_>, req: ChatRequest) -> Result<Prepared, Pr
         reasoning_budget,
         stops: template.fallback_stops().to_vec(),
     })
+}
+
+/// A `tool_choice` that names a missing tool, or forces a call without tools.
+fn check_tool_choice(tools: &[ToolSpec], tool_choice: &ToolChoice) -> Result<(), PromptError> {
+    if let ToolChoice::Named(name) = tool_choice {
+        if !tools.iter().any(|t| &t.name == name) {
+            return Err(PromptError::ToolChoice(format!(
+                "tool_choice names `{name}`, which is not among the tools"
+            )));
+        }
+    }
+    if matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_)) && tools.is_empty() {
+        return Err(PromptError::ToolChoice(
+            "tool_choice requires a tool call, but no tools were given".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The messages and tools as the template will see them: past calls
+/// replayed as the model's own bytes where they can be, and every client
+/// string that spells a control token swapped for a sentinel.
+fn safe_messages(
+    setup: &PromptSetup<'_>,
+    protector: &mut Protector<'_>,
+    messages: Vec<ChatMessage>,
+    tools: &[ToolSpec],
+    format: ToolFormat,
+    markers: Option<&ReasoningMarkers>,
+) -> (Vec<ChatMessage>, Vec<ToolSpec>) {
+    // Every client string a template may write: names and ids too.
+    let has = |s: &Option<String>| s.as_deref().is_some_and(|s| setup.specials.contains_any(s));
+    let needs_protection = messages.iter().any(|m| {
+        setup.specials.contains_any(&m.content)
+            || has(&m.reasoning)
+            || has(&m.name)
+            || has(&m.tool_call_id)
+            || m.tool_calls.iter().any(|c| {
+                setup.specials.contains_any(&c.arguments)
+                    || setup.specials.contains_any(&c.name)
+                    || setup.specials.contains_any(&c.id)
+            })
+    }) || tools.iter().any(|t| {
+        setup.specials.contains_any(&t.name)
+            || setup.specials.contains_any(&t.description)
+            || setup.specials.contains_any(&t.parameters.to_string())
+    });
+
+    let mut out = Vec::with_capacity(messages.len());
+    for mut m in messages {
+        if m.role == Role::Assistant && !m.tool_calls.is_empty() {
+            if let Some(raw) = setup
+                .replay
+                .lookup(m.tool_calls.iter().map(|c| c.id.as_str()))
+            {
+                // The model's own bytes, rendered as they are. Not when they
+                // spell a control token: the text alone cannot tell a
+                // generated control token from the same characters
+                // generated as text (a call's arguments copying what a
+                // client wrote), and tokenized with markup parsing on they
+                // would become control tokens. Those replies are
+                // re-rendered from their structure, and protected below.
+                // And only when the reply made the very calls the client
+                // sends back: a client may have changed them.
+                if !setup.specials.contains_any(&raw)
+                    && replay_matches(&raw, &m.tool_calls, format, markers)
+                {
+                    out.push(ChatMessage {
+                        content: raw.to_string(),
+                        tool_calls: vec![],
+                        reasoning: None,
+                        ..m
+                    });
+                    continue;
+                }
+            }
+        }
+        if needs_protection {
+            m.content = protector.protect(&m.content);
+            m.reasoning = m.reasoning.map(|r| protector.protect(&r));
+            m.name = m.name.map(|n| protector.protect(&n));
+            m.tool_call_id = m.tool_call_id.map(|id| protector.protect(&id));
+            for c in &mut m.tool_calls {
+                c.id = protector.protect(&c.id);
+                c.name = protector.protect(&c.name);
+                c.arguments = protector.protect(&c.arguments);
+            }
+        }
+        out.push(m);
+    }
+    let mut tool_specs = tools.to_vec();
+    if needs_protection {
+        for t in &mut tool_specs {
+            t.description = protector.protect(&t.description);
+            protector.protect_value(&mut t.parameters);
+        }
+    }
+    (out, tool_specs)
+}
+
+/// A reply that starts inside reasoning the prompt opened is replayed
+/// with the prompt's opening (`<think>\n`): the bytes the KV cache holds.
+fn replay_prefix(text: &str, reasoning: Option<&ReasoningMarkers>) -> String {
+    match reasoning {
+        Some(ReasoningMarkers {
+            open,
+            opened_by_prompt: true,
+            ..
+        }) => text
+            .rfind(open.as_str())
+            .map(|at| text[at..].to_string())
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
 }
 
 /// Tokenize a rendered prompt: markup becomes special tokens; BOS is added

@@ -1,0 +1,206 @@
+"""The real llama.cpp code paths of architectures too big to test with, run
+on tiny random-weight GGUFs that scripts/tiny_gguf.py writes:
+
+- deepseek4 (DeepSeek V4 Flash): hybrid memory (sliding-window KV, two
+  compressed KV caches, compressor states) and DSML tool calls;
+- mamba2: purely recurrent memory.
+
+The replies are gibberish; what is checked is that they come, that greedy
+decoding repeats itself, how the prefix cache behaves on memory that cannot
+be cut back, and that grammars still force well-formed tool calls.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import REPO
+
+SCRIPT = REPO / "scripts" / "tiny_gguf.py"
+ARCHS = ["deepseek4", "mamba2"]
+FLAGS = ("--ctx", "2048", "--threads", "1", "--threads-batch", "1")
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                # An enum and a boolean: the grammar leaves the random model
+                # only choices, so the call ends within a few hundred tokens.
+                "city": {"type": "string", "enum": ["Paris", "Tokyo"]},
+                "celsius": {"type": "boolean"},
+            },
+            "required": ["city", "celsius"],
+        },
+    },
+}
+
+
+def write_gguf(arch: str, out: Path, seed: int = 0) -> Path:
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--arch", arch, "--out", str(out), "--seed", str(seed)],
+        check=True,
+        timeout=60,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("tiny-gguf")
+    return {a: write_gguf(a, d / f"{a}.gguf") for a in ARCHS}
+
+
+def oa(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client: openai.OpenAI, messages, max_tokens: int = 16, **kw):
+    return client.chat.completions.create(
+        model="any", messages=messages, max_tokens=max_tokens, temperature=0, **kw
+    )
+
+
+def cached(usage) -> int:
+    return usage.prompt_tokens_details.cached_tokens
+
+
+def test_the_script_is_deterministic(tmp_path: Path):
+    a = write_gguf("deepseek4", tmp_path / "a.gguf", seed=7).read_bytes()
+    b = write_gguf("deepseek4", tmp_path / "b.gguf", seed=7).read_bytes()
+    c = write_gguf("deepseek4", tmp_path / "c.gguf", seed=8).read_bytes()
+    assert a == b
+    assert a != c
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_chat_repeats_itself(start_hearth, gguf, arch):
+    client = oa(start_hearth(*FLAGS, model=gguf[arch]))
+    messages = [{"role": "user", "content": "Hello, what is the weather in Paris?"}]
+    first = chat(client, messages)
+    second = chat(client, messages)
+    assert first.usage.completion_tokens == 16
+    assert first.choices[0].message.content
+    assert second.choices[0].message.content == first.choices[0].message.content
+    # Hybrid and recurrent memory cannot be cut back to recompute the last
+    # prompt token, so a repeated prompt is computed again from scratch.
+    assert cached(second.usage) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_extending_the_live_sequence_reuses_it_exactly(start_hearth, gguf, arch):
+    """Token-id prompts, so the second prompt extends the first request's
+    sequence token for token (a reply's text does not always tokenize back
+    to the tokens that were generated). logit_bias makes the generated
+    tokens known."""
+    forced = 300  # some token id the bias makes the only greedy choice
+    # 200 tokens: past the sliding window (128 tokens) and one 128-token
+    # block of deepseek4's most compressed layer.
+    head = [(i * 37) % 250 + 1 for i in range(200)]
+    tail = [(i * 11) % 250 + 1 for i in range(60)]
+    prompt = head + [forced] * 5 + tail
+
+    warm = oa(start_hearth(*FLAGS, model=gguf[arch]))
+    first = warm.completions.create(
+        model="any", prompt=head, max_tokens=5, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert first.usage.completion_tokens == 5
+    reused = warm.completions.create(model="any", prompt=prompt, max_tokens=16, temperature=0)
+    # The whole live sequence: the first prompt and all of its reply.
+    assert cached(reused.usage) == len(head) + 5
+
+    cold = oa(start_hearth(*FLAGS, model=gguf[arch]))
+    fresh = cold.completions.create(model="any", prompt=prompt, max_tokens=16, temperature=0)
+    assert cached(fresh.usage) == 0
+    # Resuming from the kept state decodes exactly what a cold prefill does.
+    assert reused.choices[0].text == fresh.choices[0].text
+
+    # A prompt that leaves the live sequence part way is not served from it:
+    # the memory cannot be cut back to the common prefix, so the slot is
+    # cleared and all of it computed (a transformer would reuse 150 tokens).
+    diverged = warm.completions.create(
+        model="any", prompt=head[:150] + tail, max_tokens=4, temperature=0
+    )
+    assert cached(diverged.usage) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chat_continuation_after_a_json_answer(start_hearth, gguf, arch):
+    """A grammar keeps the first answer plain ASCII, so its text reads back
+    as the tokens that were generated (matched by text) and the next turn
+    extends the live sequence. A free gibberish reply would not: its stray
+    bytes come back as U+FFFD and the match stops inside the reply."""
+    client = oa(start_hearth(*FLAGS, model=gguf[arch]))
+    schema = {"type": "object", "properties": {"a": {"enum": ["yes", "no"]}}, "required": ["a"]}
+    messages = [{"role": "user", "content": "Say yes or no."}]
+    first = chat(
+        client,
+        messages,
+        max_tokens=64,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert first.choices[0].finish_reason == "stop"
+    assert json.loads(first.choices[0].message.content)["a"] in ("yes", "no")
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Again."},
+    ]
+    second = chat(client, messages)
+    assert second.usage.completion_tokens == 16
+    assert cached(second.usage) == first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_speculation_is_refused_for_this_memory(start_hearth, gguf, arch):
+    srv = start_hearth(*FLAGS, "--spec", model=gguf[arch])
+    r = chat(oa(srv), [{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert r.usage.completion_tokens == 4
+    log = srv.log_path.read_text("utf-8", "replace")
+    assert "speculative decoding off: this model's memory cannot drop rejected drafts" in log
+
+
+def test_deepseek4_forced_call_is_dsml_and_the_next_turn_reuses_it(start_hearth, gguf):
+    srv = start_hearth(*FLAGS, model=gguf["deepseek4"])
+    assert "tool_format=DeepSeekV4Dsml" in srv.log_path.read_text("utf-8", "replace")
+    client = oa(srv)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # Random weights pick single bytes as often as merged tokens, so the
+    # forced call takes a couple of hundred tokens.
+    first = chat(client, messages, max_tokens=1000, tools=[WEATHER], tool_choice="required")
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city", "celsius"}
+    assert args["city"] in ("Paris", "Tokyo")
+    assert isinstance(args["celsius"], bool)
+
+    # The template writes the call back as the grammar made the model write
+    # it, so the tool turn extends the live sequence.
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
+    ]
+    second = chat(client, messages, tools=[WEATHER])
+    assert second.usage.completion_tokens > 0
+    assert cached(second.usage) == first.usage.prompt_tokens + first.usage.completion_tokens

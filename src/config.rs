@@ -135,6 +135,11 @@ pub struct EngineArgs {
     /// RAM budget for KV snapshots of recent sequences, in MiB (0: none).
     #[arg(long, env = "HEARTH_CACHE_RAM_MB", default_value_t = 1024)]
     pub cache_ram_mb: u64,
+    /// Models whose memory cannot be cut back (recurrent, hybrid): state
+    /// checkpoints kept in RAM per conversation, taken before and at the
+    /// end of each prompt and through long prefills (0: none).
+    #[arg(long, env = "HEARTH_CTX_CHECKPOINTS", default_value_t = 8)]
+    pub ctx_checkpoints: u32,
     /// Directory for KV snapshots that survive restarts (off when unset).
     #[arg(long, env = "HEARTH_KV_DISK_DIR")]
     pub kv_disk_dir: Option<PathBuf>,
@@ -158,6 +163,7 @@ impl EngineArgs {
             n_gpu_layers: self.gpu_layers,
             fault: None,
             cache_ram_bytes: (self.cache_ram_mb as usize) << 20,
+            ctx_checkpoints: self.ctx_checkpoints as usize,
             kv_disk_dir: self.kv_disk_dir.clone(),
             kv_disk_bytes: self.kv_disk_space_mb << 20,
         }

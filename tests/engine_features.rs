@@ -53,6 +53,7 @@ fn engine() -> &'static EngineHandle {
             cache_ram_bytes: 0,
             kv_disk_dir: None,
             kv_disk_bytes: 0,
+            ctx_checkpoints: 0,
         };
         engine::start(model, config).expect("start the engine")
     })

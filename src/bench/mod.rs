@@ -173,6 +173,7 @@ fn start_engine(
         n_gpu_layers: 999,
         fault: None,
         cache_ram_bytes: 0,
+        ctx_checkpoints: 0,
         kv_disk_dir: None,
         kv_disk_bytes: 0,
     };

@@ -194,6 +194,20 @@ impl Worker {
     /// The prefixes on offer for a prompt: idle slots' own, running slots'
     /// (copyable), RAM and disk snapshots.
     fn offers(&self, tokens: &[Token], text: Option<&str>) -> Offers<std::path::PathBuf> {
+        // Memory that cannot be cut back is reused only whole: a sequence
+        // or checkpoint the prompt repeats to its end, with a token left
+        // to compute (after a text match, text left to tokenize).
+        let rest_after = |m: &Match| match (m.by_text, text) {
+            (true, Some(t)) => m.text_bytes < t.len(),
+            _ => m.tokens + 1 < tokens.len(),
+        };
+        let whole = |len: usize, m: Match| {
+            if !self.recurrent || (m.tokens == len && rest_after(&m)) {
+                m
+            } else {
+                Match::default()
+            }
+        };
         let mut own = Vec::new();
         let mut copy = Vec::new();
         for (i, s) in self.slots.iter().enumerate() {
@@ -202,17 +216,20 @@ impl Worker {
             }
             let m = match_prompt(&s.seq, tokens, text);
             if s.run.is_none() {
-                own.push((i, m));
+                own.push((i, whole(s.seq.len(), m)));
             } else if !self.recurrent {
                 copy.push((i, m));
             }
         }
-        let ram = self.kv.ram.best(tokens, text);
+        let ram = self.kv.ram.best_with(tokens, text, whole);
         let disk = self.kv.disk.as_ref().and_then(|d| {
             d.with_entries(|es| {
                 es.iter()
                     .filter(|e| (e.header.token_count as usize) < self.n_ctx_seq)
-                    .map(|e| (e.path.clone(), match_prompt(&e.seq, tokens, text)))
+                    .map(|e| {
+                        let m = match_prompt(&e.seq, tokens, text);
+                        (e.path.clone(), whole(e.seq.len(), m))
+                    })
                     .max_by_key(|(_, m)| m.tokens)
             })
         });

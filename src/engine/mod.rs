@@ -509,6 +509,9 @@ pub struct EngineConfig {
     pub fault: Option<fault::FaultPlan>,
     /// RAM budget for KV snapshots, in bytes (0: none).
     pub cache_ram_bytes: usize,
+    /// Checkpoints kept per conversation for memory that cannot be cut
+    /// back (recurrent and hybrid models); 0: none.
+    pub ctx_checkpoints: usize,
     /// Where disk KV snapshots live (None: no disk cache).
     pub kv_disk_dir: Option<std::path::PathBuf>,
     /// Disk budget for KV snapshots, in bytes.

@@ -24,7 +24,8 @@ use super::schedule::{plan_step, Candidate, Planned, StepLimits, Want};
 use super::sequence::{self, Done, Phase, Running, Start};
 use super::spec;
 use super::worker::{
-    fail_job, Waiting, Worker, DECODE_LOG_EVERY, FRONTIER, MIN_DISK_TOKENS, SNAPSHOT_BEFORE_LOSS,
+    fail_job, Waiting, Worker, CHECKPOINT_EVERY, DECODE_LOG_EVERY, FRONTIER, MIN_DISK_TOKENS,
+    MIN_RAM_TOKENS, SNAPSHOT_BEFORE_LOSS,
 };
 use super::{EngineError, Event, FinishReason, PrefixSource};
 
@@ -503,6 +504,30 @@ impl Worker {
         {
             self.save_frontier(i);
         }
+        if self.recurrent
+            && self.config.ctx_checkpoints > 0
+            && self.kv.ram.is_enabled()
+            && done >= MIN_RAM_TOKENS
+            && (done == run.first_save || done == total || done.is_multiple_of(CHECKPOINT_EVERY))
+        {
+            self.checkpoint(i);
+        }
+    }
+
+    /// Keep slot `i`'s state in RAM at this position: memory that cannot
+    /// be cut back restarts a prompt that leaves this one later from here.
+    fn checkpoint(&mut self, i: usize) {
+        let state = self.ctx.seq_state_get(i as i32);
+        self.snapshot_taken = true;
+        debug!(
+            seq = i,
+            tokens = self.slots[i].seq.len(),
+            bytes = state.len(),
+            "state checkpoint"
+        );
+        self.kv
+            .ram
+            .insert(self.slots[i].seq.clone(), Arc::new(state));
     }
 
     /// The prompt is all in: check its text against the record.

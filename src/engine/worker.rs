@@ -43,6 +43,9 @@ pub(super) const SNAPSHOT_BEFORE_LOSS: usize = 64;
 pub(super) const FRONTIER: usize = 16384;
 /// The first disk save of a prompt stops this many tokens short of its end.
 pub(super) const SAVE_TRIM: usize = 32;
+/// Memory that cannot be cut back gets a RAM checkpoint every this many
+/// tokens of a long prefill (besides the one before and at its end).
+pub(super) const CHECKPOINT_EVERY: usize = 8192;
 
 /// The RAM and disk snapshot stores.
 pub(super) struct KvStores {
@@ -182,10 +185,19 @@ pub(super) fn spawn(
     let epoch = Instant::now();
     spawn_watchdog(progress.clone(), epoch);
     let disk = open_disk(&config, &model, n_ctx_seq);
-    let kv = KvStores {
+    let mut kv = KvStores {
         ram: RamStore::new(config.cache_ram_bytes),
         disk,
     };
+    if model.is_recurrent() && config.ctx_checkpoints > 0 {
+        kv.ram.keep_checkpoints(config.ctx_checkpoints);
+        info!(
+            per_sequence = config.ctx_checkpoints,
+            every = CHECKPOINT_EVERY,
+            "state checkpoints: this model's memory cannot be cut back, so prompts keep \
+             checkpoints in RAM to restart from"
+        );
+    }
     let now = Instant::now();
     let slots = (0..parallel)
         .map(|_| Slot {
@@ -216,7 +228,7 @@ pub(super) fn spawn(
         .store(ctx.buffer_bytes(), Ordering::Relaxed);
     stats.alive.store(true, Ordering::Release);
     let (spec, drafter) = speculation(&model, &config, params, chunk as usize, &stats)?;
-    let worker = Worker {
+    let mut worker = Worker {
         spec,
         drafter,
         recurrent: model.is_recurrent(),
@@ -241,6 +253,9 @@ pub(super) fn spawn(
         threads,
         on_stopped: None,
     };
+    // The slot table is on /slots and the status page before the first
+    // request, however late the engine thread is scheduled.
+    worker.publish();
     start_thread(worker, jobs);
     Ok(n_ctx_seq as u32)
 }

@@ -77,11 +77,17 @@ def assert_same_greedy(spec_reply: dict, plain_reply: dict, what: str) -> None:
     batch of several rows, which can round differently from a batch of one
     (README). At the first difference both tokens must be near-equal
     choices of the model; a wrongly accepted draft would not be."""
+    if near_tie_at(spec_reply, plain_reply, what) is None:
+        assert len(tokens_of(spec_reply)) == len(tokens_of(plain_reply)), what
+
+
+def near_tie_at(spec_reply: dict, plain_reply: dict, what: str) -> int | None:
+    """The first token where two greedy replies differ (None: one is a
+    prefix of the other), asserting that the difference is a near tie."""
     a, b = tokens_of(spec_reply), tokens_of(plain_reply)
     k = next((i for i, (x, y) in enumerate(zip(a, b)) if x[0] != y[0]), None)
     if k is None:
-        assert len(a) == len(b), what
-        return
+        return None
     token, logprob, _ = a[k]
     best, best_lp, alternatives = b[k]
     assert token in alternatives, f"{what}: token {k} {token!r} is not among the model's top choices {alternatives}"
@@ -90,6 +96,7 @@ def assert_same_greedy(spec_reply: dict, plain_reply: dict, what: str) -> None:
     # from the best choice.
     assert best_lp - alternatives[token] < NEAR_TIE, f"{what}: token {k}: {token!r} vs {best!r} is no near tie"
     assert abs(logprob - alternatives[token]) < NEAR_TIE, what
+    return k
 
 
 def test_greedy_tokens_are_the_models_with_and_without_speculation(pair):
@@ -203,19 +210,28 @@ def test_stop_and_max_tokens_inside_a_draft_end_exactly(pair):
     spec, plain = pair
     # Warm first, so that both requests below find the whole prompt cached
     # and compute it alike (README: partial-chunk reuse).
+    # Each reply's verified steps are sized by measured step times, so two
+    # runs of one greedy request can split a near tie differently (batch
+    # rounding, README): where the texts part, it must be at a near tie.
     chat(spec.url, COPY, max_tokens=8)
-    full = chat(spec.url, COPY, max_tokens=250)["choices"][0]["message"]["content"]
+    lp = dict(logprobs=True, top_logprobs=5)
+    whole = chat(spec.url, COPY, max_tokens=250, **lp)
+    full = whole["choices"][0]["message"]["content"]
     # A stop sequence that falls inside copied (drafted and accepted) text.
     stop = next(s for s in ("function_9", "function_5", "total") if s in full[20:])
-    cut = chat(spec.url, COPY, max_tokens=250, stop=[stop])
+    cut = chat(spec.url, COPY, max_tokens=250, stop=[stop], **lp)
     assert cut["choices"][0]["finish_reason"] == "stop"
-    assert cut["choices"][0]["message"]["content"] == full[: full.index(stop, 0)]
+    text = cut["choices"][0]["message"]["content"]
+    assert stop not in text
+    if near_tie_at(cut, whole, "stop") is None:
+        assert text == full[: full.index(stop, 0)]
     # max_tokens reached inside a draft: exactly that many tokens.
-    capped = chat(spec.url, COPY, max_tokens=57, logprobs=True)
+    capped = chat(spec.url, COPY, max_tokens=57, **lp)
     assert capped["usage"]["completion_tokens"] == 57
     assert len(capped["choices"][0]["logprobs"]["content"]) == 57
     assert capped["choices"][0]["finish_reason"] == "length"
-    assert full.startswith(capped["choices"][0]["message"]["content"])
+    if near_tie_at(capped, whole, "max_tokens") is None:
+        assert full.startswith(capped["choices"][0]["message"]["content"])
     plain_capped = chat(plain.url, COPY, max_tokens=57)
     assert plain_capped["usage"]["completion_tokens"] == 57
 

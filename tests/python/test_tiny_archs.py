@@ -92,7 +92,8 @@ def test_greedy_chat_repeats_itself(start_hearth, gguf, arch):
     assert first.choices[0].message.content
     assert second.choices[0].message.content == first.choices[0].message.content
     # Hybrid and recurrent memory cannot be cut back to recompute the last
-    # prompt token, so a repeated prompt is computed again from scratch.
+    # prompt token, and a prompt this short (under 64 tokens) keeps no
+    # checkpoint, so a repeated prompt is computed again from scratch.
     assert cached(second.usage) == 0
 
 
@@ -125,12 +126,55 @@ def test_extending_the_live_sequence_reuses_it_exactly(start_hearth, gguf, arch)
     assert reused.choices[0].text == fresh.choices[0].text
 
     # A prompt that leaves the live sequence part way is not served from it:
-    # the memory cannot be cut back to the common prefix, so the slot is
-    # cleared and all of it computed (a transformer would reuse 150 tokens).
+    # the memory cannot be cut back to the common prefix, and no checkpoint
+    # lies at or before it (the first is at the end of the 200-token
+    # prompt), so all of it is computed (a transformer would reuse 150).
     diverged = warm.completions.create(
         model="any", prompt=head[:150] + tail, max_tokens=4, temperature=0
     )
     assert cached(diverged.usage) == 0
+
+
+def complete(client: openai.OpenAI, prompt: list[int], max_tokens: int = 12):
+    return client.completions.create(model="any", prompt=prompt, max_tokens=max_tokens, temperature=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_prompt_that_leaves_the_sequence_restarts_from_a_checkpoint(start_hearth, gguf, arch):
+    """Memory that cannot be cut back keeps RAM checkpoints of each prompt:
+    at the last chunk end at least 32 tokens before its end, and at its end.
+    A retry, or a prompt that edits the last message, restarts from the
+    newest checkpoint it repeats whole and decodes exactly what a cold
+    prefill does; one that keeps the prompt but not the reply (a client
+    that drops it) restarts from the prompt's end. `--ctx-checkpoints 0`
+    turns them off."""
+    flags = (*FLAGS, "--batch", "64")
+    head = [(i * 37) % 250 + 1 for i in range(200)]
+    tail = [(i * 11) % 250 + 1 for i in range(100)]
+    other = [(i * 13) % 250 + 3 for i in range(40)]
+    a = head + tail  # 300 tokens in chunks of 64: checkpoints at 256 and 300
+    edited = head + tail[:60] + other  # leaves `a` at 260
+
+    warm = oa(start_hearth(*flags, model=gguf[arch]))
+    first = complete(warm, a)
+    assert cached(first.usage) == 0
+    again = complete(warm, edited)
+    assert cached(again.usage) == 256
+    retried = complete(warm, a)
+    assert cached(retried.usage) == 256
+    assert retried.choices[0].text == first.choices[0].text
+    without_reply = complete(warm, a + other)
+    assert cached(without_reply.usage) == len(a)
+
+    cold = oa(start_hearth(*flags, model=gguf[arch]))
+    fresh = complete(cold, edited)
+    assert cached(fresh.usage) == 0
+    assert fresh.choices[0].text == again.choices[0].text
+    assert complete(cold, a + other).choices[0].text == without_reply.choices[0].text
+
+    off = oa(start_hearth(*flags, "--ctx-checkpoints", "0", model=gguf[arch]))
+    complete(off, a)
+    assert cached(complete(off, edited).usage) == 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -62,9 +62,17 @@ pub struct RamSnapshot {
 
 /// Recent sequences' KV states, least recently used evicted first, within
 /// a byte budget.
+///
+/// For memory that can be cut back, a snapshot that another extends adds
+/// nothing. For memory that cannot (recurrent and hybrid models), each
+/// snapshot is a checkpoint: the only way back to its position, so shorter
+/// ones are kept beside longer ones, at most `checkpoints` of one
+/// conversation (those that are prefixes of one another), oldest dropped.
 pub struct RamStore {
     budget: usize,
     items: Vec<RamSnapshot>,
+    /// Some(n): keep prefixes, at most n per conversation (checkpoints).
+    checkpoints: Option<usize>,
 }
 
 impl RamStore {
@@ -72,7 +80,14 @@ impl RamStore {
         Self {
             budget: budget_bytes,
             items: Vec::new(),
+            checkpoints: None,
         }
+    }
+
+    /// Keep snapshots as checkpoints, at most `per_conversation` of one
+    /// conversation (memory that cannot be cut back).
+    pub fn keep_checkpoints(&mut self, per_conversation: usize) {
+        self.checkpoints = Some(per_conversation.max(1));
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -102,6 +117,10 @@ impl RamStore {
         if state.len() > self.budget {
             return;
         }
+        if let Some(limit) = self.checkpoints {
+            self.insert_checkpoint(seq, state, limit);
+            return;
+        }
         if self
             .items
             .iter()
@@ -111,13 +130,54 @@ impl RamStore {
         }
         self.items
             .retain(|s| seq.common_tokens(s.seq.tokens()) < s.seq.len());
+        self.push(seq, state);
+    }
+
+    /// Keep `seq` beside its shorter and longer checkpoints; the same
+    /// tokens again only refresh the one kept.
+    fn insert_checkpoint(&mut self, seq: Sequence, state: Arc<Vec<u8>>, limit: usize) {
+        let is_prefix = |a: &Sequence, b: &Sequence| a.common_tokens(b.tokens()) == a.len();
+        if let Some(same) = self
+            .items
+            .iter_mut()
+            .find(|s| s.seq.len() == seq.len() && is_prefix(&s.seq, &seq))
+        {
+            same.last_used = Instant::now();
+            return;
+        }
+        loop {
+            let line: Vec<usize> = (0..self.items.len())
+                .filter(|&i| {
+                    let s = &self.items[i].seq;
+                    is_prefix(s, &seq) || is_prefix(&seq, s)
+                })
+                .collect();
+            if line.len() < limit {
+                break;
+            }
+            let oldest = line
+                .into_iter()
+                .min_by_key(|&i| self.items[i].created)
+                .expect("a full line is not empty");
+            self.items.remove(oldest);
+        }
+        self.push(seq, state);
+    }
+
+    fn push(&mut self, seq: Sequence, state: Arc<Vec<u8>>) {
+        let now = Instant::now();
         self.items.push(RamSnapshot {
             seq,
             state,
-            created: Instant::now(),
-            last_used: Instant::now(),
+            created: now,
+            last_used: now,
             hits: 0,
         });
+        self.evict_to_budget();
+    }
+
+    /// Drop the least recently used snapshots until the budget holds.
+    fn evict_to_budget(&mut self) {
         while self.bytes() > self.budget {
             let oldest = self
                 .items
@@ -136,10 +196,26 @@ impl RamStore {
 
     /// The snapshot covering the longest prefix of the prompt.
     pub fn best(&self, prompt: &[Token], prompt_text: Option<&str>) -> Option<(usize, Match)> {
+        self.best_with(prompt, prompt_text, |_, m| m)
+    }
+
+    /// The same, each match first passed through `adjust` with the
+    /// snapshot's length (which may refuse it: `Match::default()`).
+    pub fn best_with(
+        &self,
+        prompt: &[Token],
+        prompt_text: Option<&str>,
+        adjust: impl Fn(usize, Match) -> Match,
+    ) -> Option<(usize, Match)> {
         self.items
             .iter()
             .enumerate()
-            .map(|(i, s)| (i, match_prompt(&s.seq, prompt, prompt_text)))
+            .map(|(i, s)| {
+                (
+                    i,
+                    adjust(s.seq.len(), match_prompt(&s.seq, prompt, prompt_text)),
+                )
+            })
             .max_by_key(|(_, m)| m.tokens)
             .filter(|(_, m)| m.tokens > 0)
     }
@@ -204,5 +280,26 @@ mod tests {
         assert!(r.best(&[1, 2, 3], None).is_some());
         r.insert(seq(&[9]), Arc::new(vec![0; 11]));
         assert!(r.best(&[9], None).is_none(), "larger than the whole budget");
+    }
+
+    #[test]
+    fn checkpoints_keep_prefixes_up_to_a_limit_per_conversation() {
+        let mut r = RamStore::new(100);
+        r.keep_checkpoints(2);
+        r.insert(seq(&[1, 2]), Arc::new(vec![0; 4]));
+        r.insert(seq(&[1, 2, 3, 4]), Arc::new(vec![0; 4]));
+        assert_eq!(r.len(), 2, "a shorter checkpoint stays beside a longer one");
+        r.insert(seq(&[1, 2]), Arc::new(vec![0; 4]));
+        assert_eq!(r.len(), 2, "the same tokens again add nothing");
+        r.insert(seq(&[7, 8]), Arc::new(vec![0; 4]));
+        assert_eq!(r.len(), 3, "another conversation has its own");
+        r.insert(seq(&[1, 2, 3, 4, 5, 6]), Arc::new(vec![0; 4]));
+        assert_eq!(r.len(), 3, "past the limit the oldest of the line goes");
+        assert!(r.items().iter().all(|s| s.seq.tokens() != [1, 2]));
+        // Only whole matches: a prompt that leaves at [1, 2, 3, 4, 9].
+        let whole = |len: usize, m: Match| if m.tokens == len { m } else { Match::default() };
+        let (_, m) = r.best_with(&[1, 2, 3, 4, 9], None, whole).unwrap();
+        assert_eq!(m.tokens, 4);
+        assert!(r.best_with(&[1, 2, 3, 9], None, whole).is_none());
     }
 }

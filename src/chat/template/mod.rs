@@ -43,16 +43,18 @@ pub enum TemplateError {
 /// the prompt ends with `Assistant:` when a reply is wanted, and generation
 /// stops at `\nUser:` ([`ChatTemplate::fallback_stops`]). No BOS text is
 /// written: llama.cpp's tokenizer adds BOS itself where the vocabulary asks.
-/// A past assistant turn is written as `Assistant: ` plus its text without
-/// leading or trailing whitespace: the model produced the space after
-/// `Assistant:` (its first token usually carries it), and a reply cut at
-/// `\nUser:` keeps the newline before it, so the stripped text followed by
-/// the blank line and `User:` is what the model wrote, and a resent
-/// conversation renders to the text the KV cache already holds.
+/// A past assistant turn is written as `Assistant:` plus its text without
+/// trailing whitespace, and with a space first unless the text starts with
+/// whitespace of its own: the model produced what follows `Assistant:` (its
+/// first token usually carries a space; a base model sometimes starts on a
+/// new line), and a reply cut at `\nUser:` keeps the newline before it, so
+/// the text followed by the blank line and `User:` is what the model wrote,
+/// and a resent conversation renders to the text the KV cache already
+/// holds.
 const FALLBACK: &str = "{% for m in messages %}\
 {% if m.role == 'system' %}{% if m.content %}{{ m.content }}\n\n{% endif %}\
 {% elif m.role == 'user' %}User: {{ m.content }}\n\n\
-{% else %}Assistant: {{ m.content.strip() }}\n\n\
+{% else %}Assistant:{% if m.content[:1] not in [' ', '\n', '\t'] %} {% endif %}{{ m.content.rstrip() }}\n\n\
 {% endif %}{% endfor %}\
 {% if add_generation_prompt %}Assistant:{% endif %}";
 

@@ -214,6 +214,11 @@ fn fallback_format() {
         render(&t, &[(System, ""), (User, "Hi"), (Assistant, "Yo")], false),
         "User: Hi\n\nAssistant: Yo\n\n"
     );
+    assert_eq!(
+        render(&t, &[(User, "Hi"), (Assistant, "\n\nYo\n")], false),
+        "User: Hi\n\nAssistant:\n\nYo\n\n",
+        "a reply that starts on a new line keeps it"
+    );
     assert_eq!(t.fallback_stops(), ["\nUser:"]);
     let real = ChatTemplate::new(SMOLLM2, "", "").unwrap();
     assert!(!real.is_fallback() && real.fallback_stops().is_empty());

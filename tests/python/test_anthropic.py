@@ -292,7 +292,7 @@ def test_sdk_raises_bad_request(client: anthropic.Anthropic):
 def traced_prompts(trace: Path, n: int) -> list[str]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        lines = [json.loads(l) for l in trace.read_text().splitlines()] if trace.exists() else []
+        lines = [json.loads(l) for l in trace.read_text().split("\n") if l] if trace.exists() else []
         done = [l["prompt"] for l in lines if l.get("outcome") == "finished"]
         if len(done) >= n:
             return done

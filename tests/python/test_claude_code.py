@@ -13,6 +13,7 @@ Then one test per row of README's "Claude Code's betas and fields" table.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import anthropic
@@ -50,7 +51,9 @@ def sse(text: str) -> list[tuple[str, dict | None]]:
     out = []
     for block in text.split("\n\n"):
         name, data = None, None
-        for line in block.splitlines():
+        # SSE lines end at \r or \n only: `splitlines` would also split
+        # on U+2028 or U+0085, which JSON leaves unescaped in the text.
+        for line in re.split(r"\r\n|\r|\n", block):
             if line.startswith("event:"):
                 name = line[6:].strip()
             elif line.startswith("data:"):

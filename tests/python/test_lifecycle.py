@@ -108,7 +108,7 @@ def test_shutdown_ends_a_responses_stream_with_response_failed(start_hearth):
     while chunk := resp.read1(4096):
         raw += chunk
     conn.close()
-    events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: ")]
+    events = [json.loads(line[6:]) for line in raw.decode().split("\n") if line.startswith("data: ")]
     assert events[-1]["type"] == "response.failed", events[-3:]
     assert events[-1]["response"]["status"] == "failed"
     assert events[-1]["response"]["error"]["message"]

@@ -500,34 +500,14 @@ impl Worker {
             });
         }
         let saved = self.slots[i].disk_saved_len;
-        if done >= MIN_DISK_TOKENS && (done == run.first_save || done / FRONTIER > saved / FRONTIER)
-        {
-            self.save_frontier(i);
-        }
-        if self.recurrent
-            && self.config.ctx_checkpoints > 0
-            && self.kv.ram.is_enabled()
+        let to_disk = done >= MIN_DISK_TOKENS
+            && (done == run.first_save || done / FRONTIER > saved / FRONTIER);
+        // Memory that cannot be cut back restarts a prompt that leaves
+        // this one later from a checkpoint.
+        let checkpoint = self.kv.ram.keeps_checkpoints()
             && done >= MIN_RAM_TOKENS
-            && (done == run.first_save || done == total || done.is_multiple_of(CHECKPOINT_EVERY))
-        {
-            self.checkpoint(i);
-        }
-    }
-
-    /// Keep slot `i`'s state in RAM at this position: memory that cannot
-    /// be cut back restarts a prompt that leaves this one later from here.
-    fn checkpoint(&mut self, i: usize) {
-        let state = self.ctx.seq_state_get(i as i32);
-        self.snapshot_taken = true;
-        debug!(
-            seq = i,
-            tokens = self.slots[i].seq.len(),
-            bytes = state.len(),
-            "state checkpoint"
-        );
-        self.kv
-            .ram
-            .insert(self.slots[i].seq.clone(), Arc::new(state));
+            && (done == run.first_save || done == total || done.is_multiple_of(CHECKPOINT_EVERY));
+        self.keep_state(i, to_disk, checkpoint);
     }
 
     /// The prompt is all in: check its text against the record.
@@ -704,13 +684,28 @@ impl Worker {
 
     /// Save slot `i` to disk at a prefill or generation frontier.
     fn save_frontier(&mut self, i: usize) {
-        if let Some(disk) = &self.kv.disk {
-            let slot = &self.slots[i];
-            if slot.seq.len() > slot.disk_saved_len {
-                self.snapshot_taken = true;
-                disk.save(slot.seq.clone(), Arc::new(self.ctx.seq_state_get(i as i32)));
-                self.slots[i].disk_saved_len = self.slots[i].seq.len();
-            }
+        self.keep_state(i, true, false);
+    }
+
+    /// Copy slot `i`'s state out once for what wants it here: the disk (a
+    /// frontier not saved yet) and the RAM store (a checkpoint).
+    fn keep_state(&mut self, i: usize, to_disk: bool, to_ram: bool) {
+        let slot = &self.slots[i];
+        let to_disk = to_disk && self.kv.disk.is_some() && slot.seq.len() > slot.disk_saved_len;
+        if !to_disk && !to_ram {
+            return;
+        }
+        let state = Arc::new(self.ctx.seq_state_get(i as i32));
+        self.snapshot_taken = true;
+        let slot = &mut self.slots[i];
+        if let Some(disk) = self.kv.disk.as_ref().filter(|_| to_disk) {
+            disk.save(slot.seq.clone(), state.clone());
+            slot.disk_saved_len = slot.seq.len();
+        }
+        if to_ram {
+            let tokens = slot.seq.len();
+            debug!(seq = i, tokens, bytes = state.len(), "state checkpoint");
+            self.kv.ram.insert(slot.seq.clone(), state);
         }
     }
 }

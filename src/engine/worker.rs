@@ -192,7 +192,7 @@ pub(super) fn spawn(
     if model.is_recurrent() && config.ctx_checkpoints > 0 {
         kv.ram.keep_checkpoints(config.ctx_checkpoints);
         info!(
-            per_sequence = config.ctx_checkpoints,
+            per_conversation = config.ctx_checkpoints,
             every = CHECKPOINT_EVERY,
             "state checkpoints: this model's memory cannot be cut back, so prompts keep \
              checkpoints in RAM to restart from"

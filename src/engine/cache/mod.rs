@@ -94,6 +94,12 @@ impl RamStore {
         self.budget > 0
     }
 
+    /// Whether prompts keep checkpoints here (memory that cannot be cut
+    /// back, with a budget to keep them in).
+    pub fn keeps_checkpoints(&self) -> bool {
+        self.checkpoints.is_some() && self.is_enabled()
+    }
+
     pub fn len(&self) -> usize {
         self.items.len()
     }

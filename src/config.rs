@@ -146,6 +146,10 @@ pub struct EngineArgs {
     /// Disk budget for KV snapshots, in MiB.
     #[arg(long, env = "HEARTH_KV_DISK_SPACE_MB", default_value_t = 8192)]
     pub kv_disk_space_mb: u64,
+    /// Start even when the weights, KV and compute buffers measure more
+    /// than the free memory.
+    #[arg(long, env = "HEARTH_NO_MEMORY_CHECK")]
+    pub no_memory_check: bool,
 }
 
 impl EngineArgs {

@@ -109,12 +109,6 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         trace,
         activity: (!args.no_ui).then(|| Arc::new(hearth::state::activity::Activity::new())),
     };
-    let loaded = hearth::setup::load(&args.engine)?;
-    let model = loaded.model.clone();
-    let model_id = args
-        .model_alias
-        .clone()
-        .unwrap_or_else(|| loaded.default_alias());
     let config = EngineConfig {
         spec: ((args.spec || args.draft_model.is_some()) && !args.no_spec).then(|| {
             hearth::engine::spec::SpecConfig {
@@ -128,6 +122,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         fault,
         ..args.engine.engine_config(args.parallel)
     };
+    let loaded = hearth::setup::load(&args.engine, &config)?;
+    let model = loaded.model.clone();
+    let model_id = args
+        .model_alias
+        .clone()
+        .unwrap_or_else(|| loaded.default_alias());
     let handle = engine::start(model.clone(), config)?;
     info!(
         model = %model.description(),

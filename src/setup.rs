@@ -15,7 +15,7 @@ use crate::chat::replay::ReplayStore;
 use crate::chat::template::ChatTemplate;
 use crate::chat::tools::ToolFormat;
 use crate::config::{default_model_path, EngineArgs};
-use crate::engine::{EngineHandle, Model};
+use crate::engine::{EngineConfig, EngineHandle, Model};
 use crate::state::{AppState, ServiceState};
 
 /// Tool-call ids whose reply text is kept for exact replay.
@@ -29,9 +29,13 @@ pub struct Loaded {
     pub tool_format: ToolFormat,
 }
 
-/// Load the model named by `args` (or the default one) and its template.
-pub fn load(args: &EngineArgs) -> anyhow::Result<Loaded> {
+/// Load the model named by `args` (or the default one) and its template,
+/// first refusing an engine `config` that does not fit in memory.
+pub fn load(args: &EngineArgs, config: &EngineConfig) -> anyhow::Result<Loaded> {
     let path = args.model.clone().unwrap_or_else(default_model_path);
+    if !args.no_memory_check {
+        crate::engine::fit::check(&path, config)?;
+    }
     info!(path = %path.display(), "loading model");
     let model = Model::load(&path, args.gpu_layers).with_context(|| {
         if args.model.is_none() {

@@ -296,11 +296,11 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             if engine_args.kv_disk_dir.is_none() {
                 engine_args.kv_disk_dir = Some(data_dir.join("kv"));
             }
-            let loaded = crate::setup::load(&engine_args)?;
-            let name = loaded.path.display().to_string();
             let mut config = engine_args.engine_config(1);
             config.fault = crate::engine::fault::FaultPlan::from_env()
                 .map_err(|e| anyhow::anyhow!("HEARTH_FAULT: {e}"))?;
+            let loaded = crate::setup::load(&engine_args, &config)?;
+            let name = loaded.path.display().to_string();
             let engine = crate::engine::start(loaded.model.clone(), config)?;
             let alias = loaded.default_alias();
             let state = loaded.into_state(

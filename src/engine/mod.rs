@@ -16,6 +16,7 @@ pub mod cells;
 mod draft;
 mod exit;
 pub mod fault;
+pub mod fit;
 pub mod grammar;
 mod hook;
 pub mod llama;

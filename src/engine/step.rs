@@ -500,13 +500,13 @@ impl Worker {
             });
         }
         let saved = self.slots[i].disk_saved_len;
-        let to_disk = done >= MIN_DISK_TOKENS
-            && (done == run.first_save || done / FRONTIER > saved / FRONTIER);
         // Memory that cannot be cut back restarts a prompt that leaves
-        // this one later from a checkpoint.
+        // this one later from a checkpoint, in RAM and on disk.
         let checkpoint = self.kv.ram.keeps_checkpoints()
             && done >= MIN_RAM_TOKENS
             && (done == run.first_save || done == total || done.is_multiple_of(CHECKPOINT_EVERY));
+        let to_disk = done >= MIN_DISK_TOKENS
+            && (checkpoint || done == run.first_save || done / FRONTIER > saved / FRONTIER);
         self.keep_state(i, to_disk, checkpoint);
     }
 

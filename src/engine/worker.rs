@@ -137,28 +137,10 @@ pub(super) fn spawn(
     stats: Arc<EngineStats>,
 ) -> Result<u32, LlamaError> {
     let hook = Arc::new(AbortHook::default());
-    let n_ctx_req = if config.n_ctx == 0 {
-        model.n_ctx_train()
-    } else {
-        config.n_ctx
-    };
-    let parallel = config.n_parallel.max(1);
-    let kv_size = if config.kv_size > 0 {
-        config.kv_size.max(n_ctx_req)
-    } else {
-        default_kv_size(n_ctx_req, parallel)
-    };
     let threads = ThreadPolicy::new(config.threads, cores());
+    let (params, n_ctx_req) = context_params(&model, &config, threads.batch());
+    let parallel = params.n_seq_max;
     let chunk = config.n_batch.max(1);
-    // Every decoding sequence needs a row in each step.
-    let n_batch = chunk.max(parallel);
-    let params = ContextParams {
-        n_ctx: kv_size,
-        n_batch,
-        n_threads: threads.batch(),
-        poll: config.threads.poll,
-        n_seq_max: parallel,
-    };
     let cb_hook = hook.clone();
     let ctx = Context::new(
         model.clone(),
@@ -381,6 +363,35 @@ fn start_drafter(
 
 /// KV cells when `--kv-size` is not given: room for every sequence's whole
 /// context, up to [`DEFAULT_KV_CAP`] cells, and never less than one context.
+/// The context `config` asks for over `model`, and the context one request
+/// may use (`--ctx`, or the model's trained length).
+pub(super) fn context_params(
+    model: &Model,
+    config: &EngineConfig,
+    n_threads: usize,
+) -> (ContextParams, u32) {
+    let n_ctx_req = if config.n_ctx == 0 {
+        model.n_ctx_train()
+    } else {
+        config.n_ctx
+    };
+    let parallel = config.n_parallel.max(1);
+    let kv_size = if config.kv_size > 0 {
+        config.kv_size.max(n_ctx_req)
+    } else {
+        default_kv_size(n_ctx_req, parallel)
+    };
+    let params = ContextParams {
+        n_ctx: kv_size,
+        // Every decoding sequence needs a row in each step.
+        n_batch: config.n_batch.max(1).max(parallel),
+        n_threads,
+        poll: config.threads.poll,
+        n_seq_max: parallel,
+    };
+    (params, n_ctx_req)
+}
+
 pub(super) fn default_kv_size(n_ctx: u32, parallel: u32) -> u32 {
     n_ctx
         .saturating_mul(parallel)

@@ -248,3 +248,72 @@ def test_deepseek4_forced_call_is_dsml_and_the_next_turn_reuses_it(start_hearth,
     second = chat(client, messages, tools=[WEATHER])
     assert second.usage.completion_tokens > 0
     assert cached(second.usage) == first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+def test_deepseek4_forced_call_through_the_messages_api(start_hearth, gguf):
+    import anthropic
+
+    srv = start_hearth(*FLAGS, model=gguf["deepseek4"])
+    client = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0, timeout=60)
+    fn = WEATHER["function"]
+    tools = [{"name": fn["name"], "description": fn["description"], "input_schema": fn["parameters"]}]
+    msg = client.messages.create(
+        model="any",
+        max_tokens=1000,
+        extra_body={"temperature": 0},
+        tools=tools,
+        tool_choice={"type": "any"},
+        messages=[{"role": "user", "content": "What is the weather in Tokyo?"}],
+    )
+    assert msg.stop_reason == "tool_use"
+    (use,) = [b for b in msg.content if b.type == "tool_use"]
+    assert use.name == "get_weather"
+    assert set(use.input) == {"city", "celsius"}
+    assert use.input["city"] in ("Paris", "Tokyo") and isinstance(use.input["celsius"], bool)
+    # Streamed, the same call arrives as input_json_delta events.
+    with client.messages.stream(
+        model="any",
+        max_tokens=1000,
+        extra_body={"temperature": 0},
+        tools=tools,
+        tool_choice={"type": "any"},
+        messages=[{"role": "user", "content": "What is the weather in Tokyo?"}],
+    ) as stream:
+        final = stream.get_final_message()
+    (streamed,) = [b for b in final.content if b.type == "tool_use"]
+    assert streamed.input == use.input
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpoints_and_snapshots_survive_a_restart(start_hearth, gguf, arch, tmp_path):
+    """Checkpoints go to the disk store too: after a restart, a prompt that
+    drops the last reply restarts from the prompt-end checkpoint, and one
+    that edits the last part from the one before it, each equal to a cold
+    prefill."""
+    flags = (*FLAGS, "--batch", "64")
+    disk = ("--kv-disk-dir", str(tmp_path / "kv"))
+    head = [(i * 37) % 250 + 1 for i in range(200)]
+    tail = [(i * 11) % 250 + 1 for i in range(100)]
+    other = [(i * 13) % 250 + 3 for i in range(40)]
+    a = head + tail  # checkpoints at 256 and 300
+    edited = head + tail[:60] + other  # leaves `a` at 260
+
+    first_srv = start_hearth(*flags, *disk, model=gguf[arch])
+    first = complete(oa(first_srv), a)
+    assert first_srv.stop() == 0
+    files = list((tmp_path / "kv").glob("*.kv"))
+    # 256 and 300 (the checkpoints), 312 (the live sequence, at shutdown)
+    assert len(files) >= 3, files
+
+    warm_srv = start_hearth(*flags, *disk, model=gguf[arch])
+    warm = oa(warm_srv)
+    dropped = complete(warm, a + other)
+    assert cached(dropped.usage) == len(a)
+    again = complete(warm, edited)
+    assert cached(again.usage) == 256
+    assert 'source="disk"' in warm_srv.log_path.read_text("utf-8", "replace")
+
+    cold = oa(start_hearth(*flags, model=gguf[arch]))
+    assert complete(cold, a + other).choices[0].text == dropped.choices[0].text
+    assert complete(cold, edited).choices[0].text == again.choices[0].text
+    assert complete(cold, a).choices[0].text == first.choices[0].text

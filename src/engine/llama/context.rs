@@ -78,6 +78,29 @@ unsafe extern "C" fn abort_trampoline(data: *mut c_void) -> bool {
     f()
 }
 
+/// llama.cpp's parameters for a context made from `params`.
+fn raw_params(model: &Model, params: &ContextParams) -> sys::llama_context_params {
+    // SAFETY: returns a struct by value; no pointers involved.
+    let mut p = unsafe { sys::llama_context_default_params() };
+    p.n_ctx = params.n_ctx;
+    p.n_batch = params.n_batch;
+    // One micro-batch per chunk: an abort then drops exactly the chunk
+    // in flight, and progress is reported per computed chunk.
+    p.n_ubatch = params.n_batch;
+    p.n_seq_max = params.n_seq_max.max(1);
+    // One buffer for every sequence, so a prefix copied between
+    // sequences (`seq_cp`) shares its cells instead of duplicating them.
+    p.kv_unified = params.n_seq_max > 1;
+    p.n_threads = params.n_threads.max(1) as i32;
+    p.n_threads_batch = p.n_threads;
+    p.no_perf = true;
+    // A full-size sliding-window cache lets the KV rewind to any
+    // position, so prefix reuse works on SWA models (Gemma 3) at the
+    // cost of window-layer memory growing to the full context.
+    p.swa_full = model.has_swa();
+    p
+}
+
 impl Context {
     pub fn new(
         model: Arc<Model>,
@@ -85,24 +108,7 @@ impl Context {
         abort: Box<AbortFn>,
     ) -> Result<Context, LlamaError> {
         let abort: Box<Box<AbortFn>> = Box::new(abort);
-        // SAFETY: returns a struct by value; no pointers involved.
-        let mut p = unsafe { sys::llama_context_default_params() };
-        p.n_ctx = params.n_ctx;
-        p.n_batch = params.n_batch;
-        // One micro-batch per chunk: an abort then drops exactly the chunk
-        // in flight, and progress is reported per computed chunk.
-        p.n_ubatch = params.n_batch;
-        p.n_seq_max = params.n_seq_max.max(1);
-        // One buffer for every sequence, so a prefix copied between
-        // sequences (`seq_cp`) shares its cells instead of duplicating them.
-        p.kv_unified = params.n_seq_max > 1;
-        p.n_threads = params.n_threads.max(1) as i32;
-        p.n_threads_batch = p.n_threads;
-        p.no_perf = true;
-        // A full-size sliding-window cache lets the KV rewind to any
-        // position, so prefix reuse works on SWA models (Gemma 3) at the
-        // cost of window-layer memory growing to the full context.
-        p.swa_full = model.has_swa();
+        let mut p = raw_params(&model, &params);
         p.abort_callback = Some(abort_trampoline);
         p.abort_callback_data = &*abort as *const Box<AbortFn> as *mut c_void;
         for lines in [&KV_SIZE_LINES, &BUFFER_SIZE_LINES] {
@@ -138,6 +144,31 @@ impl Context {
         };
         ctx.set_threads(params.n_threads);
         Ok(ctx)
+    }
+
+    /// The bytes a context made from `params` would take for its KV and for
+    /// its compute and output buffers, measured without allocating them
+    /// (over a [`Model::probe`]); None when llama.cpp refuses the
+    /// parameters.
+    pub fn probe_sizes(model: &Model, params: ContextParams) -> Option<(u64, u64)> {
+        let p = raw_params(model, &params);
+        for lines in [&KV_SIZE_LINES, &BUFFER_SIZE_LINES] {
+            if let Ok(mut lines) = lines.lock() {
+                lines.clear();
+            }
+        }
+        // SAFETY: the model outlives this call; the context is freed below
+        // before returning, and nothing is computed on it.
+        let raw = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), p) };
+        let raw = NonNull::new(raw)?;
+        let kv = KV_SIZE_LINES.lock().map(|l| kv_bytes_of(&l)).unwrap_or(0);
+        let buffers = BUFFER_SIZE_LINES
+            .lock()
+            .map(|l| kv_bytes_of(&l))
+            .unwrap_or(0);
+        // SAFETY: created above, freed once, never used after.
+        unsafe { sys::llama_free(raw.as_ptr()) };
+        Some((kv, buffers))
     }
 
     /// Compute the next graphs on `n` threads (on a pool of its own, made

@@ -77,6 +77,18 @@ impl Drop for Model {
 impl Model {
     /// Load a GGUF file. `n_gpu_layers` is ignored by CPU builds.
     pub fn load(path: &Path, n_gpu_layers: i32) -> Result<Arc<Model>, LlamaError> {
+        Self::load_with(path, n_gpu_layers, false)
+    }
+
+    /// Read a GGUF's metadata and tensor index without allocating or
+    /// reading its weights (llama.cpp's `no_alloc`): what a context over
+    /// it would take can be measured before the real load
+    /// ([`Context::probe_sizes`]). Such a model cannot compute.
+    pub fn probe(path: &Path, n_gpu_layers: i32) -> Result<Arc<Model>, LlamaError> {
+        Self::load_with(path, n_gpu_layers, true)
+    }
+
+    fn load_with(path: &Path, n_gpu_layers: i32, no_alloc: bool) -> Result<Arc<Model>, LlamaError> {
         init_backend();
         let shown = path.display().to_string();
         let fail = |reason: &str| LlamaError::Load {
@@ -91,7 +103,13 @@ impl Model {
         // SAFETY: returns a struct by value; no pointers involved.
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = n_gpu_layers;
-        if cpu_has_amx() {
+        params.no_alloc = no_alloc;
+        if no_alloc {
+            // llama.cpp's measuring pass maps nothing.
+            params.load_mode = sys::LLAMA_LOAD_MODE_NONE;
+            params.lazy_mode = sys::LLAMA_LAZY_MODE_OFF;
+        }
+        if cpu_has_amx() && !no_alloc {
             // llama.cpp's AMX matmul kernels crash (SIGSEGV in
             // ggml_backend_amx_mul_mat) on the first prefill on CPUs with
             // AMX; the AMX buffer type is one of the "extra" ones, so
@@ -402,4 +420,27 @@ impl Model {
         let t = unsafe { sys::llama_vocab_eos(self.vocab()) };
         (t >= 0).then_some(t)
     }
+}
+
+/// Free memory on the GPUs llama.cpp found (0 on CPU-only builds), in bytes.
+pub fn gpu_free_bytes() -> u64 {
+    init_backend();
+    let mut sum = 0u64;
+    // SAFETY: the device registry is initialised by `init_backend`; each
+    // index below the count names a registered device, and the memory query
+    // writes two plain integers.
+    unsafe {
+        for i in 0..sys::ggml_backend_dev_count() {
+            let dev = sys::ggml_backend_dev_get(i);
+            let kind = sys::ggml_backend_dev_type(dev);
+            if kind == sys::GGML_BACKEND_DEVICE_TYPE_GPU
+                || kind == sys::GGML_BACKEND_DEVICE_TYPE_IGPU
+            {
+                let (mut free, mut total) = (0usize, 0usize);
+                sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
+                sum += free as u64;
+            }
+        }
+    }
+    sum
 }

@@ -257,7 +257,7 @@ def test_deepseek4_forced_call_through_the_messages_api(start_hearth, gguf):
     client = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0, timeout=60)
     fn = WEATHER["function"]
     tools = [{"name": fn["name"], "description": fn["description"], "input_schema": fn["parameters"]}]
-    msg = client.messages.create(
+    request = dict(
         model="any",
         max_tokens=1000,
         extra_body={"temperature": 0},
@@ -265,20 +265,14 @@ def test_deepseek4_forced_call_through_the_messages_api(start_hearth, gguf):
         tool_choice={"type": "any"},
         messages=[{"role": "user", "content": "What is the weather in Tokyo?"}],
     )
+    msg = client.messages.create(**request)
     assert msg.stop_reason == "tool_use"
     (use,) = [b for b in msg.content if b.type == "tool_use"]
     assert use.name == "get_weather"
     assert set(use.input) == {"city", "celsius"}
     assert use.input["city"] in ("Paris", "Tokyo") and isinstance(use.input["celsius"], bool)
     # Streamed, the same call arrives as input_json_delta events.
-    with client.messages.stream(
-        model="any",
-        max_tokens=1000,
-        extra_body={"temperature": 0},
-        tools=tools,
-        tool_choice={"type": "any"},
-        messages=[{"role": "user", "content": "What is the weather in Tokyo?"}],
-    ) as stream:
+    with client.messages.stream(**request) as stream:
         final = stream.get_final_message()
     (streamed,) = [b for b in final.content if b.type == "tool_use"]
     assert streamed.input == use.input

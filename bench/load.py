@@ -10,7 +10,7 @@ runs, for a fixed time, N clients that each send one request after another: a
 mix of OpenAI chat completions and Anthropic messages, streaming and not, and
 a quarter of them abandoned at a random moment (the socket is closed
 mid-request). Meanwhile it probes GET /health twice a second and samples the
-server's resident memory from /proc/PID/status every second. When the time is
+server's resident memory (with its engine process's) from /proc every second. When the time is
 up no new requests start; those in flight get a bounded time to finish; then
 the server is sent SIGTERM and must exit 0.
 
@@ -321,11 +321,22 @@ async def probe_health(port: int, stop: asyncio.Event, stats: Stats) -> None:
 
 
 def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    """The server's resident memory with its engine process's (a child)."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        children = []
+    for p in [pid, *children]:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
 
 
 async def sample_rss(pid: int, t0: float, stop: asyncio.Event, stats: Stats) -> None:

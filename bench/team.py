@@ -6,13 +6,23 @@ session header; nginx hashes that header to pick the instance. After
 TURNS turns the instance holding most sessions is killed (SIGKILL) and
 every session runs AFTER more turns. Checks:
 
-  - a 3 MB request passes nginx;
+  - a 3 MB request passes nginx (HTTP 200);
   - each session header (X-Claude-Code-Session-Id, session_id, X-Session-Id)
-    reaches the hash: random ids in it spread over the instances;
-  - before the kill, each session's turns all went to one instance;
-  - every later turn of a session found its prefix cached (cached > 0);
-  - after the kill, every request succeeded, on a live instance, and the
-    sessions that stayed kept their cache.
+    reaches the hash: 16 random ids in it do not all land on one instance
+    (they do when nginx drops the header, e.g. `session_id` without
+    `underscores_in_headers on`, and hashes the client's address);
+  - before the kill, each session's turns all went to one instance, with
+    no retry;
+  - the killed instance stops accepting connections;
+  - every turn got HTTP 200 and a reply with usage, none after the kill
+    from the killed instance;
+  - a hit: every later turn of a session found the whole previous prompt
+    cached (cached >= the previous turn's prompt tokens), except the first
+    turn of a moved session on its new instance;
+  - that first turn is a miss: cached < the previous turn's prompt tokens
+    (the new instance holds at most the system prompt other sessions share);
+  - after the kill, a session on the killed instance moved to one live
+    instance and stayed there; every other session stayed where it was.
 
 Standard library only. Exits 1 when a check fails.
 
@@ -96,7 +106,10 @@ def parse_args():
     p.add_argument("--turns", type=int, default=4, help="turns before the kill (default 4)")
     p.add_argument("--after", type=int, default=2, help="turns after the kill (default 2)")
     p.add_argument("--max-tokens", type=int, default=16)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.turns < 2 or args.after < 2:
+        p.error("--turns and --after must be at least 2")
+    return args
 
 
 class Team:
@@ -161,7 +174,7 @@ def run_turn(team: Team, s: Session, turn: int, max_tokens: int) -> Turn:
             s.messages.pop()
             return t
         text, usage = read_reply(s, resp)
-    except (OSError, http.client.HTTPException, ValueError) as e:
+    except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError) as e:
         t.error = f"{type(e).__name__}: {e}"
         s.messages.pop()
         return t
@@ -243,15 +256,17 @@ def headers_spread(team: Team) -> list[str]:
     return failures
 
 
-def kill(team: Team, name: str) -> None:
+def kill(team: Team, name: str) -> bool:
+    """SIGKILL; whether its port stopped accepting within 5 s."""
     os.kill(team.pids[name], signal.SIGKILL)
     host, port = team.addrs[name].rsplit(":", 1)
     for _ in range(100):
         try:
             socket.create_connection((host, int(port)), timeout=1).close()
         except OSError:
-            return
+            return True
         time.sleep(0.05)
+    return False
 
 
 def table(turns: list[Turn]) -> str:
@@ -292,17 +307,23 @@ def main() -> int:
 
     turns: list[Turn] = []
     total = args.turns + args.after
+    rounds = []  # wall seconds of each round
+    start = time.monotonic()
     with ThreadPoolExecutor(len(sessions)) as pool:
         for turn in range(1, total + 1):
             if turn == args.turns + 1:
                 held = {n: sum(1 for t in turns if t.turn == args.turns and t.instance == n) for n in team.pids}
                 victim = max(held, key=held.get)
-                kill(team, victim)
+                if not kill(team, victim):
+                    failures.append(f"instance {victim} still accepts connections 5 s after SIGKILL")
                 notes.append(f"after turn {args.turns}: killed instance {victim} (SIGKILL), "
                              f"which held {held[victim]} of {len(sessions)} sessions")
             # A team works at once: each round's turns run together.
+            t0 = time.monotonic()
             turns += pool.map(lambda s: run_turn(team, s, turn, args.max_tokens), sessions)
+            rounds.append(time.monotonic() - t0)
             print(f"turn {turn} done", file=sys.stderr, flush=True)
+    wall = time.monotonic() - start
 
     print(table(turns))
     print()
@@ -319,12 +340,26 @@ def main() -> int:
             elif t.instance == victim and t.turn > args.turns:
                 failures.append(f"{name} turn {t.turn}: answered by the dead instance")
         moved = home == victim
-        # Later turns pinned to one instance: all of them but the first turn
-        # on the instance a moved session lands on.
-        for t in ts[1:]:
-            first_there = moved and t.turn == args.turns + 1
-            if not first_there and t.status == 200 and t.cached == 0:
-                failures.append(f"{name} turn {t.turn}: nothing cached on {t.instance}")
+        ok = [t for t in ts if t.status == 200 and not t.error]
+        homes_after = {t.instance for t in after}
+        if moved and (len(homes_after) != 1 or victim in homes_after):
+            failures.append(f"{name}: after the kill its turns went to {sorted(homes_after)}")
+        if not moved and homes_after != {home}:
+            failures.append(f"{name}: stayed on no instance: {home}, then {sorted(homes_after)}")
+        # A hit: the previous turn's prompt (all of it a prefix of this
+        # one's) was found cached. Each turn but the first, and but the
+        # first turn of a moved session on its new instance: a miss.
+        for prev, t in zip(ts, ts[1:]):
+            if t not in ok or prev not in ok:
+                continue
+            if moved and t.turn == args.turns + 1:
+                if t.cached >= prev.prompt:
+                    failures.append(f"{name} turn {t.turn}: first turn on {t.instance} after the "
+                                    f"move, yet {t.cached} cached >= the {prev.prompt} of its "
+                                    f"previous prompt: did it move?")
+            elif t.cached < prev.prompt:
+                failures.append(f"{name} turn {t.turn}: a miss on {t.instance}, {t.cached} cached "
+                                f"< the {prev.prompt} of its previous prompt")
         if moved:
             first, second = after[0], after[-1]
             notes.append(f"{name}: moved {home} → {first.instance}; first turn there cached "
@@ -333,6 +368,9 @@ def main() -> int:
         else:
             notes.append(f"{name}: stayed on {home}; after the kill cached "
                          + ", ".join(f"{t.cached} of {t.prompt}" for t in after))
+    notes.append(f"wall time of the {total} rounds ({len(sessions)} sessions at once): {wall:.1f} s; "
+                 "per round " + ", ".join(f"{r:.1f}" for r in rounds) + " s "
+                 f"(the kill came before round {args.turns + 1})")
     for n in notes:
         print(n)
     print()
@@ -340,7 +378,7 @@ def main() -> int:
         print("FAILED:\n  " + "\n  ".join(failures))
         return 1
     print(f"ok: {len(sessions)} sessions pinned before the kill, all {len(turns)} turns answered, "
-          "later turns cached")
+          "later turns hit the cache, moved sessions missed once on their new instance")
     return 0
 
 

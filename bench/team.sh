@@ -10,6 +10,7 @@
 # Environment: HEARTH (default target/release/hearth; a copy is run, so a
 # rebuild meanwhile does no harm), MODEL (default SmolLM2-135M-Instruct
 # Q4_1 in ~/.cache/hearth/models), HEARTH_ARGS (more `hearth serve` flags),
+# NGINX_CONF (default bench/nginx-team.conf: the template to test),
 # KEEP=1 (keep the temporary directory: nginx and hearth logs).
 # Installs nginx with apt-get when it is missing. Exits non-zero when a
 # check fails.
@@ -19,6 +20,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 hearth="${HEARTH:-$root/target/release/hearth}"
 model="${MODEL:-${HEARTH_HOME:-$HOME/.cache/hearth}/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+conf="${NGINX_CONF:-$here/nginx-team.conf}"
 read -r -a extra <<<"${HEARTH_ARGS:-}"
 
 say() { echo "==> $*" >&2; }
@@ -26,12 +28,13 @@ die() { echo "bench/team.sh: $*" >&2; exit 1; }
 
 case "${1:-}" in
     "") ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "no arguments (see --help)" ;;
 esac
 
 [[ -x "$hearth" ]] || die "missing $hearth (cargo build --release)"
 [[ -f "$model" ]] || die "model not found: $model (scripts/fetch-models.sh fetches it)"
+[[ -f "$conf" ]] || die "missing $conf"
 if ! command -v nginx >/dev/null; then
     say "installing nginx"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null \
@@ -59,7 +62,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT TERM HUP
 
 cp "$hearth" "$work/hearth"
 
@@ -67,6 +70,7 @@ declare -A addr pid
 # Starts instance $1 and waits for the address it prints once ready.
 start_hearth() {
     local name="$1" out="$work/$1.out" i
+    : >"$out"
     nice -n 10 "$work/hearth" serve --port 0 --model "$model" --threads 1 "${extra[@]}" \
         >"$out" 2>"$work/logs/$name.log" &
     pid[$name]=$!
@@ -89,7 +93,7 @@ port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
 server="max_fails=1 fail_timeout=30s;"
 sed -e "s|^\( *\)listen @LISTEN@;|\1listen 127.0.0.1:$port;|" \
     -e "s|^\( *\)@SERVERS@\$|\1server ${addr[a]} $server\n\1server ${addr[b]} $server|" \
-    "$here/nginx-team.conf" >"$work/nginx.conf"
+    "$conf" >"$work/nginx.conf"
 nginx -p "$work" -e "$work/logs/error.log" -c "$work/nginx.conf" -t -q \
     || die "nginx rejected $work/nginx.conf"
 nginx -p "$work" -e "$work/logs/error.log" -c "$work/nginx.conf" -g 'daemon off;' &
@@ -105,4 +109,8 @@ say "nginx on 127.0.0.1:$port"
 python3 "$here/team.py" --proxy "http://127.0.0.1:$port" \
     --instance "a=${addr[a]}=${pid[a]}" --instance "b=${addr[b]}=${pid[b]}" &
 pids+=("$!")
-wait "$!"
+# (Quiet: bash would report the instance that team.py kills.)
+rc=0
+wait "$!" 2>/dev/null || rc=$?
+say "done in ${SECONDS}s"
+exit "$rc"

@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// Port to bind (0 picks a free one and prints it).
     #[arg(long, env = "HEARTH_PORT", default_value_t = 8000)]
     pub port: u16,
+    /// Run the engine in this process instead of a supervised child
+    /// process (then an engine that aborts takes the server with it).
+    #[arg(long, env = "HEARTH_ENGINE_IN_PROCESS")]
+    pub engine_in_process: bool,
     /// Sequences decoded together in one batch: requests served at once
     /// (more wait in the queue).
     #[arg(long, env = "HEARTH_PARALLEL", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]

@@ -85,6 +85,13 @@ fn init_tracing(format: LogFormat, default_filter: &str) {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fault = FaultPlan::from_env().map_err(|e| anyhow::anyhow!("HEARTH_FAULT: {e}"))?;
+    if let Some(socket) = std::env::var_os(engine::remote::SOCKET_ENV) {
+        // The engine process of a server that supervises it.
+        let config = engine_config(&args, fault);
+        let loaded = hearth::setup::load(&args.engine, &config)?;
+        let handle = engine::start(loaded.model.clone(), config)?;
+        return engine::remote::child::serve(handle, std::path::Path::new(&socket));
+    }
     // Service settings first: a bad key file or trace path fails before the
     // model takes seconds to load.
     let api_keys = ApiKeys::load(args.api_key.as_deref(), args.api_key_file.as_deref())
@@ -109,26 +116,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         trace,
         activity: (!args.no_ui).then(|| Arc::new(hearth::state::activity::Activity::new())),
     };
-    let config = EngineConfig {
-        spec: ((args.spec || args.draft_model.is_some()) && !args.no_spec).then(|| {
-            hearth::engine::spec::SpecConfig {
-                draft_max: args.draft_max as usize,
-                draft_min: args.draft_min.min(args.draft_max) as usize,
-                ..Default::default()
-            }
-        }),
-        draft_model: args.draft_model.clone(),
-        kv_size: args.kv_size,
-        fault,
-        ..args.engine.engine_config(args.parallel)
+    let config = engine_config(&args, fault);
+    let (loaded, handle) = if args.engine_in_process {
+        let loaded = hearth::setup::load(&args.engine, &config)?;
+        let handle = engine::start(loaded.model.clone(), config)?;
+        (loaded, handle)
+    } else {
+        let loaded = hearth::setup::load_vocab(&args.engine)?;
+        let spec = engine::remote::supervisor::ChildSpec::this_process()?;
+        let handle = engine::remote::supervisor::start(loaded.model.clone(), spec)?;
+        (loaded, handle)
     };
-    let loaded = hearth::setup::load(&args.engine, &config)?;
     let model = loaded.model.clone();
     let model_id = args
         .model_alias
         .clone()
         .unwrap_or_else(|| loaded.default_alias());
-    let handle = engine::start(model.clone(), config)?;
     info!(
         model = %model.description(),
         n_ctx = handle.n_ctx(),
@@ -195,6 +198,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+fn engine_config(args: &ServeArgs, fault: Option<FaultPlan>) -> EngineConfig {
+    EngineConfig {
+        spec: ((args.spec || args.draft_model.is_some()) && !args.no_spec).then(|| {
+            hearth::engine::spec::SpecConfig {
+                draft_max: args.draft_max as usize,
+                draft_min: args.draft_min.min(args.draft_max) as usize,
+                ..Default::default()
+            }
+        }),
+        draft_model: args.draft_model.clone(),
+        kv_size: args.kv_size,
+        fault,
+        ..args.engine.engine_config(args.parallel)
+    }
 }
 
 fn is_loopback(addr: &std::net::SocketAddr) -> bool {

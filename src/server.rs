@@ -128,6 +128,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         ("hearth_spec_accepted_tokens_total", "Drafted tokens the model accepted.", load64(&stats.spec_accepted)),
         ("hearth_preemptions_total", "Sequences preempted for KV room (resumed later).", load64(&stats.preempted)),
         ("hearth_engine_failed_steps_total", "Engine steps that failed (their requests failed; the engine went on).", load64(&stats.failed_steps)),
+        ("hearth_engine_restarts_total", "Times the engine process died and was started again.", load64(&stats.restarts)),
         ("hearth_engine_max_step_seconds", "Longest engine step.", load64(&stats.max_step_us) / 1e6),
         ("hearth_engine_max_snapshot_step_seconds", "Longest engine step that also copied a KV snapshot out.", load64(&stats.max_snapshot_step_us) / 1e6),
         ("hearth_engine_decode_threads", "Compute threads decode steps use now (chosen from the machine's load unless --threads fixes them).", load(&stats.decode_threads)),

@@ -37,13 +37,28 @@ pub fn load(args: &EngineArgs, config: &EngineConfig) -> anyhow::Result<Loaded> 
         crate::engine::fit::check(&path, config)?;
     }
     info!(path = %path.display(), "loading model");
-    let model = Model::load(&path, args.gpu_layers).with_context(|| {
-        if args.model.is_none() {
-            "the default model is missing: run scripts/serve.sh (it fetches it) or pass --model PATH".to_string()
-        } else {
-            "cannot load the model".to_string()
-        }
-    })?;
+    let model = Model::load(&path, args.gpu_layers).with_context(|| load_failed(args))?;
+    with_template(args, model, path)
+}
+
+/// The model's vocabulary and metadata alone, and its template: what the
+/// HTTP side needs when the engine runs in a process of its own.
+pub fn load_vocab(args: &EngineArgs) -> anyhow::Result<Loaded> {
+    let path = args.model.clone().unwrap_or_else(default_model_path);
+    let model = Model::load_vocab(&path).with_context(|| load_failed(args))?;
+    with_template(args, model, path)
+}
+
+fn load_failed(args: &EngineArgs) -> String {
+    if args.model.is_none() {
+        "the default model is missing: run scripts/serve.sh (it fetches it) or pass --model PATH"
+            .to_string()
+    } else {
+        "cannot load the model".to_string()
+    }
+}
+
+fn with_template(args: &EngineArgs, model: Arc<Model>, path: PathBuf) -> anyhow::Result<Loaded> {
     let template = match &args.chat_template {
         Some(file) => {
             let src = std::fs::read_to_string(file)

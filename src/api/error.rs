@@ -229,6 +229,7 @@ impl From<EngineError> for ApiError {
             EngineError::PromptTooLong { .. } => {
                 ApiError::invalid(err.to_string()).with_code("context_length_exceeded")
             }
+            EngineError::EngineLost(_) => ApiError::unavailable(err.to_string()),
             other => ApiError::internal(other.to_string()),
         }
     }

@@ -1,5 +1,6 @@
 //! `GET /health`, `GET /v1/models` and `GET /v1/models/{id}`.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -24,8 +25,15 @@ pub fn router() -> Router<Arc<AppState>> {
 /// 200 while the engine serves (the router only exists once the model is
 /// loaded); 503 with the reason once the engine has stopped.
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let pid = state.engine.stats().engine_pid.load(Ordering::Relaxed);
+    // The engine process, when it runs in one (`kill -9` it to see the
+    // supervisor at work).
     if state.engine.is_alive() {
-        return Json(json!({ "status": "ok", "model": state.model_id })).into_response();
+        let mut body = json!({ "status": "ok", "model": state.model_id });
+        if pid != 0 {
+            body["engine_pid"] = pid.into();
+        }
+        return Json(body).into_response();
     }
     let why = state
         .engine

@@ -499,6 +499,10 @@ impl Worker {
                 step_panic: true,
                 ..Faults::default()
             },
+            FaultKind::EngineAbort => Faults {
+                engine_abort: true,
+                ..Faults::default()
+            },
             // Served before admission (`admit_waiting`).
             FaultKind::EnginePanic => Faults::default(),
         }

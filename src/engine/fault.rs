@@ -24,6 +24,9 @@ pub enum FaultKind {
     /// The engine thread panics outside any step when it takes the
     /// request: the engine is gone, `/health` says so.
     EnginePanic,
+    /// The engine process aborts (`abort()`, as llama.cpp's own asserts
+    /// do) inside the compute of the fifth decode step.
+    EngineAbort,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,13 +39,14 @@ pub struct FaultPlan {
 
 impl FaultPlan {
     /// Parse `prefill_stall:SECS[:COUNT]`, `decode_stall:SECS[:COUNT]`,
-    /// `decode_error[:COUNT]`, `step_panic[:COUNT]` or `engine_panic`.
+    /// `decode_error[:COUNT]`, `step_panic[:COUNT]`, `engine_panic` or `engine_abort[:COUNT]`.
     pub fn parse(spec: &str) -> Result<FaultPlan, String> {
         let spec = spec.trim();
         for (name, kind) in [
             ("decode_error", FaultKind::DecodeError),
             ("step_panic", FaultKind::StepPanic),
             ("engine_panic", FaultKind::EnginePanic),
+            ("engine_abort", FaultKind::EngineAbort),
         ] {
             let Some(rest) = spec.strip_prefix(name) else {
                 continue;
@@ -134,6 +138,9 @@ mod tests {
             FaultPlan::parse("step_panic:2").unwrap().kind,
             FaultKind::StepPanic
         );
+        let abort = FaultPlan::parse("engine_abort:1").unwrap();
+        assert_eq!(abort.kind, FaultKind::EngineAbort);
+        assert!(abort.applies_to(0) && !abort.applies_to(1));
         assert_eq!(
             FaultPlan::parse("engine_panic").unwrap().kind,
             FaultKind::EnginePanic

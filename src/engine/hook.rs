@@ -25,10 +25,18 @@ pub(super) struct AbortHook {
     stall: Mutex<Option<Duration>>,
     /// A failure armed for the next graph compute (fault injection).
     fail: Mutex<bool>,
+    /// A process abort armed for the next graph compute (fault injection).
+    abort: std::sync::atomic::AtomicBool,
 }
 
 impl AbortHook {
     pub fn should_abort(&self) -> bool {
+        if self.abort.load(Ordering::Relaxed) {
+            // What llama.cpp does on GGML_ABORT, a backend out of memory or
+            // a remote worker gone: the whole process ends, here.
+            tracing::error!("injected fault: the engine process aborts inside compute");
+            std::process::abort();
+        }
         if self
             .fail
             .lock()
@@ -64,6 +72,10 @@ impl AbortHook {
         if let Ok(mut s) = self.stall.lock() {
             *s = Some(stall);
         }
+    }
+
+    pub fn arm_abort(&self) {
+        self.abort.store(true, Ordering::Relaxed);
     }
 
     pub fn arm_failure(&self) {

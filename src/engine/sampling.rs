@@ -23,7 +23,7 @@ pub const DEFAULT_REPEAT_LAST_N: i32 = 64;
 
 /// How to pick each next token. Defaults are the official APIs' own
 /// (temperature 1, no truncation, no bias or penalty).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// 0 means greedy: always the most likely token.
     pub temperature: f32,

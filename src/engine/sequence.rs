@@ -41,6 +41,9 @@ pub(super) struct Faults {
     pub decode_error: bool,
     /// Panic in the step that samples the fifth generated token.
     pub step_panic: bool,
+    /// End the process (`abort()`) inside the compute of the step that
+    /// decodes the fifth generated token.
+    pub engine_abort: bool,
 }
 
 /// Generation is over for this sequence.

@@ -4,10 +4,12 @@
 //! when nobody is reading it (`try_lock`), so a reader never holds the
 //! engine up; a reader gets a copy at most one step old.
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 
 /// Every sequence and the queue.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineStatus {
     pub slots: Vec<SlotStatus>,
     /// Sequences preempted for KV room, waiting to resume (`id` unused).
@@ -31,10 +33,10 @@ pub struct EngineStatus {
 pub const STORES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One KV snapshot kept for reuse, in RAM or on disk.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StoredSnapshot {
     /// `ram` or `disk`.
-    pub store: &'static str,
+    pub store: Cow<'static, str>,
     pub tokens: usize,
     /// Bytes of KV state (disk: the whole file).
     pub bytes: u64,
@@ -64,7 +66,7 @@ pub fn first_line(text: &[u8]) -> String {
 }
 
 /// One sequence of the unified KV.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SlotStatus {
     pub id: usize,
     /// The running job's arrival number (as in `Event::Started`).
@@ -72,7 +74,7 @@ pub struct SlotStatus {
     /// `idle` (its KV kept for reuse), `prefill`, `decode`, or (in
     /// `preempted`) `preempted`: its cells freed for room, it resumes when
     /// room frees up.
-    pub state: &'static str,
+    pub state: Cow<'static, str>,
     /// Positions its KV holds.
     pub kv_tokens: usize,
     /// The running request's prompt, how much of it was reused, and where

@@ -191,7 +191,7 @@ impl Worker {
         let mut rows = Vec::new();
         let mut parts = Vec::with_capacity(plan.len());
         let mut flags = Vec::with_capacity(plan.len());
-        let (mut stall, mut fail) = (None, false);
+        let (mut stall, mut fail, mut abort) = (None, false, false);
         for p in &plan {
             let slot = &mut self.slots[p.slot];
             let run = slot.run.as_mut().expect("planned slots run a job");
@@ -222,6 +222,7 @@ impl Worker {
                     if (first_token..first_token + p.rows).contains(&5) {
                         stall = stall.or(run.faults.decode_stall.take());
                         fail |= std::mem::take(&mut run.faults.decode_error);
+                        abort |= std::mem::take(&mut run.faults.engine_abort);
                     }
                     parts.push(Part {
                         slot: p.slot,
@@ -261,6 +262,9 @@ impl Worker {
         }
         if fail {
             self.hook.arm_failure();
+        }
+        if abort {
+            self.hook.arm_abort();
         }
         self.hook.set_step(flags);
         let decode_rows: usize = parts.iter().filter(|p| p.decode).map(|p| p.rows).sum();

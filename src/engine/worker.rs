@@ -717,7 +717,7 @@ impl Worker {
             .items()
             .iter()
             .map(|s| StoredSnapshot {
-                store: "ram",
+                store: "ram".into(),
                 tokens: s.seq.len(),
                 bytes: s.state.len() as u64,
                 hits: s.hits,
@@ -730,7 +730,7 @@ impl Worker {
             let now = now_secs();
             disk.with_entries(|entries| {
                 out.extend(entries.iter().map(|e| StoredSnapshot {
-                    store: "disk",
+                    store: "disk".into(),
                     tokens: e.seq.len(),
                     bytes: e.header.file_len(),
                     hits: e.header.hits,
@@ -752,7 +752,7 @@ fn slot_status(
 ) -> SlotStatus {
     let mut s = SlotStatus {
         id,
-        state,
+        state: state.into(),
         kv_tokens,
         ..SlotStatus::default()
     };

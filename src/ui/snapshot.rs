@@ -78,7 +78,7 @@ pub struct RequestView {
     pub id: u64,
     pub route: &'static str,
     /// `queued`, `prefill`, `decode` or `preempted`.
-    pub phase: &'static str,
+    pub phase: std::borrow::Cow<'static, str>,
     pub age_secs: f64,
     pub streaming: bool,
     /// Seconds since its stream last wrote to the client (None: nothing
@@ -190,14 +190,14 @@ pub fn merge(p: &Progress, status: &EngineStatus) -> RequestView {
         ..RequestView::default()
     };
     let Some(job) = p.engine_job else {
-        view.phase = "queued";
+        view.phase = "queued".into();
         return view;
     };
     let running = status.slots.iter().find(|s| s.job == Some(job));
     let preempted = status.preempted.iter().find(|s| s.job == Some(job));
     match running.or(preempted) {
         Some(s) => {
-            view.phase = s.state;
+            view.phase = s.state.clone();
             view.slot = running.map(|s| s.id);
             view.prompt_tokens = s.prompt_tokens;
             view.cached_tokens = s.cached_tokens;
@@ -210,9 +210,9 @@ pub fn merge(p: &Progress, status: &EngineStatus) -> RequestView {
         // Started after the engine's last copy, or just ended.
         None => {
             view.phase = if p.first_token.is_some() {
-                "decode"
+                "decode".into()
             } else {
-                "prefill"
+                "prefill".into()
             };
             if view.prefill_total == 0 {
                 // No chunk done yet: what was reused is all there is.
@@ -237,7 +237,7 @@ mod tests {
         SlotStatus {
             id,
             job: Some(job),
-            state,
+            state: state.into(),
             prompt_tokens: 1000,
             cached_tokens: 200,
             prefix: "copy:1".into(),
@@ -249,7 +249,7 @@ mod tests {
     #[test]
     fn a_queued_job_has_no_sequence() {
         let v = merge(&Progress::default(), &EngineStatus::default());
-        assert_eq!((v.phase, v.slot), ("queued", None));
+        assert_eq!((v.phase.as_ref(), v.slot), ("queued", None));
     }
 
     #[test]
@@ -269,7 +269,7 @@ mod tests {
         };
         let v = merge(&p, &status);
         assert_eq!(
-            (v.phase, v.slot, v.prefill_done, v.source.as_str()),
+            (v.phase.as_ref(), v.slot, v.prefill_done, v.source.as_str()),
             ("prefill", Some(1), 600, "copy:1")
         );
         // Preempted: no sequence of its own.
@@ -282,7 +282,7 @@ mod tests {
         // Not in the copy yet: the events say where it is.
         let v = merge(&p, &EngineStatus::default());
         assert_eq!(
-            (v.phase, v.prefill_done, v.source.as_str()),
+            (v.phase.as_ref(), v.prefill_done, v.source.as_str()),
             ("prefill", 200, "live")
         );
         let before_any_chunk = Progress {

@@ -256,7 +256,9 @@ def test_a_panicking_step_fails_its_requests_and_the_engine_goes_on(start_hearth
 
 
 def test_health_says_when_the_engine_is_gone(start_hearth):
-    srv = start_hearth("--parallel", "2", env={"HEARTH_FAULT": "engine_panic"})
+    # In one process: with the engine in a child process of its own, the
+    # supervisor starts it again instead (test_engine_process.py).
+    srv = start_hearth("--parallel", "2", "--engine-in-process", env={"HEARTH_FAULT": "engine_panic"})
     assert request("GET", srv.url + "/health").status == 200
     s = RawStream(srv.url, "/v1/chat/completions", chat_body("Say hi.", 8))
     assert s.done.wait(30)

@@ -74,10 +74,17 @@ impl Drop for Model {
     }
 }
 
+/// How much of a GGUF a load reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Full,
+    Probe,
+}
+
 impl Model {
     /// Load a GGUF file. `n_gpu_layers` is ignored by CPU builds.
     pub fn load(path: &Path, n_gpu_layers: i32) -> Result<Arc<Model>, LlamaError> {
-        Self::load_with(path, n_gpu_layers, false)
+        Self::load_with(path, n_gpu_layers, Load::Full)
     }
 
     /// Read a GGUF's metadata and tensor index without allocating or
@@ -85,10 +92,19 @@ impl Model {
     /// it would take can be measured before the real load
     /// ([`Context::probe_sizes`]). Such a model cannot compute.
     pub fn probe(path: &Path, n_gpu_layers: i32) -> Result<Arc<Model>, LlamaError> {
-        Self::load_with(path, n_gpu_layers, true)
+        Self::load_with(path, n_gpu_layers, Load::Probe)
     }
 
-    fn load_with(path: &Path, n_gpu_layers: i32, no_alloc: bool) -> Result<Arc<Model>, LlamaError> {
+    /// Read a GGUF's metadata, hyperparameters and vocabulary without its
+    /// weights ([`Model::probe`] on the CPU): enough to tokenize, render
+    /// templates and validate grammars, in a process that never computes.
+    /// (llama.cpp's `vocab_only` would leave the hyperparameters unread.)
+    pub fn load_vocab(path: &Path) -> Result<Arc<Model>, LlamaError> {
+        Self::load_with(path, 0, Load::Probe)
+    }
+
+    fn load_with(path: &Path, n_gpu_layers: i32, load: Load) -> Result<Arc<Model>, LlamaError> {
+        let no_alloc = load == Load::Probe;
         init_backend();
         let shown = path.display().to_string();
         let fail = |reason: &str| LlamaError::Load {
@@ -109,7 +125,7 @@ impl Model {
             params.load_mode = sys::LLAMA_LOAD_MODE_NONE;
             params.lazy_mode = sys::LLAMA_LAZY_MODE_OFF;
         }
-        if cpu_has_amx() && !no_alloc {
+        if cpu_has_amx() && load == Load::Full {
             // llama.cpp's AMX matmul kernels crash (SIGSEGV in
             // ggml_backend_amx_mul_mat) on the first prefill on CPUs with
             // AMX; the AMX buffer type is one of the "extra" ones, so

@@ -1,0 +1,237 @@
+//! The engine process's end of the socket: jobs from the supervisor go to
+//! the engine as if the HTTP side had submitted them here, and every job's
+//! events go back, tagged with its arrival number, behind the counters
+//! they follow.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use super::{read_frame, write_frame, FromEngine, StatsWire, ToEngine, WireJob};
+use crate::engine::{CancelFlag, EngineError, EngineHandle, EngineStats, Event, Job};
+
+/// Counters go out at least this often while anything changes.
+const STATS_EVERY: Duration = Duration::from_millis(100);
+/// Events in a burst share one copy of the counters for this long.
+const STATS_MIN_GAP: Duration = Duration::from_millis(20);
+
+/// Cancel flags of the jobs the engine holds, by arrival number.
+type Flags = Arc<Mutex<HashMap<u64, CancelFlag>>>;
+
+/// Serve the supervisor at `socket` until it says shut down (the KV cache
+/// saved: `Ok`) or goes away, or until the engine thread stops by itself
+/// (an error: the supervisor restarts the process).
+pub fn serve(handle: EngineHandle, socket: &Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bridge(handle, socket))
+}
+
+async fn bridge(handle: EngineHandle, socket: &Path) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot reach the supervisor at {}", socket.display()))?;
+    let (mut rd, mut wr) = stream.into_split();
+    let (out, mut outgoing) = mpsc::unbounded_channel::<FromEngine>();
+    let flags: Flags = Arc::default();
+    // The first frame, before any counters.
+    let ready = FromEngine::Ready {
+        n_ctx: handle.n_ctx(),
+        pid: std::process::id(),
+    };
+    write_frame(&mut wr, &ready).await?;
+    let reader = {
+        let (handle, out, flags) = (handle.clone(), out.clone(), flags.clone());
+        tokio::spawn(async move {
+            loop {
+                match read_frame::<_, ToEngine>(&mut rd).await {
+                    Ok(Some(ToEngine::Run { leader, forks })) => {
+                        let job = take_job(*leader, forks, &out, &flags);
+                        handle.run(Box::new(job));
+                    }
+                    Ok(Some(ToEngine::Cancel(arrival))) => {
+                        if let Some(flag) = flags.lock().ok().and_then(|f| f.get(&arrival).cloned())
+                        {
+                            flag.cancel();
+                        }
+                    }
+                    Ok(Some(ToEngine::Persist(id))) => {
+                        let (handle, out) = (handle.clone(), out.clone());
+                        tokio::spawn(async move {
+                            let tokens = handle.persist().await;
+                            let _ = out.send(FromEngine::Persisted { id, tokens });
+                        });
+                    }
+                    Ok(Some(ToEngine::Shutdown)) => {
+                        // Cancellations keep coming while the engine ends
+                        // its last steps.
+                        let (handle, out) = (handle.clone(), out.clone());
+                        tokio::spawn(async move {
+                            handle.shutdown().await;
+                            let _ = out.send(FromEngine::ShutDown);
+                        });
+                    }
+                    Ok(None) => return,
+                    Err(err) => {
+                        tracing::error!(cause = %err, "the supervisor's socket failed");
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    drop(out);
+    let mut reader = reader;
+    let mut last_sent = StatsWire::default();
+    let mut last_at = Instant::now() - STATS_EVERY;
+    let mut tick = tokio::time::interval(STATS_EVERY);
+    let mut dead_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            msg = outgoing.recv() => {
+                let Some(msg) = msg else { break };
+                let shut = matches!(msg, FromEngine::ShutDown);
+                let edge = matches!(
+                    &msg,
+                    FromEngine::Event {
+                        event: Event::Started { .. } | Event::Finished { .. } | Event::Failed(_),
+                        ..
+                    }
+                );
+                if let FromEngine::Event { job, event: Event::Finished { .. } | Event::Failed(_) } = &msg {
+                    // A job's end is sent in the middle of a step and
+                    // counted when the step ends: wait for that refresh,
+                    // so a client that reads /metrics after its reply
+                    // never sees the job still running.
+                    counted_out(handle.stats(), *job, Duration::from_millis(50)).await;
+                }
+                if edge || last_at.elapsed() >= STATS_MIN_GAP {
+                    send_stats(&mut wr, &handle, &mut last_sent, &mut last_at, edge).await?;
+                }
+                write_frame(&mut wr, &msg).await?;
+                if shut {
+                    return Ok(());
+                }
+            }
+            _ = tick.tick() => {
+                send_stats(&mut wr, &handle, &mut last_sent, &mut last_at, false).await?;
+                if !handle.is_alive() {
+                    // The engine thread stopped by itself (a panic outside a
+                    // step): give its last events a moment to go out, then
+                    // end the process so the supervisor starts a new one.
+                    let since = *dead_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= Duration::from_millis(300) {
+                        let why = handle
+                            .stats()
+                            .stopped_why
+                            .lock()
+                            .ok()
+                            .and_then(|w| w.clone())
+                            .unwrap_or_default();
+                        anyhow::bail!("the engine stopped: {why}");
+                    }
+                }
+            }
+            _ = &mut reader => {
+                tracing::info!("the server process has gone: the engine process exits");
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A job from the wire with channels of its own; a task forwards each
+/// member's events until its last one.
+fn take_job(
+    leader: WireJob,
+    forks: Vec<WireJob>,
+    out: &mpsc::UnboundedSender<FromEngine>,
+    flags: &Flags,
+) -> Job {
+    let make = |wire: WireJob| {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+        let cancel = CancelFlag::default();
+        if let Ok(mut f) = flags.lock() {
+            f.insert(wire.arrival, cancel.clone());
+        }
+        let (out, flags, arrival) = (out.clone(), flags.clone(), wire.arrival);
+        tokio::spawn(async move {
+            let mut ended = false;
+            while let Some(event) = rx.recv().await {
+                ended = matches!(event, Event::Finished { .. } | Event::Failed(_));
+                let _ = out.send(FromEngine::Event {
+                    job: arrival,
+                    event,
+                });
+                if ended {
+                    break;
+                }
+            }
+            if !ended {
+                // Dropped without an ending (a panic took it, or it was
+                // abandoned): the supervisor must not offer it again.
+                let _ = out.send(FromEngine::Event {
+                    job: arrival,
+                    event: Event::Failed(EngineError::Crashed(
+                        "the engine dropped this request".into(),
+                    )),
+                });
+            }
+            if let Ok(mut f) = flags.lock() {
+                f.remove(&arrival);
+            }
+        });
+        Job {
+            arrival: wire.arrival,
+            request: wire.request,
+            events: tx,
+            cancel,
+            span: tracing::info_span!("job", arrival = wire.arrival),
+            forks: Vec::new(),
+        }
+    };
+    let mut job = make(leader);
+    job.forks = forks.into_iter().map(make).collect();
+    job
+}
+
+/// Wait until the engine's status copy no longer shows job `arrival` on
+/// a sequence (at most `limit`).
+async fn counted_out(stats: &EngineStats, arrival: u64, limit: Duration) {
+    let until = Instant::now() + limit;
+    let running = || {
+        stats
+            .status
+            .lock()
+            .map(|s| s.slots.iter().any(|slot| slot.job == Some(arrival)))
+            .unwrap_or(false)
+    };
+    while running() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Send the counters when they changed since the last copy (or always,
+/// `force`, before an event that moves them).
+async fn send_stats(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    handle: &EngineHandle,
+    last_sent: &mut StatsWire,
+    last_at: &mut Instant,
+    force: bool,
+) -> anyhow::Result<()> {
+    let now = StatsWire::read(handle.stats());
+    if force || now != *last_sent {
+        write_frame(wr, &FromEngine::Stats(Box::new(now.clone()))).await?;
+        *last_sent = now;
+        *last_at = Instant::now();
+    }
+    Ok(())
+}

@@ -3,7 +3,7 @@
 //! events go back, tagged with its arrival number, behind the counters
 //! they follow.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,10 +15,11 @@ use tokio::sync::mpsc;
 use super::{read_frame, write_frame, FromEngine, StatsWire, ToEngine, WireJob};
 use crate::engine::{CancelFlag, EngineError, EngineHandle, EngineStats, Event, Job};
 
-/// Counters go out at least this often while anything changes.
-const STATS_EVERY: Duration = Duration::from_millis(100);
-/// Events in a burst share one copy of the counters for this long.
-const STATS_MIN_GAP: Duration = Duration::from_millis(20);
+/// Counters go out at least this often while anything changes (the
+/// engine refreshes them once a step).
+const STATS_EVERY: Duration = Duration::from_millis(20);
+/// How long an event waits for the status copy to show what it means.
+const SETTLE_LIMIT: Duration = Duration::from_millis(50);
 
 /// Cancel flags of the jobs the engine holds, by arrival number.
 type Flags = Arc<Mutex<HashMap<u64, CancelFlag>>>;
@@ -40,12 +41,14 @@ async fn bridge(handle: EngineHandle, socket: &Path) -> anyhow::Result<()> {
     let (mut rd, mut wr) = stream.into_split();
     let (out, mut outgoing) = mpsc::unbounded_channel::<FromEngine>();
     let flags: Flags = Arc::default();
-    // The first frame, before any counters.
+    // The first frame, then the counters.
     let ready = FromEngine::Ready {
         n_ctx: handle.n_ctx(),
         pid: std::process::id(),
     };
     write_frame(&mut wr, &ready).await?;
+    let mut last_sent = StatsWire::read(handle.stats());
+    write_frame(&mut wr, &FromEngine::Stats(Box::new(last_sent.clone()))).await?;
     let reader = {
         let (handle, out, flags) = (handle.clone(), out.clone(), flags.clone());
         tokio::spawn(async move {
@@ -88,31 +91,42 @@ async fn bridge(handle: EngineHandle, socket: &Path) -> anyhow::Result<()> {
     };
     drop(out);
     let mut reader = reader;
-    let mut last_sent = StatsWire::default();
-    let mut last_at = Instant::now() - STATS_EVERY;
     let mut tick = tokio::time::interval(STATS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dead_since: Option<Instant> = None;
+    // Jobs whose first text has gone out.
+    let mut decoding: HashSet<u64> = HashSet::new();
     loop {
         tokio::select! {
             msg = outgoing.recv() => {
                 let Some(msg) = msg else { break };
                 let shut = matches!(msg, FromEngine::ShutDown);
-                let edge = matches!(
+                let mut edge = matches!(
                     &msg,
                     FromEngine::Event {
                         event: Event::Started { .. } | Event::Finished { .. } | Event::Failed(_),
                         ..
                     }
                 );
-                if let FromEngine::Event { job, event: Event::Finished { .. } | Event::Failed(_) } = &msg {
-                    // A job's end is sent in the middle of a step and
-                    // counted when the step ends: wait for that refresh,
-                    // so a client that reads /metrics after its reply
-                    // never sees the job still running.
-                    counted_out(handle.stats(), *job, Duration::from_millis(50)).await;
+                match &msg {
+                    FromEngine::Event { job, event: Event::Finished { .. } | Event::Failed(_) } => {
+                        // A job's end is sent in the middle of a step and
+                        // counted when the step ends: wait for that refresh,
+                        // so a client that reads /metrics after its reply
+                        // never sees the job still running.
+                        decoding.remove(job);
+                        settled(handle.stats(), *job, false, SETTLE_LIMIT).await;
+                    }
+                    FromEngine::Event { job, event: Event::Text(_) } if decoding.insert(*job) => {
+                        // Its first text: likewise, a client that has it
+                        // sees its sequence decoding on /slots.
+                        settled(handle.stats(), *job, true, SETTLE_LIMIT).await;
+                        edge = true;
+                    }
+                    _ => {}
                 }
-                if edge || last_at.elapsed() >= STATS_MIN_GAP {
-                    send_stats(&mut wr, &handle, &mut last_sent, &mut last_at, edge).await?;
+                if edge {
+                    send_stats(&mut wr, &handle, &mut last_sent, edge).await?;
                 }
                 write_frame(&mut wr, &msg).await?;
                 if shut {
@@ -120,7 +134,7 @@ async fn bridge(handle: EngineHandle, socket: &Path) -> anyhow::Result<()> {
                 }
             }
             _ = tick.tick() => {
-                send_stats(&mut wr, &handle, &mut last_sent, &mut last_at, false).await?;
+                send_stats(&mut wr, &handle, &mut last_sent, false).await?;
                 if !handle.is_alive() {
                     // The engine thread stopped by itself (a panic outside a
                     // step): give its last events a moment to go out, then
@@ -202,18 +216,24 @@ fn take_job(
     job
 }
 
-/// Wait until the engine's status copy no longer shows job `arrival` on
-/// a sequence (at most `limit`).
-async fn counted_out(stats: &EngineStats, arrival: u64, limit: Duration) {
+/// Wait until the engine's status copy shows job `arrival` decoding
+/// (`decoding`) or on no sequence at all (not), for at most `limit`.
+async fn settled(stats: &EngineStats, arrival: u64, decoding: bool, limit: Duration) {
     let until = Instant::now() + limit;
-    let running = || {
+    let pending = || {
         stats
             .status
             .lock()
-            .map(|s| s.slots.iter().any(|slot| slot.job == Some(arrival)))
+            .map(|s| {
+                let slot = s.slots.iter().find(|slot| slot.job == Some(arrival));
+                match slot {
+                    Some(slot) => !decoding || slot.state != "decode",
+                    None => false,
+                }
+            })
             .unwrap_or(false)
     };
-    while running() && Instant::now() < until {
+    while pending() && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -224,14 +244,17 @@ async fn send_stats(
     wr: &mut tokio::net::unix::OwnedWriteHalf,
     handle: &EngineHandle,
     last_sent: &mut StatsWire,
-    last_at: &mut Instant,
     force: bool,
 ) -> anyhow::Result<()> {
     let now = StatsWire::read(handle.stats());
     if force || now != *last_sent {
-        write_frame(wr, &FromEngine::Stats(Box::new(now.clone()))).await?;
+        let mut wire = now.clone();
+        if wire.stores == last_sent.stores {
+            // The snapshot summary changes once a second at most.
+            wire.stores = None;
+        }
+        write_frame(wr, &FromEngine::Stats(Box::new(wire))).await?;
         *last_sent = now;
-        *last_at = Instant::now();
     }
     Ok(())
 }

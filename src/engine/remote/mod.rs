@@ -61,7 +61,8 @@ pub(crate) enum ToEngine {
 /// What the engine process sends back.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum FromEngine {
-    /// The engine is loaded and takes jobs.
+    /// The engine is loaded and takes jobs (its first frame; its counters
+    /// come next).
     Ready {
         n_ctx: u32,
         pid: u32,
@@ -127,7 +128,8 @@ macro_rules! stats_wire {
             pub alive: bool,
             pub stopped_why: Option<String>,
             pub status: EngineStatus,
-            pub stores: Vec<StoredSnapshot>,
+            /// The snapshot summary; `None`: as in the copy before.
+            pub stores: Option<Vec<StoredSnapshot>>,
         }
 
         impl StatsWire {
@@ -138,26 +140,32 @@ macro_rules! stats_wire {
                     $($field: stats.$field.load(Ordering::Relaxed),)*
                     alive: stats.alive.load(Ordering::Acquire),
                     stopped_why: stats.stopped_why.lock().ok().and_then(|w| w.clone()),
-                    stores: status.stores.clone(),
+                    stores: Some(status.stores.clone()),
                     status,
                 }
             }
 
-            /// Set the HTTP side's counters to these; `queued` adds the
-            /// jobs the supervisor holds itself.
-            pub fn apply(self, stats: &EngineStats, held: usize) {
+            /// Set the HTTP side's counters to these (the supervisor then
+            /// adds the jobs it holds to `queued`).
+            pub fn apply(self, stats: &EngineStats) {
                 $(stats.$field.store(self.$field, Ordering::Relaxed);)*
-                stats.queued.fetch_add(held, Ordering::Relaxed);
                 stats.alive.store(self.alive, Ordering::Release);
                 if let Ok(mut w) = stats.stopped_why.lock() {
                     *w = self.stopped_why;
                 }
                 let mut status = self.status;
-                status.stores = self.stores;
-                status.stores_at = Some(std::time::Instant::now());
-                if let Ok(mut s) = stats.status.lock() {
-                    *s = status;
+                let Ok(mut s) = stats.status.lock() else { return };
+                match self.stores {
+                    Some(stores) => {
+                        status.stores = stores;
+                        status.stores_at = Some(std::time::Instant::now());
+                    }
+                    None => {
+                        status.stores = std::mem::take(&mut s.stores);
+                        status.stores_at = s.stores_at;
+                    }
                 }
+                *s = status;
             }
         }
     };
@@ -251,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    fn stats_cross_and_add_what_the_supervisor_holds() {
+    fn stats_cross_the_socket() {
         let engine = EngineStats::default();
         engine.kv_used.store(123, Ordering::Relaxed);
         engine.queued.store(2, Ordering::Relaxed);
@@ -261,10 +269,10 @@ mod tests {
         let back: StatsWire = serde_json::from_slice(&serde_json::to_vec(&wire).unwrap()).unwrap();
         assert_eq!(back, wire);
         let http = EngineStats::default();
-        back.apply(&http, 3);
+        back.apply(&http);
         assert_eq!(http.kv_used.load(Ordering::Relaxed), 123);
         assert_eq!(http.spec_accepted.load(Ordering::Relaxed), 9);
-        assert_eq!(http.queued.load(Ordering::Relaxed), 5);
+        assert_eq!(http.queued.load(Ordering::Relaxed), 2);
         assert!(http.alive.load(Ordering::Acquire));
     }
 }

@@ -23,7 +23,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::{read_frame, write_frame, FromEngine, ToEngine, WireJob};
+use super::{read_frame, write_frame, FromEngine, StatsWire, ToEngine, WireJob};
 use crate::engine::{Command, EngineError, EngineHandle, EngineStats, Event, Job, Model};
 
 /// Deaths within [`CRASH_WINDOW`] that stop the restarts.
@@ -134,6 +134,8 @@ struct Supervisor {
     next_persist: u64,
     deaths: VecDeque<Instant>,
     incarnation: u64,
+    /// `queued` in the engine process's last copy of its counters.
+    engine_queued: usize,
 }
 
 impl Supervisor {
@@ -148,6 +150,7 @@ impl Supervisor {
             next_persist: 0,
             deaths: VecDeque::new(),
             incarnation: 0,
+            engine_queued: 0,
         }
     }
 
@@ -231,7 +234,9 @@ impl Supervisor {
             let (stream, _) = listener.accept().await?;
             let (mut rd, wr) = stream.into_split();
             let first = read_frame::<_, FromEngine>(&mut rd).await?;
-            std::io::Result::Ok((rd, wr, first))
+            // Then its counters, so the server's first answers show them.
+            let counters = read_frame::<_, FromEngine>(&mut rd).await?;
+            std::io::Result::Ok((rd, wr, first, counters))
         };
         tokio::pin!(connected);
         let result = loop {
@@ -251,7 +256,7 @@ impl Supervisor {
             }
         };
         let _ = std::fs::remove_file(&path);
-        let (mut rd, wr, first) = match result {
+        let (mut rd, wr, first, counters) = match result {
             Ok(parts) => parts,
             Err(e) => {
                 let _ = child.kill().await;
@@ -263,6 +268,9 @@ impl Supervisor {
                 n_ctx,
                 pid: child_pid,
             }) => {
+                if let Some(FromEngine::Stats(wire)) = counters {
+                    self.take_counters(*wire);
+                }
                 self.stats.engine_pid.store(child_pid, Ordering::Relaxed);
                 self.stats.alive.store(true, Ordering::Release);
                 if let Ok(mut w) = self.stats.stopped_why.lock() {
@@ -362,7 +370,7 @@ impl Supervisor {
 
     fn on_message(&mut self, msg: FromEngine) {
         match msg {
-            FromEngine::Stats(wire) => wire.apply(&self.stats, self.held.len()),
+            FromEngine::Stats(wire) => self.take_counters(*wire),
             FromEngine::Event { job, event } => self.route(job, event),
             FromEngine::Persisted { id, tokens } => {
                 if let Some(tx) = self.persists.remove(&id) {
@@ -381,7 +389,8 @@ impl Supervisor {
             return;
         };
         let last = matches!(event, Event::Finished { .. } | Event::Failed(_));
-        if matches!(event, Event::Started { .. }) {
+        let starts = matches!(event, Event::Started { .. }) && !sent.started;
+        if starts {
             sent.started = true;
         }
         if let Some(tx) = sent.sender(arrival) {
@@ -398,11 +407,35 @@ impl Supervisor {
                 }
             }
         }
+        if starts || last {
+            self.count_queued();
+        }
+    }
+
+    fn take_counters(&mut self, wire: StatsWire) {
+        self.engine_queued = wire.queued;
+        wire.apply(&self.stats);
+        self.count_queued();
+    }
+
+    /// The queue depth the HTTP side shows: jobs held here, and jobs
+    /// sent but not started that the engine's last copy of its counters
+    /// may not show yet (it counts a job as waiting once it takes it).
+    fn count_queued(&self) {
+        let unstarted = self.sent.values().filter(|s| !s.started).count();
+        let in_engine = unstarted.saturating_sub(self.stats.waiting.load(Ordering::Relaxed));
+        self.stats.queued.store(
+            self.engine_queued.max(in_engine) + self.held.len(),
+            Ordering::Relaxed,
+        );
     }
 
     fn hold(&mut self, cmd: Command) {
         match cmd {
-            Command::Run(job) => self.held.push_back(job),
+            Command::Run(job) => {
+                self.held.push_back(job);
+                self.count_queued();
+            }
             Command::Persist(tx) => {
                 let _ = tx.send(0);
             }
@@ -442,6 +475,7 @@ impl Supervisor {
                 members,
             },
         );
+        self.count_queued();
         // A process that died mid-write is seen by `serve`, which puts
         // this job back in the queue with the others it had not started.
         let _ = write_frame(wr, &msg).await;
@@ -497,7 +531,9 @@ impl Supervisor {
             self.held.push_front(job);
         }
         self.stats.running.store(0, Ordering::Relaxed);
-        self.stats.queued.store(self.held.len(), Ordering::Relaxed);
+        self.stats.waiting.store(0, Ordering::Relaxed);
+        self.engine_queued = 0;
+        self.count_queued();
         let now = Instant::now();
         self.deaths.push_back(now);
         while self

@@ -133,6 +133,20 @@ pub struct EngineArgs {
     /// Layers to offload to the GPU on GPU builds.
     #[arg(long, env = "HEARTH_GPU_LAYERS", default_value_t = 999)]
     pub gpu_layers: i32,
+    /// Spread the model's layers over llama.cpp RPC workers (`hearth
+    /// rpc-worker`) at these HOST:PORT endpoints, comma-separated.
+    #[arg(long, env = "HEARTH_RPC", value_delimiter = ',', value_parser = parse_rpc_endpoint)]
+    pub rpc: Vec<String>,
+    /// The share of the layers each device takes, comma-separated (`3,1`),
+    /// in llama.cpp's order: the RPC workers' devices, then local GPUs
+    /// (default: in proportion to their free memory).
+    #[arg(long, env = "HEARTH_TENSOR_SPLIT", value_delimiter = ',', value_parser = parse_split)]
+    pub tensor_split: Vec<f32>,
+    /// How long a start waits for the --rpc workers to answer before it
+    /// gives up (an engine restarted after a worker died waits as long as
+    /// it takes).
+    #[arg(long, env = "HEARTH_RPC_WAIT_SECS", default_value_t = 30)]
+    pub rpc_wait_secs: u64,
     /// A Jinja chat template file that replaces the GGUF's own.
     #[arg(long, env = "HEARTH_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
@@ -176,6 +190,25 @@ impl EngineArgs {
             kv_disk_bytes: self.kv_disk_space_mb << 20,
         }
     }
+}
+
+/// `hearth rpc-worker`: this machine's devices for a server elsewhere.
+#[derive(Debug, Clone, Args)]
+pub struct RpcWorkerArgs {
+    /// Address to listen on. llama.cpp's RPC protocol has no
+    /// authentication: whoever reaches it may use this machine's devices
+    /// and memory, so keep it on loopback or a network you trust.
+    #[arg(long, env = "HEARTH_RPC_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, env = "HEARTH_RPC_PORT", default_value_t = 50052, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+    /// CPU threads for computing (0: one per core).
+    #[arg(short = 't', long, env = "HEARTH_THREADS", default_value_t = 0)]
+    pub threads: u32,
+    /// Keep the large tensors a server sends here, so a later load (a
+    /// restarted server) sends only their hashes.
+    #[arg(long, env = "HEARTH_RPC_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// How log lines are written.
@@ -289,4 +322,15 @@ pub fn hearth_home() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("hearth")
+}
+
+fn parse_rpc_endpoint(s: &str) -> Result<String, String> {
+    crate::engine::rpc::parse_endpoint(s.trim())
+}
+
+fn parse_split(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a share (a number >= 0)")),
+    }
 }

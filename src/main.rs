@@ -1,6 +1,7 @@
 //! The `hearth` binary: parses the command line and calls into the library.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -42,6 +43,9 @@ enum Command {
     /// Chat with the model in the terminal, in-process or with a running
     /// server (--url); -p answers one question and exits.
     Chat(hearth::cli_chat::ChatArgs),
+    /// Lend this machine's devices to a `hearth serve --rpc` elsewhere
+    /// (llama.cpp's RPC backend).
+    RpcWorker(hearth::config::RpcWorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => hearth::bench::run(args),
         Command::Cache(args) => hearth::engine::cache::cli::run(args),
         Command::Chat(args) => hearth::cli_chat::run(args),
+        Command::RpcWorker(args) => hearth::engine::rpc::run_worker(&args),
     }
 }
 
@@ -87,10 +92,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fault = FaultPlan::from_env().map_err(|e| anyhow::anyhow!("HEARTH_FAULT: {e}"))?;
     if let Some(socket) = std::env::var_os(engine::remote::SOCKET_ENV) {
         // The engine process of a server that supervises it.
+        let mut link = engine::remote::child::Link::connect(std::path::Path::new(&socket))?;
         let config = engine_config(&args, fault);
-        let loaded = hearth::setup::load(&args.engine, &config)?;
+        let restart = std::env::var_os(engine::remote::RESTART_ENV).is_some();
+        let patience = (!restart).then(|| Duration::from_secs(args.engine.rpc_wait_secs));
+        let loaded =
+            hearth::setup::load_with_workers(&args.engine, &config, patience, &mut |what| {
+                // The supervisor logs it, and says it on /health.
+                if !link.starting(what) {
+                    // The server has gone: nobody waits for this engine.
+                    std::process::exit(1);
+                }
+            })?;
         let handle = engine::start(loaded.model.clone(), config)?;
-        return engine::remote::child::serve(handle, std::path::Path::new(&socket));
+        return engine::remote::child::serve(handle, link);
     }
     // Service settings first: a bad key file or trace path fails before the
     // model takes seconds to load.

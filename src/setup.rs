@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::chat::prompt::SpecialTexts;
 use crate::chat::replay::ReplayStore;
 use crate::chat::template::ChatTemplate;
 use crate::chat::tools::ToolFormat;
 use crate::config::{default_model_path, EngineArgs};
-use crate::engine::{EngineConfig, EngineHandle, Model};
+use crate::engine::{rpc, EngineConfig, EngineHandle, Model};
 use crate::state::{AppState, ServiceState};
 
 /// Tool-call ids whose reply text is kept for exact replay.
@@ -30,9 +30,36 @@ pub struct Loaded {
 }
 
 /// Load the model named by `args` (or the default one) and its template,
-/// first refusing an engine `config` that does not fit in memory.
+/// first refusing an engine `config` that does not fit in memory. With
+/// `--rpc`, the workers get `--rpc-wait-secs` to answer.
 pub fn load(args: &EngineArgs, config: &EngineConfig) -> anyhow::Result<Loaded> {
+    load_with_workers(
+        args,
+        config,
+        Some(Duration::from_secs(args.rpc_wait_secs)),
+        &mut |what| warn!("{what}"),
+    )
+}
+
+/// [`load`], waiting at most `patience` (None: as long as it takes) for
+/// the RPC workers, and telling `report` what it waits for.
+pub fn load_with_workers(
+    args: &EngineArgs,
+    config: &EngineConfig,
+    patience: Option<Duration>,
+    report: &mut dyn FnMut(&str),
+) -> anyhow::Result<Loaded> {
     let path = args.model.clone().unwrap_or_else(default_model_path);
+    if !args.tensor_split.is_empty() {
+        anyhow::ensure!(
+            args.tensor_split.iter().sum::<f32>() > 0.0,
+            "--tensor-split gives every device a share of 0"
+        );
+        crate::engine::llama::set_tensor_split(args.tensor_split.clone());
+    }
+    if !args.rpc.is_empty() {
+        rpc::connect(&args.rpc, patience, report)?;
+    }
     if !args.no_memory_check {
         crate::engine::fit::check(&path, config)?;
     }

@@ -23,6 +23,7 @@ pub mod llama;
 mod output;
 mod prefix;
 pub mod remote;
+pub mod rpc;
 pub mod sampling;
 pub mod schedule;
 mod sequence;

@@ -16,6 +16,7 @@ use llama_cpp_sys_2 as sys;
 
 mod context;
 mod log;
+pub mod rpc;
 
 pub use context::{AbortFn, Context, ContextParams, Row, SeqId};
 pub(crate) use log::capture_log;
@@ -81,6 +82,17 @@ enum Load {
     Probe,
 }
 
+/// How a model's layers are spread over the devices (`--tensor-split`):
+/// set once per process, before the first load.
+static TENSOR_SPLIT: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+
+/// Spread the layers of every model this process loads over its devices
+/// (GPUs and RPC workers, in llama.cpp's device order) in these
+/// proportions. The first call wins.
+pub fn set_tensor_split(split: Vec<f32>) {
+    let _ = TENSOR_SPLIT.set(split);
+}
+
 impl Model {
     /// Load a GGUF file. `n_gpu_layers` is ignored by CPU builds.
     pub fn load(path: &Path, n_gpu_layers: i32) -> Result<Arc<Model>, LlamaError> {
@@ -120,6 +132,15 @@ impl Model {
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = n_gpu_layers;
         params.no_alloc = no_alloc;
+        // llama.cpp reads `llama_max_devices()` proportions from it.
+        let split = TENSOR_SPLIT.get().map(|s| {
+            let mut v = s.clone();
+            v.resize(rpc::max_devices().max(s.len()), 0.0);
+            v
+        });
+        if let Some(split) = &split {
+            params.tensor_split = split.as_ptr();
+        }
         if no_alloc {
             // llama.cpp's measuring pass maps nothing.
             params.load_mode = sys::LLAMA_LOAD_MODE_NONE;

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use super::{read_frame, write_frame, FromEngine, StatsWire, ToEngine, WireJob};
+use super::{encode, read_frame, write_frame, FromEngine, StatsWire, ToEngine, WireJob};
 use crate::engine::{CancelFlag, EngineError, EngineHandle, EngineStats, Event, Job};
 
 /// Counters go out at least this often while anything changes (the
@@ -24,20 +24,40 @@ const SETTLE_LIMIT: Duration = Duration::from_millis(50);
 /// Cancel flags of the jobs the engine holds, by arrival number.
 type Flags = Arc<Mutex<HashMap<u64, CancelFlag>>>;
 
-/// Serve the supervisor at `socket` until it says shut down (the KV cache
+/// The engine process's connection to its supervisor, made before the
+/// engine loads so the wait for RPC workers can be reported.
+pub struct Link(std::os::unix::net::UnixStream);
+
+impl Link {
+    pub fn connect(socket: &Path) -> anyhow::Result<Link> {
+        let stream = std::os::unix::net::UnixStream::connect(socket)
+            .with_context(|| format!("cannot reach the supervisor at {}", socket.display()))?;
+        Ok(Link(stream))
+    }
+
+    /// Tell the supervisor what the engine process waits for; false when
+    /// the server has gone.
+    pub fn starting(&mut self, what: &str) -> bool {
+        use std::io::Write as _;
+        encode(&FromEngine::Starting(what.to_string()))
+            .and_then(|frame| self.0.write_all(&frame))
+            .is_ok()
+    }
+}
+
+/// Serve the supervisor over `link` until it says shut down (the KV cache
 /// saved: `Ok`) or goes away, or until the engine thread stops by itself
 /// (an error: the supervisor restarts the process).
-pub fn serve(handle: EngineHandle, socket: &Path) -> anyhow::Result<()> {
+pub fn serve(handle: EngineHandle, link: Link) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(bridge(handle, socket))
+    rt.block_on(bridge(handle, link))
 }
 
-async fn bridge(handle: EngineHandle, socket: &Path) -> anyhow::Result<()> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("cannot reach the supervisor at {}", socket.display()))?;
+async fn bridge(handle: EngineHandle, link: Link) -> anyhow::Result<()> {
+    link.0.set_nonblocking(true)?;
+    let stream = UnixStream::from_std(link.0)?;
     let (mut rd, mut wr) = stream.into_split();
     let (out, mut outgoing) = mpsc::unbounded_channel::<FromEngine>();
     let flags: Flags = Arc::default();

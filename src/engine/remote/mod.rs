@@ -30,6 +30,8 @@ use super::{EngineStats, Event, GenerateRequest};
 /// The environment variable that makes `hearth serve` the engine process:
 /// the path of the supervisor's socket to connect to.
 pub const SOCKET_ENV: &str = "HEARTH_ENGINE_SOCKET";
+/// Set for an engine process that replaces one that died.
+pub const RESTART_ENV: &str = "HEARTH_ENGINE_RESTART";
 
 /// The largest frame either side accepts.
 const MAX_FRAME: usize = 256 << 20;
@@ -61,8 +63,10 @@ pub(crate) enum ToEngine {
 /// What the engine process sends back.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum FromEngine {
-    /// The engine is loaded and takes jobs (its first frame; its counters
-    /// come next).
+    /// What the engine process waits for before it can load (RPC workers
+    /// that do not answer yet); only before `Ready`.
+    Starting(String),
+    /// The engine is loaded and takes jobs (its counters come next).
     Ready {
         n_ctx: u32,
         pid: u32,
@@ -87,11 +91,16 @@ where
     W: AsyncWrite + Unpin,
     T: Serialize,
 {
+    w.write_all(&encode(msg)?).await
+}
+
+/// One message as the bytes of one frame.
+pub(crate) fn encode<T: Serialize>(msg: &T) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 4];
     serde_json::to_writer(&mut buf, msg)?;
     let len = u32::try_from(buf.len() - 4).map_err(|_| std::io::Error::other("frame too large"))?;
     buf[..4].copy_from_slice(&len.to_le_bytes());
-    w.write_all(&buf).await
+    Ok(buf)
 }
 
 /// Read one frame; None at a clean end of the stream.

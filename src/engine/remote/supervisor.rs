@@ -222,6 +222,10 @@ impl Supervisor {
         cmd.args(&self.spec.args)
             .env(super::SOCKET_ENV, &path)
             .kill_on_drop(true);
+        if self.incarnation > 1 {
+            // A restart waits for its RPC workers as long as it takes.
+            cmd.env(super::RESTART_ENV, "1");
+        }
         // Its own process group: a terminal's Ctrl-C reaches the server,
         // which shuts the engine down in order, not the engine directly.
         #[cfg(unix)]
@@ -230,10 +234,21 @@ impl Supervisor {
             .spawn()
             .map_err(|e| format!("cannot start the engine process: {e}"))?;
         let pid = child.id().unwrap_or(0);
-        let connected = async {
+        let stats = self.stats.clone();
+        let connected = async move {
             let (stream, _) = listener.accept().await?;
             let (mut rd, wr) = stream.into_split();
-            let first = read_frame::<_, FromEngine>(&mut rd).await?;
+            let first = loop {
+                match read_frame::<_, FromEngine>(&mut rd).await? {
+                    Some(FromEngine::Starting(what)) => {
+                        warn!(pid, "the engine process is {what}");
+                        if let Ok(mut w) = stats.stopped_why.lock() {
+                            *w = Some(format!("the engine process is starting: {what}"));
+                        }
+                    }
+                    other => break other,
+                }
+            };
             // Then its counters, so the server's first answers show them.
             let counters = read_frame::<_, FromEngine>(&mut rd).await?;
             std::io::Result::Ok((rd, wr, first, counters))
@@ -377,7 +392,7 @@ impl Supervisor {
                     let _ = tx.send(tokens);
                 }
             }
-            FromEngine::Ready { .. } | FromEngine::ShutDown => {}
+            FromEngine::Ready { .. } | FromEngine::Starting(_) | FromEngine::ShutDown => {}
         }
     }
 

@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,11 +72,12 @@ async fn bridge(handle: EngineHandle, link: Link) -> anyhow::Result<()> {
     write_frame(&mut wr, &FromEngine::Stats(Box::new(last_sent.clone()))).await?;
     let reader = {
         let (handle, out, flags) = (handle.clone(), out.clone(), flags.clone());
+        let shutting = Arc::new(AtomicBool::new(false));
         tokio::spawn(async move {
             loop {
                 match read_frame::<_, ToEngine>(&mut rd).await {
                     Ok(Some(ToEngine::Run { leader, forks })) => {
-                        let job = take_job(*leader, forks, &out, &flags);
+                        let job = take_job(*leader, forks, &out, &flags, &handle, &shutting);
                         handle.run(Box::new(job));
                     }
                     Ok(Some(ToEngine::Cancel(arrival))) => {
@@ -92,6 +94,7 @@ async fn bridge(handle: EngineHandle, link: Link) -> anyhow::Result<()> {
                         });
                     }
                     Ok(Some(ToEngine::Shutdown)) => {
+                        shutting.store(true, Ordering::Release);
                         // Cancellations keep coming while the engine ends
                         // its last steps.
                         let (handle, out) = (handle.clone(), out.clone());
@@ -188,6 +191,8 @@ fn take_job(
     forks: Vec<WireJob>,
     out: &mpsc::UnboundedSender<FromEngine>,
     flags: &Flags,
+    handle: &EngineHandle,
+    shutting: &Arc<AtomicBool>,
 ) -> Job {
     let make = |wire: WireJob| {
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
@@ -196,10 +201,21 @@ fn take_job(
             f.insert(wire.arrival, cancel.clone());
         }
         let (out, flags, arrival) = (out.clone(), flags.clone(), wire.arrival);
+        let (handle, shutting) = (handle.clone(), shutting.clone());
         tokio::spawn(async move {
+            let mut started = false;
             let mut ended = false;
             while let Some(event) = rx.recv().await {
+                started |= matches!(event, Event::Started { .. });
                 ended = matches!(event, Event::Finished { .. } | Event::Failed(_));
+                // Refused by an engine thread that had already died (it
+                // never held the job: a job it held when it died fails,
+                // as it may be what killed it).
+                let refused = matches!(event, Event::Failed(EngineError::Stopped));
+                if refused && !started && lost_with_engine(&handle, &shutting).await {
+                    // The supervisor offers it to the next engine process.
+                    break;
+                }
                 let _ = out.send(FromEngine::Event {
                     job: arrival,
                     event,
@@ -234,6 +250,18 @@ fn take_job(
     let mut job = make(leader);
     job.forks = forks.into_iter().map(make).collect();
     job
+}
+
+/// Whether a job that ended before it started was lost with the engine
+/// (its thread died: this process is about to end) rather than ended for
+/// a reason of its own, or by a shutdown the supervisor asked for.
+async fn lost_with_engine(handle: &EngineHandle, shutting: &AtomicBool) -> bool {
+    // A panic fails the jobs it holds before it marks the engine stopped.
+    let until = Instant::now() + Duration::from_millis(500);
+    while handle.is_alive() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    !handle.is_alive() && !shutting.load(Ordering::Acquire)
 }
 
 /// Wait until the engine's status copy shows job `arrival` decoding

@@ -149,7 +149,7 @@ async fn bridge(handle: EngineHandle, link: Link) -> anyhow::Result<()> {
                     _ => {}
                 }
                 if edge {
-                    send_stats(&mut wr, &handle, &mut last_sent, edge).await?;
+                    send_stats(&mut wr, &handle, &mut last_sent, true).await?;
                 }
                 write_frame(&mut wr, &msg).await?;
                 if shut {
@@ -273,11 +273,10 @@ async fn settled(stats: &EngineStats, arrival: u64, decoding: bool, limit: Durat
             .status
             .lock()
             .map(|s| {
-                let slot = s.slots.iter().find(|slot| slot.job == Some(arrival));
-                match slot {
-                    Some(slot) => !decoding || slot.state != "decode",
-                    None => false,
-                }
+                s.slots
+                    .iter()
+                    .find(|slot| slot.job == Some(arrival))
+                    .is_some_and(|slot| !decoding || slot.state != "decode")
             })
             .unwrap_or(false)
     };

@@ -153,11 +153,17 @@ pub struct EngineArgs {
     /// RAM budget for KV snapshots of recent sequences, in MiB (0: none).
     #[arg(long, env = "HEARTH_CACHE_RAM_MB", default_value_t = 1024)]
     pub cache_ram_mb: u64,
-    /// Models whose memory cannot be cut back (recurrent, hybrid): state
-    /// checkpoints kept in RAM per conversation, taken before and at the
-    /// end of each prompt and through long prefills (0: none).
+    /// Models whose memory cannot be cut back (recurrent, hybrid, and
+    /// sliding-window models without --swa-full): state checkpoints kept in
+    /// RAM per conversation, taken before and at the end of each prompt and
+    /// through long prefills (0: none).
     #[arg(long, env = "HEARTH_CTX_CHECKPOINTS", default_value_t = 8)]
     pub ctx_checkpoints: u32,
+    /// Sliding-window models (Gemma 3): keep every position in the window
+    /// layers' cache, so any prefix can be cut back and shared, at the cost
+    /// of that cache growing from the window to the whole context.
+    #[arg(long, env = "HEARTH_SWA_FULL")]
+    pub swa_full: bool,
     /// Directory for KV snapshots that survive restarts (off when unset).
     #[arg(long, env = "HEARTH_KV_DISK_DIR")]
     pub kv_disk_dir: Option<PathBuf>,
@@ -186,6 +192,7 @@ impl EngineArgs {
             fault: None,
             cache_ram_bytes: (self.cache_ram_mb as usize) << 20,
             ctx_checkpoints: self.ctx_checkpoints as usize,
+            swa_full: self.swa_full,
             kv_disk_dir: self.kv_disk_dir.clone(),
             kv_disk_bytes: self.kv_disk_space_mb << 20,
         }

@@ -54,6 +54,7 @@ fn engine() -> &'static EngineHandle {
             kv_disk_dir: None,
             kv_disk_bytes: 0,
             ctx_checkpoints: 0,
+            swa_full: false,
         };
         engine::start(model, config).expect("start the engine")
     })

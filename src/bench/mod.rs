@@ -174,6 +174,8 @@ fn start_engine(
         fault: None,
         cache_ram_bytes: 0,
         ctx_checkpoints: 0,
+        // As the reference context below: figures comparable run to run.
+        swa_full: true,
         kv_disk_dir: None,
         kv_disk_bytes: 0,
     };
@@ -257,6 +259,7 @@ fn reference(
         n_threads: reference_threads(args),
         poll: args.threads.poll,
         n_seq_max: 1,
+        swa_full: true,
     };
     let mut ctx = Context::new(model.clone(), params, Box::new(|| false))?;
     let n_vocab = model.n_vocab().max(2);

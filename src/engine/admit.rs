@@ -194,15 +194,17 @@ impl Worker {
     /// The prefixes on offer for a prompt: idle slots' own, running slots'
     /// (copyable), RAM and disk snapshots.
     fn offers(&self, tokens: &[Token], text: Option<&str>) -> Offers<std::path::PathBuf> {
-        // Memory that cannot be cut back is reused only whole: a sequence
-        // or checkpoint the prompt repeats to its end, with a token left
-        // to compute (after a text match, text left to tokenize).
+        // Memory that cannot be cut back freely reuses snapshots only
+        // whole: a sequence or checkpoint the prompt repeats to its end,
+        // with a token left to compute (after a text match, text left to
+        // tokenize). An idle sequence of a window cache may also be cut
+        // back as far as its window still reaches.
         let rest_after = |m: &Match| match (m.by_text, text) {
             (true, Some(t)) => m.text_bytes < t.len(),
             _ => m.tokens + 1 < tokens.len(),
         };
         let whole = |len: usize, m: Match| {
-            if !self.recurrent || (m.tokens == len && rest_after(&m)) {
+            if !self.memory.whole_snapshots_only() || (m.tokens == len && rest_after(&m)) {
                 m
             } else {
                 Match::default()
@@ -216,8 +218,11 @@ impl Worker {
             }
             let m = match_prompt(&s.seq, tokens, text);
             if s.run.is_none() {
-                own.push((i, whole(s.seq.len(), m)));
-            } else if !self.recurrent {
+                let keep = prefix::usable_prefix(m.tokens, tokens.len(), self.chunk);
+                let floor = self.memory.cut_floor(self.ctx.seq_pos_min(i as i32));
+                let cut = floor.is_some_and(|f| keep >= f);
+                own.push((i, if cut { m } else { whole(s.seq.len(), m) }));
+            } else if self.memory.shares_cells() {
                 copy.push((i, m));
             }
         }
@@ -433,13 +438,18 @@ impl Worker {
         if keep >= self.slots[i].seq.len() {
             return;
         }
-        if self.ctx.seq_truncate(i as i32, keep) {
+        let len = self.slots[i].seq.len();
+        let cut = self
+            .memory
+            .can_cut(len, keep, self.ctx.seq_pos_min(i as i32));
+        if cut && self.ctx.seq_truncate(i as i32, keep) {
             self.slots[i].seq.truncate(keep);
             self.ledger.truncate(i, keep);
             let slot = &mut self.slots[i];
             slot.disk_saved_len = slot.disk_saved_len.min(keep);
         } else {
-            // Memory that cannot rewind partially (recurrent state).
+            // Memory that cannot rewind this far (recurrent state, a
+            // window that no longer reaches back to `keep`).
             self.clear_slot(i);
         }
     }

@@ -112,6 +112,12 @@ impl Drafter {
     ) -> Result<Drafter, LlamaError> {
         let n_vocab = model.n_vocab().min(target.n_vocab()).max(0) as usize;
         let slots = params.n_seq_max.max(1) as usize;
+        // Its sequences are cut back and copied freely to follow the
+        // target's: a sliding-window draft model keeps a full-size cache.
+        let params = ContextParams {
+            swa_full: true,
+            ..params
+        };
         let ctx = Context::new(model, params, Box::new(|| false))?;
         Ok(Drafter {
             ctx,

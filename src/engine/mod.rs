@@ -20,6 +20,7 @@ pub mod fit;
 pub mod grammar;
 mod hook;
 pub mod llama;
+pub mod memory;
 mod output;
 mod prefix;
 pub mod remote;
@@ -527,8 +528,11 @@ pub struct EngineConfig {
     /// RAM budget for KV snapshots, in bytes (0: none).
     pub cache_ram_bytes: usize,
     /// Checkpoints kept per conversation for memory that cannot be cut
-    /// back (recurrent and hybrid models); 0: none.
+    /// back (recurrent and hybrid models, a sliding-window cache of
+    /// normal size); 0: none.
     pub ctx_checkpoints: usize,
+    /// Sliding-window models get a full-size window cache (`--swa-full`).
+    pub swa_full: bool,
     /// Where disk KV snapshots live (None: no disk cache).
     pub kv_disk_dir: Option<std::path::PathBuf>,
     /// Disk budget for KV snapshots, in bytes.

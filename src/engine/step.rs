@@ -561,8 +561,21 @@ impl Worker {
                 self.snapshot_slot(j, true);
             }
             self.clear_slot(j);
-            self.ctx.seq_copy(leader as i32, j as i32, n);
-            self.ledger.copy(leader, j, n);
+            if self.memory.shares_cells() {
+                self.ctx.seq_copy(leader as i32, j as i32, n);
+                self.ledger.copy(leader, j, n);
+            } else {
+                // A window cache never reuses a shared cell: the fork gets
+                // cells of its own, copied through the sequence's state.
+                let state = self.ctx.seq_state_get(leader as i32);
+                if !self.ctx.seq_state_set(j as i32, &state) {
+                    fork.span
+                        .in_scope(|| warn!(seq = j, "a fork's state copy was refused"));
+                    self.waiting.push_front(Waiting::New(Box::new(fork)));
+                    continue;
+                }
+                self.ledger.append(j, n);
+            }
             self.slots[j].seq = self.slots[leader].seq.clone();
             self.slots[j].last_used = Instant::now();
             self.stats

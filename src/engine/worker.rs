@@ -25,6 +25,7 @@ use super::cells::CellLedger;
 use super::draft::{check_compatible, Drafter};
 use super::hook::{spawn_watchdog, AbortHook, Progress};
 use super::llama::{Context, ContextParams, LlamaError, Model, Token};
+use super::memory::Rewind;
 use super::schedule::{PrefillCredit, StepCost};
 use super::sequence::{Phase, Running};
 use super::status::{first_line, EngineStatus, SlotStatus, StoredSnapshot, STORES_EVERY};
@@ -113,9 +114,9 @@ pub(super) struct Worker {
     pub credit: PrefillCredit,
     /// Admission counter.
     pub admitted: u64,
-    /// The memory cannot cut a sequence back or share part of one
-    /// (recurrent and hybrid models).
-    pub recurrent: bool,
+    /// How far the memory can cut a sequence back, and whether sequences
+    /// share cells.
+    pub memory: Rewind,
     /// A snapshot was copied out during this iteration (for the longest
     /// step with a snapshot).
     pub snapshot_taken: bool,
@@ -171,13 +172,22 @@ pub(super) fn spawn(
         ram: RamStore::new(config.cache_ram_bytes),
         disk,
     };
-    if model.is_recurrent() && config.ctx_checkpoints > 0 {
+    let memory = rewind_of(&model, &params);
+    if let Rewind::Window { n_swa } = memory {
+        info!(
+            n_swa,
+            "sliding-window cache of normal size: a sequence is cut back only within its \
+             window, and prefixes are not shared between sequences (--swa-full keeps every \
+             position instead)"
+        );
+    }
+    if memory.needs_checkpoints() && config.ctx_checkpoints > 0 {
         kv.ram.keep_checkpoints(config.ctx_checkpoints);
         info!(
             per_conversation = config.ctx_checkpoints,
             every = CHECKPOINT_EVERY,
-            "state checkpoints: this model's memory cannot be cut back, so prompts keep \
-             checkpoints in RAM to restart from"
+            "state checkpoints: this model's memory cannot be cut back freely, so prompts \
+             keep checkpoints in RAM to restart from"
         );
     }
     let now = Instant::now();
@@ -213,7 +223,7 @@ pub(super) fn spawn(
     let mut worker = Worker {
         spec,
         drafter,
-        recurrent: model.is_recurrent(),
+        memory,
         ctx,
         model,
         slots,
@@ -240,6 +250,19 @@ pub(super) fn spawn(
     worker.publish();
     start_thread(worker, jobs);
     Ok(n_ctx_seq as u32)
+}
+
+/// What the context's memory allows (`params` as it was created with).
+fn rewind_of(model: &Model, params: &ContextParams) -> Rewind {
+    if model.is_recurrent() {
+        Rewind::Fixed
+    } else if model.has_swa() && !params.swa_full {
+        Rewind::Window {
+            n_swa: model.n_swa(),
+        }
+    } else {
+        Rewind::Free
+    }
 }
 
 /// The disk cache in `--kv-disk-dir`, when it opens: without it the engine
@@ -388,6 +411,7 @@ pub(super) fn context_params(
         n_threads,
         poll: config.threads.poll,
         n_seq_max: parallel,
+        swa_full: config.swa_full,
     };
     (params, n_ctx_req)
 }

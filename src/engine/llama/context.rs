@@ -26,6 +26,9 @@ pub struct ContextParams {
     pub poll: u32,
     /// Sequences the KV holds at once (1: today's single sequence).
     pub n_seq_max: u32,
+    /// On a sliding-window model, give the window layers a full-size cache
+    /// (every position of every sequence) instead of the window alone.
+    pub swa_full: bool,
 }
 
 /// The sequence id of a KV row.
@@ -95,9 +98,9 @@ fn raw_params(model: &Model, params: &ContextParams) -> sys::llama_context_param
     p.n_threads_batch = p.n_threads;
     p.no_perf = true;
     // A full-size sliding-window cache lets the KV rewind to any
-    // position, so prefix reuse works on SWA models (Gemma 3) at the
-    // cost of window-layer memory growing to the full context.
-    p.swa_full = model.has_swa();
+    // position at the cost of window-layer memory growing to the full
+    // context; the normal one holds each sequence's window and a batch.
+    p.swa_full = params.swa_full && model.has_swa();
     p
 }
 
@@ -291,6 +294,14 @@ impl Context {
         // SAFETY: the memory handle lives as long as the context.
         let max = unsafe { sys::llama_memory_seq_pos_max(self.memory(), seq) };
         (max + 1).max(0) as usize
+    }
+
+    /// The lowest position of `seq` its memory still holds (-1 when it
+    /// holds none). On a sliding-window cache of normal size, positions
+    /// that fell out of the window are gone.
+    pub fn seq_pos_min(&self, seq: SeqId) -> i32 {
+        // SAFETY: the memory handle lives as long as the context.
+        unsafe { sys::llama_memory_seq_pos_min(self.memory(), seq) }
     }
 
     /// Drop positions `from..` of `seq`. Returns false when the memory

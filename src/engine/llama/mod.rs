@@ -296,8 +296,13 @@ impl Model {
     /// Sliding-window attention layers cannot rewind past their window
     /// unless the context keeps a full-size window cache.
     pub fn has_swa(&self) -> bool {
+        self.n_swa() > 0
+    }
+
+    /// The attention window of the sliding-window layers (0: none).
+    pub fn n_swa(&self) -> u32 {
         // SAFETY: `self.ptr` is a loaded model, valid until Drop; a read-only getter.
-        unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()) > 0 }
+        unsafe { sys::llama_model_n_swa(self.ptr.as_ptr()) }.max(0) as u32
     }
 
     /// Recurrent state cannot be rewound at all, only extended or cleared.

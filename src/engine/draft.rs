@@ -13,12 +13,14 @@
 //! and preemption so need no bookkeeping here: whatever the target holds,
 //! the draft catches up to it.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::llama::{Context, ContextParams, DecodeError, LlamaError, Model, Row, Token};
+use super::{EngineConfig, EngineStats};
 
 /// A token the draft model itself gives less than this probability ends
 /// the draft: the target would likely reject it, and all after it.
@@ -315,6 +317,70 @@ impl Drafter {
 /// Length of the common prefix of two token lists.
 fn common_prefix(a: &[Token], b: &[Token]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Speculative decoding as configured and as the model allows, and the
+/// draft model when drafts come from one.
+pub(super) fn speculation(
+    model: &Arc<Model>,
+    config: &EngineConfig,
+    params: ContextParams,
+    chunk: usize,
+    stats: &EngineStats,
+) -> Result<(Option<super::spec::SpecConfig>, Option<Drafter>), LlamaError> {
+    let spec = match config.spec {
+        Some(_) if model.is_recurrent() => {
+            info!("speculative decoding off: this model's memory cannot drop rejected drafts");
+            None
+        }
+        Some(s) => Some(s),
+        None => None,
+    };
+    let drafter = match (&spec, &config.draft_model) {
+        (Some(s), Some(path)) => {
+            let d = start_drafter(model, path, config.n_gpu_layers, params, chunk)?;
+            info!(
+                draft_max = s.draft_max,
+                draft_model = %path.display(),
+                draft_kv_mib = format!("{:.1}", d.kv_bytes() as f64 / (1 << 20) as f64),
+                "speculative decoding: draft model"
+            );
+            stats.kv_bytes.fetch_add(d.kv_bytes(), Ordering::Relaxed);
+            Some(d)
+        }
+        (Some(s), None) => {
+            info!(
+                draft_max = s.draft_max,
+                "speculative decoding: prompt lookup"
+            );
+            None
+        }
+        _ => None,
+    };
+    Ok((spec, drafter))
+}
+
+/// Load the draft model and give it a context like the target's: as many
+/// sequences and cells, so every target sequence has its draft beside it.
+fn start_drafter(
+    target: &Arc<Model>,
+    path: &std::path::Path,
+    n_gpu_layers: i32,
+    params: ContextParams,
+    chunk: usize,
+) -> Result<Drafter, LlamaError> {
+    let model = Model::load(path, n_gpu_layers)?;
+    let refuse = |reason: String| LlamaError::Draft {
+        path: path.display().to_string(),
+        reason,
+    };
+    if model.is_recurrent() {
+        return Err(refuse(
+            "its memory cannot drop rejected drafts (a recurrent or hybrid model)".into(),
+        ));
+    }
+    check_compatible(target, &model).map_err(refuse)?;
+    Drafter::new(model, target, params, chunk)
 }
 
 #[cfg(test)]

@@ -39,8 +39,9 @@ impl Rewind {
     /// The shortest length a sequence can be cut back to, given the lowest
     /// position its window cache still holds (`pos_min`, -1 when empty).
     /// The token at the cut attends to the `n_swa - 1` positions before
-    /// it, so they must all still be there; llama.cpp keeps a sequence's
-    /// window cells in order of position, so `pos_min` tells. `None`:
+    /// it, so they must all still be there. llama.cpp reuses a sequence's
+    /// cells that left the window oldest first, so `pos_min` tells (the
+    /// rule llama-server applies). `None`:
     /// this memory cannot be cut back at all.
     pub fn cut_floor(self, pos_min: i32) -> Option<usize> {
         match self {

@@ -565,8 +565,8 @@ impl Worker {
                 self.ctx.seq_copy(leader as i32, j as i32, n);
                 self.ledger.copy(leader, j, n);
             } else {
-                // A window cache never reuses a shared cell: the fork gets
-                // cells of its own, copied through the sequence's state.
+                // A window cache (deepseek4's included) never reuses a
+                // shared cell: the fork gets cells and state of its own.
                 let state = self.ctx.seq_state_get(leader as i32);
                 if !self.ctx.seq_state_set(j as i32, &state) {
                     fork.span

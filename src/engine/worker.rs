@@ -22,7 +22,7 @@ use super::cache::disk::DiskStore;
 use super::cache::sequence::Sequence;
 use super::cache::RamStore;
 use super::cells::CellLedger;
-use super::draft::{check_compatible, Drafter};
+use super::draft::Drafter;
 use super::hook::{spawn_watchdog, AbortHook, Progress};
 use super::llama::{Context, ContextParams, LlamaError, Model, Token};
 use super::memory::Rewind;
@@ -219,7 +219,8 @@ pub(super) fn spawn(
         .buffer_bytes
         .store(ctx.buffer_bytes(), Ordering::Relaxed);
     stats.alive.store(true, Ordering::Release);
-    let (spec, drafter) = speculation(&model, &config, params, chunk as usize, &stats)?;
+    let (spec, drafter) =
+        super::draft::speculation(&model, &config, params, chunk as usize, &stats)?;
     let mut worker = Worker {
         spec,
         drafter,
@@ -283,47 +284,6 @@ fn open_disk(config: &EngineConfig, model: &Model, n_ctx_seq: usize) -> Option<D
     }
 }
 
-/// Speculative decoding as configured and as the model allows, and the
-/// draft model when drafts come from one.
-fn speculation(
-    model: &Arc<Model>,
-    config: &EngineConfig,
-    params: ContextParams,
-    chunk: usize,
-    stats: &EngineStats,
-) -> Result<(Option<super::spec::SpecConfig>, Option<Drafter>), LlamaError> {
-    let spec = match config.spec {
-        Some(_) if model.is_recurrent() => {
-            info!("speculative decoding off: this model's memory cannot drop rejected drafts");
-            None
-        }
-        Some(s) => Some(s),
-        None => None,
-    };
-    let drafter = match (&spec, &config.draft_model) {
-        (Some(s), Some(path)) => {
-            let d = start_drafter(model, path, config.n_gpu_layers, params, chunk)?;
-            info!(
-                draft_max = s.draft_max,
-                draft_model = %path.display(),
-                draft_kv_mib = format!("{:.1}", d.kv_bytes() as f64 / (1 << 20) as f64),
-                "speculative decoding: draft model"
-            );
-            stats.kv_bytes.fetch_add(d.kv_bytes(), Ordering::Relaxed);
-            Some(d)
-        }
-        (Some(s), None) => {
-            info!(
-                draft_max = s.draft_max,
-                "speculative decoding: prompt lookup"
-            );
-            None
-        }
-        _ => None,
-    };
-    Ok((spec, drafter))
-}
-
 /// Run the engine loop on its own thread until shutdown or a panic, then
 /// fail what is left, record why it stopped, and free the context.
 fn start_thread(mut worker: Worker, jobs: mpsc::UnboundedReceiver<Command>) {
@@ -359,29 +319,6 @@ fn describe(n: u32, auto: &str) -> String {
         0 => auto.to_string(),
         n => n.to_string(),
     }
-}
-
-/// Load the draft model and give it a context like the target's: as many
-/// sequences and cells, so every target sequence has its draft beside it.
-fn start_drafter(
-    target: &Arc<Model>,
-    path: &std::path::Path,
-    n_gpu_layers: i32,
-    params: ContextParams,
-    chunk: usize,
-) -> Result<Drafter, LlamaError> {
-    let model = Model::load(path, n_gpu_layers)?;
-    let refuse = |reason: String| LlamaError::Draft {
-        path: path.display().to_string(),
-        reason,
-    };
-    if model.is_recurrent() {
-        return Err(refuse(
-            "its memory cannot drop rejected drafts (a recurrent or hybrid model)".into(),
-        ));
-    }
-    check_compatible(target, &model).map_err(refuse)?;
-    Drafter::new(model, target, params, chunk)
 }
 
 /// KV cells when `--kv-size` is not given: room for every sequence's whole

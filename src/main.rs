@@ -96,16 +96,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let config = engine_config(&args, fault);
         let restart = std::env::var_os(engine::remote::RESTART_ENV).is_some();
         let patience = (!restart).then(|| Duration::from_secs(args.engine.rpc_wait_secs));
-        let loaded =
+        let started =
             hearth::setup::load_with_workers(&args.engine, &config, patience, &mut |what| {
                 // The supervisor logs it, and says it on /health.
                 if !link.starting(what) {
                     // The server has gone: nobody waits for this engine.
                     std::process::exit(1);
                 }
-            })?;
-        let handle = engine::start(loaded.model.clone(), config)?;
-        return engine::remote::child::serve(handle, link);
+            })
+            .and_then(|loaded| {
+                let config = EngineConfig {
+                    turn_marker: loaded.turn_marker(),
+                    ..config
+                };
+                Ok(engine::start(loaded.model.clone(), config)?)
+            });
+        return match started {
+            Ok(handle) => engine::remote::child::serve(handle, link),
+            // The server says why (once); say it here only when it cannot.
+            Err(e) if link.cannot_start(&e) => std::process::exit(1),
+            Err(e) => Err(e),
+        };
     }
     // Service settings first: a bad key file or trace path fails before the
     // model takes seconds to load.
@@ -134,6 +145,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = engine_config(&args, fault);
     let (loaded, handle) = if args.engine_in_process {
         let loaded = hearth::setup::load(&args.engine, &config)?;
+        let config = EngineConfig {
+            turn_marker: loaded.turn_marker(),
+            ..config
+        };
         let handle = engine::start(loaded.model.clone(), config)?;
         (loaded, handle)
     } else {

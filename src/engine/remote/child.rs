@@ -44,6 +44,15 @@ impl Link {
             .and_then(|frame| self.0.write_all(&frame))
             .is_ok()
     }
+
+    /// Tell the supervisor why the engine cannot load, before the process
+    /// ends (and its end closes the link); false when it could not be told.
+    pub fn cannot_start(&mut self, why: &anyhow::Error) -> bool {
+        use std::io::Write as _;
+        encode(&FromEngine::CannotStart(format!("{why:#}")))
+            .and_then(|frame| self.0.write_all(&frame))
+            .is_ok()
+    }
 }
 
 /// Serve the supervisor over `link` until it says shut down (the KV cache

@@ -66,6 +66,10 @@ pub(crate) enum FromEngine {
     /// What the engine process waits for before it can load (RPC workers
     /// that do not answer yet); only before `Ready`.
     Starting(String),
+    /// The engine cannot load (a worker that never answered, a model that
+    /// does not fit): why, sent instead of `Ready` before the process ends,
+    /// so the server says it even when the process's own stderr is lost.
+    CannotStart(String),
     /// The engine is loaded and takes jobs (its counters come next).
     Ready {
         n_ctx: u32,

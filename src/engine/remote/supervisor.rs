@@ -249,6 +249,9 @@ impl Supervisor {
                     other => break other,
                 }
             };
+            if !matches!(first, Some(FromEngine::Ready { .. })) {
+                return std::io::Result::Ok((rd, wr, first, None));
+            }
             // Then its counters, so the server's first answers show them.
             let counters = read_frame::<_, FromEngine>(&mut rd).await?;
             std::io::Result::Ok((rd, wr, first, counters))
@@ -293,9 +296,20 @@ impl Supervisor {
                 }
                 n_ctx
             }
-            _ => {
-                let _ = child.kill().await;
-                return Err("the engine process did not say it was ready".into());
+            other => {
+                // It ends by itself once it has said why; give its stderr
+                // the moment to say it too, then make sure.
+                let ended = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+                if !matches!(ended, Ok(Ok(_))) {
+                    let _ = child.kill().await;
+                }
+                return Err(match (other, ended) {
+                    (Some(FromEngine::CannotStart(why)), _) => why,
+                    (_, Ok(Ok(s))) => {
+                        format!("the engine process {} before it was ready", describe(s))
+                    }
+                    _ => "the engine process did not say it was ready".into(),
+                });
             }
         };
         info!(pid, "engine process ready");
@@ -392,7 +406,10 @@ impl Supervisor {
                     let _ = tx.send(tokens);
                 }
             }
-            FromEngine::Ready { .. } | FromEngine::Starting(_) | FromEngine::ShutDown => {}
+            FromEngine::Ready { .. }
+            | FromEngine::Starting(_)
+            | FromEngine::CannotStart(_)
+            | FromEngine::ShutDown => {}
         }
     }
 
@@ -522,6 +539,8 @@ impl Supervisor {
         jobs: &mut mpsc::UnboundedReceiver<Command>,
     ) -> bool {
         error!(cause = %why, "the engine process died");
+        // Why first, so /health never reads a bare "stopped" between the two.
+        self.set_why(why);
         self.stats.engine_pid.store(0, Ordering::Relaxed);
         self.stats.alive.store(false, Ordering::Release);
         let mut kept = Vec::new();

@@ -12,6 +12,19 @@ prefilled again.
 
     bench/agent_replay.py [--model PATH] [--binary PATH] [--json OUT]
 
+With --divergent it replays instead a conversation that leaves what the
+server holds, the way agents do: one turn sends the last reply back
+rewritten (a client that drops the thinking block), a later one clears an
+earlier tool result (a client that compacts its history). It runs once with
+state checkpoints and once with `--ctx-checkpoints 0`, on the same prompts,
+and reports per turn the tokens after the divergence point (where the new
+prompt leaves the previous prompt and reply) against the tokens prefilled.
+With --thinking the requests ask for reasoning (`reasoning_effort: high`),
+so a template that drops past reasoning makes every turn diverge.
+
+    bench/agent_replay.py --divergent [--model PATH] [--thinking]
+        [--tools N] [--result-lines N] [--ctx N]
+
 Defaults: Gemma 3 270M (long context) from scripts/fetch-models.sh, the
 release binary. Standard library only.
 """
@@ -31,10 +44,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(os.environ.get("HEARTH_HOME", os.path.expanduser("~/.cache/hearth")), "models")
 
 
-def system_prompt():
+def system_prompt(n_tools=56):
     """An agent's long system prompt: instructions and tool documentation."""
     tools = []
-    for i in range(56):
+    for i in range(n_tools):
         tools.append(
             f"### Tool `tool_{i}`\n"
             f"Use tool_{i} to inspect or change part {i} of the repository. It takes a JSON object "
@@ -51,17 +64,19 @@ def system_prompt():
     )
 
 
-def tool_result(turn):
+def tool_result(turn, n_lines=60):
     lines = [f"RESULT of call {turn}: src/module_{turn}.rs"]
-    for n in range(1, 61):
+    for n in range(1, n_lines + 1):
         lines.append(f"{n:4} | fn helper_{turn}_{n}(x: u32) -> u32 {{ x.wrapping_mul({n + turn}) ^ {n * 7} }}")
     return "\n".join(lines)
 
 
 class Server:
-    def __init__(self, binary, model, kv_dir, log_path):
+    def __init__(self, binary, model, kv_dir, log_path, extra=()):
         self.log = open(log_path, "ab")
-        args = [binary, "serve", "--port", "0", "--model", model, "--kv-disk-dir", kv_dir, "--heartbeat-secs", "1"]
+        args = [binary, "serve", "--port", "0", "--model", model, "--heartbeat-secs", "1", *extra]
+        if kv_dir:
+            args += ["--kv-disk-dir", kv_dir]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log)
         line = self.proc.stdout.readline().decode()
         if "listening on http://" not in line:
@@ -79,7 +94,18 @@ class Server:
         self.log.close()
 
 
-def stream_chat(server, messages, max_tokens):
+def post_json(server, path, body):
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=600)
+    conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    if resp.status != 200:
+        raise SystemExit(f"{path}: HTTP {resp.status}: {data[:500]!r}")
+    return json.loads(data)
+
+
+def stream_chat(server, messages, max_tokens, extra=None):
     """One streaming request; returns (text, usage, ttft seconds)."""
     body = json.dumps({
         "model": "bench",
@@ -88,6 +114,7 @@ def stream_chat(server, messages, max_tokens):
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra or {}),
     })
     conn = http.client.HTTPConnection(server.host, server.port, timeout=600)
     t0 = time.monotonic()
@@ -147,6 +174,104 @@ def show(title, rows):
         print(f"{r['turn']:>4} {r['prompt_tokens']:>7} {r['new_tokens']:>6} {r['prefilled']:>9} {r['cached']:>7} {r['ttft_s']:>7.3f}")
 
 
+def common_prefix(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# The divergent conversation: a question, tool results, then a turn that
+# sends the last reply back rewritten and one that clears the oldest tool
+# result, each followed by an ordinary turn.
+DIVERGENT = ["ask", "result", "result", "result", "result", "rewrite", "result", "clear", "result"]
+
+
+def divergent_replay(server, args, recorded=None):
+    """Per turn: the prompt, the tokens after the divergence point and the
+    tokens prefilled. `recorded` replies are sent back instead of this
+    run's, so both runs send the same prompts."""
+    extra = {"reasoning_effort": "high"} if args.thinking else {}
+    messages = [{"role": "system", "content": system_prompt(args.tools)}]
+    rows, replies, results = [], [], []
+    prev_prompt, prev_reply = None, ""
+    for turn, kind in enumerate(DIVERGENT, 1):
+        if kind == "ask":
+            messages.append({"role": "user", "content": "Find where helper values are computed and explain the pattern."})
+        elif kind == "rewrite":
+            # What the server generated first is no longer in the history.
+            last = messages[-1]["content"]
+            messages[-1]["content"] = "In short: " + last[len(last) // 2:]
+            messages.append({"role": "user", "content": "Go on with the next module."})
+        else:
+            if kind == "clear":
+                oldest = results.pop(0)
+                messages[oldest]["content"] = "[this tool result was cleared to save context]"
+            results.append(len(messages))
+            messages.append({"role": "user", "content": tool_result(turn, args.result_lines)})
+        tokens = post_json(server, "/tokenize", {"messages": messages, **extra})["tokens"]
+        if prev_prompt is None:
+            point = 0
+        else:
+            # The server holds the last prompt and what it generated.
+            point = common_prefix(tokens, prev_prompt)
+            if point == len(prev_prompt):
+                gen = post_json(server, "/tokenize", {"content": prev_reply, "add_special": False,
+                                                      "parse_special": False})["tokens"]
+                point += common_prefix(tokens[point:], gen)
+        reply, usage, ttft = stream_chat(server, messages, args.max_tokens, extra)
+        prompt = usage["prompt_tokens"]
+        if prompt != len(tokens):
+            print(f"warning: turn {turn}: /tokenize gave {len(tokens)} tokens, the request {prompt}", file=sys.stderr)
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        after = prompt - point
+        rows.append({"turn": turn, "kind": kind, "prompt_tokens": prompt, "after_divergence": after,
+                     "prefilled": prompt - cached, "ratio": round((prompt - cached) / max(after, 1), 3),
+                     "ttft_s": round(ttft, 3)})
+        prev_prompt, prev_reply = tokens, reply
+        sent = recorded[turn - 1] if recorded is not None else reply
+        replies.append(sent)
+        messages.append({"role": "assistant", "content": sent})
+    return rows, replies
+
+
+def run_divergent(args):
+    log_path = os.path.join(tempfile.gettempdir(), "hearth-agent-replay.log")
+    extra = ["--ctx", str(args.ctx)] if args.ctx else []
+    server = Server(args.binary, args.model, None, log_path, extra)
+    with_ckpt, replies = divergent_replay(server, args)
+    server.stop()
+    server = Server(args.binary, args.model, None, log_path, extra + ["--ctx-checkpoints", "0"])
+    without, _ = divergent_replay(server, args, recorded=replies)
+    server.stop()
+    print(f"\n{os.path.basename(args.model)}: tokens prefilled per turn, with state checkpoints and without")
+    print("(each run's own replies set where its sequence leaves the history: 'after' can differ)")
+    print(f"{'turn':>4} {'kind':>8} {'prompt':>7} | {'after':>6} {'ckpt':>6} {'ratio':>6} | "
+          f"{'after':>6} {'none':>6} {'ratio':>6}")
+    for a, b in zip(with_ckpt, without):
+        print(f"{a['turn']:>4} {a['kind']:>8} {a['prompt_tokens']:>7} | {a['after_divergence']:>6} "
+              f"{a['prefilled']:>6} {a['ratio']:>6.3f} | {b['after_divergence']:>6} {b['prefilled']:>6} "
+              f"{b['ratio']:>6.3f}")
+    later = with_ckpt[1:]
+    summary = {
+        "worst_ratio_with_checkpoints": max(r["ratio"] for r in later),
+        "worst_ratio_without": max(r["ratio"] for r in without[1:]),
+        "prefilled_turns_2_on_with_checkpoints": sum(r["prefilled"] for r in later),
+        "prefilled_turns_2_on_without": sum(r["prefilled"] for r in without[1:]),
+        "after_divergence_turns_2_on": sum(r["after_divergence"] for r in later),
+    }
+    print("\nsummary")
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+    ok = summary["worst_ratio_with_checkpoints"] <= 1.1
+    print("\ngoal (prefilled at most 1.1x the tokens after the divergence, every turn):", "met" if ok else "NOT met")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"with_checkpoints": with_ckpt, "without": without, "summary": summary}, f, indent=2)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(MODELS, "gemma-3-270m-q4_k_m.gguf"))
@@ -154,9 +279,16 @@ def main():
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--json", help="write the figures here as JSON")
+    ap.add_argument("--divergent", action="store_true", help="the divergent conversation, with and without checkpoints")
+    ap.add_argument("--thinking", action="store_true", help="ask for reasoning (reasoning_effort: high)")
+    ap.add_argument("--tools", type=int, default=56, help="tools documented in the system prompt")
+    ap.add_argument("--result-lines", type=int, default=60, help="lines in each tool result")
+    ap.add_argument("--ctx", type=int, default=0, help="--ctx for the server (0: its default)")
     args = ap.parse_args()
     if not os.path.exists(args.model):
         subprocess.run([os.path.join(ROOT, "scripts", "fetch-models.sh"), "--all"], check=True, stdout=sys.stderr)
+    if args.divergent:
+        return run_divergent(args)
     kv_dir = tempfile.mkdtemp(prefix="hearth-replay-kv-")
     log_path = os.path.join(tempfile.gettempdir(), "hearth-agent-replay.log")
     try:

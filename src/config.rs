@@ -193,6 +193,7 @@ impl EngineArgs {
             cache_ram_bytes: (self.cache_ram_mb as usize) << 20,
             ctx_checkpoints: self.ctx_checkpoints as usize,
             swa_full: self.swa_full,
+            turn_marker: Vec::new(),
             kv_disk_dir: self.kv_disk_dir.clone(),
             kv_disk_bytes: self.kv_disk_space_mb << 20,
         }

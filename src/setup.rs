@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::chat::prompt::SpecialTexts;
 use crate::chat::replay::ReplayStore;
-use crate::chat::template::ChatTemplate;
+use crate::chat::template::{ChatTemplate, RenderOptions};
 use crate::chat::tools::ToolFormat;
 use crate::config::{default_model_path, EngineArgs};
 use crate::engine::{rpc, EngineConfig, EngineHandle, Model};
@@ -117,6 +117,51 @@ fn with_template(args: &EngineArgs, model: Arc<Model>, path: PathBuf) -> anyhow:
 }
 
 impl Loaded {
+    /// The tokens that open an assistant turn both where the prompt asks
+    /// for a reply and where the history keeps one (`<|im_start|>assistant\n`,
+    /// `<｜Assistant｜>`): where the next turn of a conversation usually
+    /// leaves the sequence the last one left. Empty when the template
+    /// does not render a plain two-message conversation.
+    pub fn turn_marker(&self) -> Vec<crate::engine::Token> {
+        use crate::chat::{ChatMessage, Role};
+        let user = ChatMessage::new(Role::User, "Hi.");
+        let reply = ChatMessage::new(Role::Assistant, "Hello there.");
+        let render = |msgs: &[ChatMessage], gen: bool, thinking: Option<bool>| {
+            let opts = RenderOptions {
+                add_generation_prompt: gen,
+                enable_thinking: thinking,
+                ..Default::default()
+            };
+            self.template.render_with(msgs, &opts).ok()
+        };
+        let Some(base) = render(std::slice::from_ref(&user), false, None) else {
+            return Vec::new();
+        };
+        // The turn as the history keeps it, and as a prompt opens it with
+        // thinking on, off and left to the template.
+        let turns = [
+            render(&[user.clone(), reply], false, None),
+            render(std::slice::from_ref(&user), true, None),
+            render(std::slice::from_ref(&user), true, Some(true)),
+            render(std::slice::from_ref(&user), true, Some(false)),
+        ];
+        let mut marker: Option<Vec<crate::engine::Token>> = None;
+        for text in turns {
+            let Some(turn) = text.as_deref().and_then(|t| t.strip_prefix(base.as_str())) else {
+                return Vec::new();
+            };
+            let tokens = self.model.tokenize(turn, false, true);
+            marker = Some(match marker {
+                None => tokens,
+                Some(m) => {
+                    let shared = m.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
+                    m[..shared].to_vec()
+                }
+            });
+        }
+        marker.unwrap_or_default()
+    }
+
     /// The GGUF's file name without `.gguf` (`general.name` is often a
     /// training-run label, not a name users recognise).
     pub fn default_alias(&self) -> String {

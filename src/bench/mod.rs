@@ -176,6 +176,7 @@ fn start_engine(
         ctx_checkpoints: 0,
         // As the reference context below: figures comparable run to run.
         swa_full: true,
+        turn_marker: Vec::new(),
         kv_disk_dir: None,
         kv_disk_bytes: 0,
     };

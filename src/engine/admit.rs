@@ -22,7 +22,7 @@ use super::cache::sequence::Sequence;
 use super::cache::{match_prompt, Match};
 use super::fault::FaultKind;
 use super::prefix::{self, Choice, Offers, Source};
-use super::schedule::preemption_victim;
+use super::schedule::{preemption_victim, turn_marks};
 use super::sequence::{self, Faults, Phase, Start};
 use super::worker::{
     fail_job, Waiting, Worker, MIN_DISK_TOKENS, MIN_RAM_TOKENS, SNAPSHOT_BEFORE_LOSS,
@@ -162,6 +162,11 @@ impl Worker {
                     cached: keep as u32,
                     source,
                 });
+                let marks = if self.memory.needs_checkpoints() {
+                    turn_marks(&prompt, &self.config.turn_marker, keep)
+                } else {
+                    Vec::new()
+                };
                 let start = Start {
                     order,
                     tokens: prompt,
@@ -169,6 +174,7 @@ impl Worker {
                     source_label: label,
                     faults,
                     batch: self.chunk,
+                    marks,
                 };
                 sequence::start(&self.model, *job, start)
             }

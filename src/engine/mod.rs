@@ -533,6 +533,12 @@ pub struct EngineConfig {
     pub ctx_checkpoints: usize,
     /// Sliding-window models get a full-size window cache (`--swa-full`).
     pub swa_full: bool,
+    /// The tokens that open an assistant turn (`Loaded::turn_marker`). For
+    /// memory kept by checkpoints, prefill pieces end where each occurs,
+    /// and the last one before the prompt's end is checkpointed: where
+    /// the next turn leaves this one when the client drops the thinking
+    /// or rewrites the reply. Empty: chunk ends only.
+    pub turn_marker: Vec<Token>,
     /// Where disk KV snapshots live (None: no disk cache).
     pub kv_disk_dir: Option<std::path::PathBuf>,
     /// Disk budget for KV snapshots, in bytes.

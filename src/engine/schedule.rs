@@ -94,6 +94,24 @@ pub fn plan_step(candidates: &[Candidate], lim: &StepLimits) -> Vec<Planned> {
     plan
 }
 
+/// Where `marker` starts in `tokens` after position `from` and before the
+/// last token: besides chunk ends, where prefill pieces of memory kept by
+/// checkpoints end. They depend on the prompt alone, so a prompt restarted
+/// from a checkpoint taken at one of them is computed in the same pieces
+/// as the same prompt from cold.
+pub fn turn_marks<T: PartialEq>(tokens: &[T], marker: &[T], from: usize) -> Vec<usize> {
+    if marker.is_empty() || tokens.len() < marker.len() {
+        return Vec::new();
+    }
+    tokens
+        .windows(marker.len())
+        .enumerate()
+        .skip(from + 1)
+        .filter(|(p, w)| *p + 1 < tokens.len() && *w == marker)
+        .map(|(p, _)| p)
+        .collect()
+}
+
 /// Which running sequence gives up its cells when the KV is full: the one
 /// admitted last (as vLLM preempts), so the oldest requests finish first.
 /// `running` is (slot, admission order).
@@ -196,6 +214,23 @@ impl PrefillCredit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turn_marks_fall_where_the_marker_starts_after_the_reused_part() {
+        // 7 8 opens an assistant turn.
+        let t = [1, 7, 8, 2, 3, 7, 8, 4, 7, 8];
+        assert_eq!(turn_marks(&t, &[7, 8], 0), vec![1, 5, 8]);
+        assert_eq!(
+            turn_marks(&t, &[7, 8], 1),
+            vec![5, 8],
+            "not at the restart point itself"
+        );
+        assert_eq!(turn_marks(&t, &[7, 8], 5), vec![8]);
+        assert!(turn_marks(&t, &[], 0).is_empty());
+        assert!(turn_marks(&t, &[9], 0).is_empty());
+        // Never the last token: a piece ending there is the prompt's end.
+        assert_eq!(turn_marks(&[1, 2, 7], &[7], 0), Vec::<usize>::new());
+    }
 
     fn lim(max_rows: usize, chunk: usize, cap: usize) -> StepLimits {
         StepLimits {

@@ -88,8 +88,11 @@ pub(super) struct Running {
     pub spec: SpecState,
     pub faults: Faults,
     /// The first disk save of a long prompt: a chunk end a little short of
-    /// its end.
+    /// its end, or for memory kept by checkpoints its last turn mark.
     pub first_save: usize,
+    /// Turn marks of the prompt past the reused part (`turn_marks`):
+    /// prefill pieces end there.
+    pub marks: Vec<usize>,
     /// Preempted once: it resumes without a second `Started`.
     pub resumed: bool,
     pub t0: Instant,
@@ -262,6 +265,7 @@ pub(super) struct Start {
     pub source_label: String,
     pub faults: Faults,
     pub batch: usize,
+    pub marks: Vec<usize>,
 }
 
 pub(super) fn start(model: &Model, job: Job, s: Start) -> Running {
@@ -289,8 +293,10 @@ pub(super) fn start(model: &Model, job: Job, s: Start) -> Running {
         draft: Vec::new(),
         spec: SpecState::default(),
         faults: s.faults,
-        first_save: (total.saturating_sub(super::worker::SAVE_TRIM) / s.batch.max(1))
-            * s.batch.max(1),
+        first_save: s.marks.last().copied().unwrap_or(
+            (total.saturating_sub(super::worker::SAVE_TRIM) / s.batch.max(1)) * s.batch.max(1),
+        ),
+        marks: s.marks,
         resumed: false,
         t0: now,
         t1: None,

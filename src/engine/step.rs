@@ -24,8 +24,8 @@ use super::schedule::{plan_step, Candidate, Planned, StepLimits, Want};
 use super::sequence::{self, Done, Phase, Running, Start};
 use super::spec;
 use super::worker::{
-    fail_job, Waiting, Worker, CHECKPOINT_EVERY, DECODE_LOG_EVERY, FRONTIER, MIN_DISK_TOKENS,
-    MIN_RAM_TOKENS, SNAPSHOT_BEFORE_LOSS,
+    fail_job, Waiting, Worker, CHECKPOINT_EVERY, DECODE_LOG_EVERY, FRONTIER, MARK_NEAR_END,
+    MIN_DISK_TOKENS, MIN_RAM_TOKENS, SNAPSHOT_BEFORE_LOSS,
 };
 use super::{EngineError, Event, FinishReason, PrefixSource};
 
@@ -51,9 +51,15 @@ impl Worker {
                     Phase::Decode { .. } => Want::Decode {
                         draft: r.draft.len(),
                     },
+                    // A piece ends at the next turn mark, if any.
                     Phase::Prefill => Want::Prefill {
                         next: r.next,
-                        total: r.tokens.len(),
+                        total: r
+                            .marks
+                            .iter()
+                            .copied()
+                            .find(|&m| m > r.next)
+                            .unwrap_or(r.tokens.len()),
                     },
                 };
                 Some((r.order, Candidate { slot, want }))
@@ -479,7 +485,7 @@ impl Worker {
     fn prefill_progress(&mut self, i: usize, run: &mut Running) {
         let done = run.next;
         let total = run.tokens.len();
-        if !done.is_multiple_of(self.chunk) && done != total {
+        if !done.is_multiple_of(self.chunk) && done != total && done != run.first_save {
             return;
         }
         let elapsed = run.t0.elapsed();
@@ -506,9 +512,16 @@ impl Worker {
         let saved = self.slots[i].disk_saved_len;
         // Memory that cannot be cut back restarts a prompt that leaves
         // this one later from a checkpoint, in RAM and on disk.
+        // The prompt's end needs none of its own when its last turn mark
+        // was checkpointed a few tokens before it.
+        let mark_at_end = !run.marks.is_empty()
+            && run.first_save >= MIN_RAM_TOKENS
+            && total - run.first_save <= MARK_NEAR_END;
         let checkpoint = self.kv.ram.keeps_checkpoints()
             && done >= MIN_RAM_TOKENS
-            && (done == run.first_save || done == total || done.is_multiple_of(CHECKPOINT_EVERY));
+            && (done == run.first_save
+                || (done == total && !mark_at_end)
+                || done.is_multiple_of(CHECKPOINT_EVERY));
         let to_disk = done >= MIN_DISK_TOKENS
             && (checkpoint || done == run.first_save || done / FRONTIER > saved / FRONTIER);
         self.keep_state(i, to_disk, checkpoint);
@@ -605,6 +618,7 @@ impl Worker {
                 source_label: label,
                 faults: Default::default(),
                 batch: self.chunk,
+                marks: Vec::new(),
             };
             let mut f = sequence::start(&self.model, fork, start);
             let done = {

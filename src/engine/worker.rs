@@ -47,6 +47,9 @@ pub(super) const SAVE_TRIM: usize = 32;
 /// Memory that cannot be cut back gets a RAM checkpoint every this many
 /// tokens of a long prefill (besides the one before and at its end).
 pub(super) const CHECKPOINT_EVERY: usize = 8192;
+/// A prompt whose last turn mark is at most this many tokens before its
+/// end is checkpointed at the mark alone.
+pub(super) const MARK_NEAR_END: usize = 64;
 
 /// The RAM and disk snapshot stores.
 pub(super) struct KvStores {
@@ -186,8 +189,10 @@ pub(super) fn spawn(
         info!(
             per_conversation = config.ctx_checkpoints,
             every = CHECKPOINT_EVERY,
+            turn_marker_tokens = config.turn_marker.len(),
             "state checkpoints: this model's memory cannot be cut back freely, so prompts \
-             keep checkpoints in RAM to restart from"
+             keep checkpoints in RAM to restart from, taken where the last assistant turn \
+             opens and at the prompt's end"
         );
     }
     let now = Instant::now();

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from conftest import REPO
+from hearth_http import post
 
 SCRIPT = REPO / "scripts" / "tiny_gguf.py"
 ARCHS = ["deepseek4", "mamba2"]
@@ -311,3 +312,46 @@ def test_checkpoints_and_snapshots_survive_a_restart(start_hearth, gguf, arch, t
     assert complete(cold, a + other).choices[0].text == dropped.choices[0].text
     assert complete(cold, edited).choices[0].text == again.choices[0].text
     assert complete(cold, a).choices[0].text == first.choices[0].text
+
+
+# How each tiny model's template opens the assistant's turn in a prompt
+# (deepseek4 with thinking on).
+TURN_OPENS = {"deepseek4": "<｜Assistant｜><think>", "mamba2": "<|im_start|>assistant\n"}
+
+
+def tokens_of(srv, body: dict) -> list[int]:
+    reply = post(srv.url + "/tokenize", body)
+    assert reply.status == 200, reply.text
+    return reply.json()["tokens"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_turn_that_rewrites_the_last_reply_restarts_where_that_turn_opened(start_hearth, gguf, arch):
+    """An agent that drops the thinking from the history, or sends the last
+    reply back rewritten, leaves the sequence where the assistant's turn
+    opened: the checkpoint taken there (not at a chunk end before it)
+    serves the next turn, which decodes exactly what a cold prefill does."""
+    flags = (*FLAGS, "--batch", "64")
+    think = {"reasoning_effort": "high"}
+    system = {"role": "system", "content": "You read files. " * 12}
+    ask = [system, {"role": "user", "content": "Read src/main.rs and say what it does, in brief."}]
+
+    warm_srv = start_hearth(*flags, model=gguf[arch])
+    warm = oa(warm_srv)
+    first_prompt = tokens_of(warm_srv, {"messages": ask, **think})
+    opens = tokens_of(warm_srv, {"content": TURN_OPENS[arch], "add_special": False, "parse_special": True})
+    assert first_prompt[-len(opens):] == opens
+    # The old rule would checkpoint a chunk end (a multiple of 64) instead.
+    assert (len(first_prompt) - len(opens)) % 64 != 0, len(first_prompt)
+    chat(warm, ask, max_tokens=12, extra_body=think)
+    turn = [*ask, {"role": "assistant", "content": "It starts the server."},
+            {"role": "user", "content": "Now read src/lib.rs."}]
+    again = chat(warm, turn, max_tokens=12, extra_body=think)
+    assert cached(again.usage) == len(first_prompt) - len(opens)
+
+    cold = chat(oa(start_hearth(*flags, model=gguf[arch])), turn, max_tokens=12, extra_body=think)
+    assert cached(cold.usage) == 0
+    assert cold.choices[0].message.content == again.choices[0].message.content
+    assert getattr(cold.choices[0].message, "reasoning_content", None) == getattr(
+        again.choices[0].message, "reasoning_content", None
+    )

@@ -67,12 +67,37 @@ pub struct RamSnapshot {
 /// nothing. For memory that cannot (recurrent and hybrid models), each
 /// snapshot is a checkpoint: the only way back to its position, so shorter
 /// ones are kept beside longer ones, at most `checkpoints` of one
-/// conversation (those that are prefixes of one another), oldest dropped.
+/// conversation (those that are prefixes of one another), spread out.
 pub struct RamStore {
     budget: usize,
     items: Vec<RamSnapshot>,
     /// Some(n): keep prefixes, at most n per conversation (checkpoints).
     checkpoints: Option<usize>,
+}
+
+/// Which checkpoint of a full line goes (its index in `kept`, given as
+/// (length, created)) when one of `new_len` tokens comes: the one whose
+/// loss leaves the smallest gap between the lengths left, the oldest of
+/// equals. The line stays spread over the whole conversation, so a client
+/// that rewrites an early message still finds one close before it, while
+/// the newest stays for the next turn.
+fn spaced_out(new_len: usize, kept: impl Iterator<Item = (usize, Instant)>) -> usize {
+    let mut line: Vec<(usize, Option<(usize, Instant)>)> = kept
+        .enumerate()
+        .map(|(i, (len, created))| (len, Some((i, created))))
+        .collect();
+    line.push((new_len, None));
+    line.sort_by_key(|&(len, _)| len);
+    (0..line.len())
+        .filter_map(|k| {
+            let (len, (i, created)) = (line[k].0, line[k].1?);
+            let before = if k == 0 { 0 } else { line[k - 1].0 };
+            let after = line.get(k + 1).map_or(len, |n| n.0);
+            Some(((after - before, created), i))
+        })
+        .min()
+        .map(|(_, i)| i)
+        .expect("a full line is not empty")
 }
 
 impl RamStore {
@@ -161,11 +186,12 @@ impl RamStore {
             if line.len() < limit {
                 break;
             }
-            let oldest = line
-                .into_iter()
-                .min_by_key(|&i| self.items[i].created)
-                .expect("a full line is not empty");
-            self.items.remove(oldest);
+            let victim = spaced_out(
+                seq.len(),
+                line.iter()
+                    .map(|&i| (self.items[i].seq.len(), self.items[i].created)),
+            );
+            self.items.remove(line[victim]);
         }
         self.push(seq, state);
     }
@@ -289,6 +315,22 @@ mod tests {
     }
 
     #[test]
+    fn a_full_line_of_checkpoints_stays_spread_over_the_conversation() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        // 500, 1000, 1020, 2000 kept; 3000 comes: one of the close pair
+        // goes (1000: 500..1020 is the smallest gap left), not the oldest.
+        let kept = [(500, at(0)), (1000, at(1)), (1020, at(2)), (2000, at(3))];
+        assert_eq!(spaced_out(3000, kept.into_iter()), 1);
+        // Equal gaps: the oldest.
+        let even = [(1000, at(5)), (2000, at(1))];
+        assert_eq!(spaced_out(3000, even.into_iter()), 1);
+        // A newcomer between the kept ones counts in the gaps.
+        let kept = [(1000, at(0)), (1100, at(1))];
+        assert_eq!(spaced_out(1050, kept.into_iter()), 1);
+    }
+
+    #[test]
     fn checkpoints_keep_prefixes_up_to_a_limit_per_conversation() {
         let mut r = RamStore::new(100);
         r.keep_checkpoints(2);
@@ -300,8 +342,11 @@ mod tests {
         r.insert(seq(&[7, 8]), Arc::new(vec![0; 4]));
         assert_eq!(r.len(), 3, "another conversation has its own");
         r.insert(seq(&[1, 2, 3, 4, 5, 6]), Arc::new(vec![0; 4]));
-        assert_eq!(r.len(), 3, "past the limit the oldest of the line goes");
-        assert!(r.items().iter().all(|s| s.seq.tokens() != [1, 2]));
+        assert_eq!(r.len(), 3, "past the limit one of the line goes");
+        assert!(
+            r.items().iter().all(|s| s.seq.tokens() != [1, 2]),
+            "of equal gaps, the oldest"
+        );
         // Only whole matches: a prompt that leaves at [1, 2, 3, 4, 9].
         let whole = |len: usize, m: Match| if m.tokens == len { m } else { Match::default() };
         let (_, m) = r.best_with(&[1, 2, 3, 4, 9], None, whole).unwrap();

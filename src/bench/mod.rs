@@ -261,6 +261,7 @@ fn reference(
         poll: args.threads.poll,
         n_seq_max: 1,
         swa_full: true,
+        n_rs_seq: 0,
     };
     let mut ctx = Context::new(model.clone(), params, Box::new(|| false))?;
     let n_vocab = model.n_vocab().max(2);

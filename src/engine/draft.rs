@@ -20,6 +20,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::llama::{Context, ContextParams, DecodeError, LlamaError, Model, Row, Token};
+use super::memory::Rewind;
 use super::{EngineConfig, EngineStats};
 
 /// A token the draft model itself gives less than this probability ends
@@ -327,14 +328,38 @@ pub(super) fn speculation(
     params: ContextParams,
     chunk: usize,
     stats: &EngineStats,
+    memory: Rewind,
 ) -> Result<(Option<super::spec::SpecConfig>, Option<Drafter>), LlamaError> {
-    let spec = match config.spec {
-        Some(_) if model.is_recurrent() => {
-            info!("speculative decoding off: this model's memory cannot drop rejected drafts");
+    let spec = match (config.spec, memory) {
+        (Some(_), Rewind::Fixed { .. }) if config.draft_model.is_some() => {
+            info!(
+                "speculative decoding off: a draft model does not draft for recurrent or \
+                 hybrid memory (prompt lookup does, where llama.cpp can roll it back)"
+            );
             None
         }
-        Some(s) => Some(s),
-        None => None,
+        (Some(_), Rewind::Fixed { rollback: 0 }) => {
+            info!(
+                "speculative decoding off: this model's memory cannot drop rejected drafts \
+                 (llama.cpp has no recurrent-state rollback for its architecture)"
+            );
+            None
+        }
+        (Some(s), Rewind::Fixed { rollback }) => {
+            // A rejected draft is rolled back through llama.cpp's snapshots
+            // of the recurrent state, one per drafted position.
+            info!(
+                n_rs_seq = rollback,
+                "speculative decoding: rejected drafts are rolled back through llama.cpp's \
+                 recurrent-state snapshots, so drafts are at most that long"
+            );
+            Some(super::spec::SpecConfig {
+                draft_max: s.draft_max.min(rollback),
+                draft_min: s.draft_min.min(rollback),
+                ..s
+            })
+        }
+        (s, _) => s,
     };
     let drafter = match (&spec, &config.draft_model) {
         (Some(s), Some(path)) => {

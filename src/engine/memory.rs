@@ -14,8 +14,10 @@ pub enum Rewind {
     /// while the window before the cut is still there, and a shared cell is
     /// never reused, so prefixes are not shared by `seq_cp`.
     Window { n_swa: u32 },
-    /// Recurrent or hybrid state: only extended or cleared.
-    Fixed,
+    /// Recurrent or hybrid state: only extended or cleared, but for its
+    /// last `rollback` positions (llama.cpp's `n_rs_seq` snapshots: a
+    /// speculative step's rejected drafts), once between two decodes.
+    Fixed { rollback: usize },
 }
 
 impl Rewind {
@@ -46,7 +48,7 @@ impl Rewind {
     pub fn cut_floor(self, pos_min: i32) -> Option<usize> {
         match self {
             Rewind::Free => Some(0),
-            Rewind::Fixed => None,
+            Rewind::Fixed { .. } => None,
             Rewind::Window { .. } if pos_min <= 0 => Some(0),
             Rewind::Window { n_swa } => Some(pos_min as usize + n_swa as usize),
         }
@@ -55,6 +57,9 @@ impl Rewind {
     /// Whether a sequence of `len` positions whose window starts at
     /// `pos_min` can be cut back to `keep`.
     pub fn can_cut(self, len: usize, keep: usize, pos_min: i32) -> bool {
+        if let Rewind::Fixed { rollback } = self {
+            return keep >= len || len - keep <= rollback;
+        }
         keep >= len || self.cut_floor(pos_min).is_some_and(|floor| keep >= floor)
     }
 }
@@ -74,11 +79,24 @@ mod tests {
 
     #[test]
     fn recurrent_state_is_only_extended_or_cleared() {
-        let m = Rewind::Fixed;
+        let m = Rewind::Fixed { rollback: 0 };
         assert!(!m.can_cut(1000, 999, 0));
         assert!(m.can_cut(1000, 1000, 0), "a cut at the end is no cut");
         assert!(!m.shares_cells());
         assert!(m.needs_checkpoints());
+        assert!(m.cut_floor(0).is_none(), "no prefix of it is offered");
+    }
+
+    #[test]
+    fn recurrent_rollback_drops_only_the_last_few_positions() {
+        let m = Rewind::Fixed { rollback: 8 };
+        assert!(m.can_cut(1000, 992, 0));
+        assert!(!m.can_cut(1000, 991, 0));
+        assert!(
+            m.cut_floor(0).is_none(),
+            "admission still reuses whole sequences only"
+        );
+        assert!(m.whole_snapshots_only());
     }
 
     #[test]

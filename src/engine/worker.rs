@@ -175,7 +175,7 @@ pub(super) fn spawn(
         ram: RamStore::new(config.cache_ram_bytes),
         disk,
     };
-    let memory = rewind_of(&model, &params);
+    let memory = rewind_of(&model, &params, ctx.n_rs_seq());
     if let Rewind::Window { n_swa } = memory {
         info!(
             n_swa,
@@ -225,7 +225,7 @@ pub(super) fn spawn(
         .store(ctx.buffer_bytes(), Ordering::Relaxed);
     stats.alive.store(true, Ordering::Release);
     let (spec, drafter) =
-        super::draft::speculation(&model, &config, params, chunk as usize, &stats)?;
+        super::draft::speculation(&model, &config, params, chunk as usize, &stats, memory)?;
     let mut worker = Worker {
         spec,
         drafter,
@@ -258,10 +258,13 @@ pub(super) fn spawn(
     Ok(n_ctx_seq as u32)
 }
 
-/// What the context's memory allows (`params` as it was created with).
-fn rewind_of(model: &Model, params: &ContextParams) -> Rewind {
+/// What the context's memory allows (`params` as it was created with, and
+/// the rollback llama.cpp kept).
+fn rewind_of(model: &Model, params: &ContextParams, n_rs_seq: u32) -> Rewind {
     if model.is_recurrent() {
-        Rewind::Fixed
+        Rewind::Fixed {
+            rollback: n_rs_seq as usize,
+        }
     } else if model.has_swa() && !params.swa_full {
         Rewind::Window {
             n_swa: model.n_swa(),
@@ -354,6 +357,12 @@ pub(super) fn context_params(
         poll: config.threads.poll,
         n_seq_max: parallel,
         swa_full: config.swa_full,
+        // Recurrent and hybrid memory keeps a snapshot per position a
+        // draft may have to give back (where the architecture can).
+        n_rs_seq: match config.spec {
+            Some(s) if model.is_recurrent() && config.draft_model.is_none() => s.draft_max as u32,
+            _ => 0,
+        },
     };
     (params, n_ctx_req)
 }

@@ -29,6 +29,10 @@ pub struct ContextParams {
     /// On a sliding-window model, give the window layers a full-size cache
     /// (every position of every sequence) instead of the window alone.
     pub swa_full: bool,
+    /// Recurrent-state snapshots per sequence, so a recurrent or hybrid
+    /// sequence can drop its last few positions (rejected drafts); 0: none.
+    /// llama.cpp keeps 0 for architectures that cannot roll back.
+    pub n_rs_seq: u32,
 }
 
 /// The sequence id of a KV row.
@@ -101,6 +105,7 @@ fn raw_params(model: &Model, params: &ContextParams) -> sys::llama_context_param
     // position at the cost of window-layer memory growing to the full
     // context; the normal one holds each sequence's window and a batch.
     p.swa_full = params.swa_full && model.has_swa();
+    p.n_rs_seq = params.n_rs_seq;
     p
 }
 
@@ -194,6 +199,13 @@ impl Context {
     pub fn n_ctx(&self) -> u32 {
         // SAFETY: `self.ptr` is a live context, valid until Drop.
         unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) }
+    }
+
+    /// How many last positions a recurrent or hybrid sequence can drop
+    /// (`n_rs_seq` as llama.cpp kept it for this architecture).
+    pub fn n_rs_seq(&self) -> u32 {
+        // SAFETY: `self.ptr` is a live context, valid until Drop.
+        unsafe { sys::llama_n_rs_seq(self.ptr.as_ptr()) }
     }
 
     /// Bytes the KV buffers take (0 when llama.cpp did not say).

@@ -88,18 +88,6 @@ async function timed(server, body) {
   }
 }
 
-/** A non-streaming greedy completion's text. */
-async function complete(server, body) {
-  const res = await fetch(server.url + '/v1/messages', {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ ...body, stream: false }),
-  });
-  const json = await res.json();
-  assert.equal(res.status, 200, JSON.stringify(json));
-  return json.content.filter((b) => b.type === 'text').map((b) => b.text).join('');
-}
-
 const STALLED = anthropicBody(longPrompt());
 const NEXT = anthropicBody('Name three colours.', { max_tokens: 16 });
 
@@ -153,6 +141,43 @@ test('hanging up mid-decode cancels the job within a second', { timeout: 120_000
   });
 });
 
+/** The greedy reply to `prompt` as (token, logprob, {alternative: logprob}). */
+async function greedy(server, prompt) {
+  const res = await fetch(server.url + '/v1/chat/completions', {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({
+      model: 'any', max_tokens: 24, temperature: 0, logprobs: true, top_logprobs: 5,
+      messages: [{ role: 'user', content: prompt }],
+    }),
+  });
+  const json = await res.json();
+  assert.equal(res.status, 200, JSON.stringify(json));
+  return json.choices[0].logprobs.content.map((t) => ({
+    token: t.token,
+    logprob: t.logprob,
+    top: Object.fromEntries(t.top_logprobs.map((a) => [a.token, a.logprob])),
+  }));
+}
+
+// A batch of several rows, or the same rows in other KV cells (a sequence
+// cut back after a cancelled chunk leaves a gap llama.cpp fills later),
+// rounds differently on some CPUs: two greedy replies may part at a near
+// tie, never elsewhere (README).
+const NEAR_TIE = 0.3;
+
+function assertSameGreedy(a, b, what) {
+  const k = a.findIndex((t, i) => i < b.length && t.token !== b[i].token);
+  if (k < 0) {
+    assert.equal(a.length, b.length, what);
+    return;
+  }
+  const alt = b[k].top[a[k].token];
+  assert.ok(alt !== undefined, `${what}: token ${k} ${JSON.stringify(a[k].token)} is not among ${JSON.stringify(b[k].top)}`);
+  assert.ok(b[k].logprob - alt < NEAR_TIE, `${what}: token ${k} is no near tie (${b[k].logprob} vs ${alt})`);
+  console.log(`${what}: the replies part at token ${k}, a near tie of ${(b[k].logprob - alt).toFixed(3)} nats`);
+}
+
 test('greedy output after a cancelled request equals a fresh server\'s', { timeout: 120_000 }, async () => {
   const cancelled = await start({ HEARTH_FAULT: `prefill_stall:${STALL_S}:1` });
   const fresh = await start();
@@ -160,11 +185,14 @@ test('greedy output after a cancelled request equals a fresh server\'s', { timeo
     await (await streamAndHangUp(cancelled, STALLED)).agent.close();
     // The same prompt again: whatever the cancelled job had prefilled may be reused.
     // It resumes from the chunks computed before the hang-up, which were
-    // computed exactly as a fresh server computes them.
-    const again = await complete(cancelled, STALLED);
-    assert.equal(again, await complete(fresh, STALLED), 'the cancelled prompt, resent');
-    // And once more, now served from the live sequence it left behind.
-    assert.equal(await complete(cancelled, STALLED), again, 'the same request twice');
+    // computed as a fresh server computes them.
+    const prompt = STALLED.messages[0].content;
+    const again = await greedy(cancelled, prompt);
     assert.ok(again.length > 0);
+    assertSameGreedy(again, await greedy(fresh, prompt), 'the cancelled prompt, resent');
+    // And once more, now served from the live sequence it left behind.
+    assertSameGreedy(await greedy(cancelled, prompt), again, 'the same request twice');
+    const log = readFileSync(cancelled.logPath, 'utf8');
+    assert.match(log, /source="live" reused=(6[4-9]|[7-9]\d|\d{3,})/, 'the resent prompt reused what the cancelled job left');
   });
 });

@@ -19,7 +19,9 @@ edit streams (--parallel 4). Results: bench/results/speculative.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -51,11 +53,12 @@ def body(prompt: str, tokens: int) -> dict:
             "stream": True, "stream_options": {"include_usage": True}}
 
 
-def start_hearth(bin_: str, model: Path, spec: bool, parallel: int, logs: Path, tag: str) -> Server:
+def start_hearth(bin_: str, model: Path, spec: bool, parallel: int, logs: Path, tag: str,
+                 spec_flags: tuple[str, ...] = ()) -> Server:
     port = free_port()
     argv = [bin_, "serve", "--model", str(model), "--port", str(port), "--parallel", str(parallel), "--cache-ram-mb", "0",
             "--ctx", "8192"]
-    argv.append("--spec" if spec else "--no-spec")
+    argv += ["--spec", *spec_flags] if spec else ["--no-spec"]
     return Server(argv, port, logs / f"hearth-{tag}.log", "/health")
 
 
@@ -103,10 +106,13 @@ def main() -> None:
     ap.add_argument("--servers", default="hearth,llama-server", help="which servers to run, comma-separated")
     ap.add_argument("--models", default="smollm2,gemma", help="which models to run, comma-separated")
     ap.add_argument("--no-x4", action="store_true", help="skip the 4-stream figures")
+    ap.add_argument("--hearth-spec-flags", default="", help="more flags for hearth's speculating runs "
+                    "(e.g. '--draft-max 64 --draft-min 32')")
     args = ap.parse_args()
     logs = HERE / "results" / "speculative-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    servers = {"hearth": (start_hearth, args.hearth)}
+    spec_flags = tuple(shlex.split(args.hearth_spec_flags))
+    servers = {"hearth": (functools.partial(start_hearth, spec_flags=spec_flags), args.hearth)}
     if not args.no_llama_server:
         ls = args.llama_server or subprocess.run([str(HERE / "llama-bench.sh"), "--target", "llama-server"], check=True,
                                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]

@@ -104,13 +104,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     std::process::exit(1);
                 }
             })
-            .and_then(|loaded| {
-                let config = EngineConfig {
-                    turn_marker: loaded.turn_marker(),
-                    ..config
-                };
-                Ok(engine::start(loaded.model.clone(), config)?)
-            });
+            .and_then(|loaded| Ok(loaded.start_engine(config)?));
         return match started {
             Ok(handle) => engine::remote::child::serve(handle, link),
             // The server says why (once); say it here only when it cannot.
@@ -145,11 +139,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = engine_config(&args, fault);
     let (loaded, handle) = if args.engine_in_process {
         let loaded = hearth::setup::load(&args.engine, &config)?;
-        let config = EngineConfig {
-            turn_marker: loaded.turn_marker(),
-            ..config
-        };
-        let handle = engine::start(loaded.model.clone(), config)?;
+        let handle = loaded.start_engine(config)?;
         (loaded, handle)
     } else {
         let loaded = hearth::setup::load_vocab(&args.engine)?;

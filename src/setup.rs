@@ -145,21 +145,32 @@ impl Loaded {
             render(std::slice::from_ref(&user), true, Some(true)),
             render(std::slice::from_ref(&user), true, Some(false)),
         ];
-        let mut marker: Option<Vec<crate::engine::Token>> = None;
-        for text in turns {
-            let Some(turn) = text.as_deref().and_then(|t| t.strip_prefix(base.as_str())) else {
-                return Vec::new();
-            };
-            let tokens = self.model.tokenize(turn, false, true);
-            marker = Some(match marker {
-                None => tokens,
-                Some(m) => {
-                    let shared = m.iter().zip(&tokens).take_while(|(a, b)| a == b).count();
-                    m[..shared].to_vec()
-                }
-            });
-        }
-        marker.unwrap_or_default()
+        let Some(turns) = turns
+            .iter()
+            .map(|t| t.as_deref()?.strip_prefix(base.as_str()))
+            .map(|t| Some(self.model.tokenize(t?, false, true)))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Vec::new();
+        };
+        let first = &turns[0];
+        let shared = (0..first.len())
+            .take_while(|&k| turns.iter().all(|t| t.get(k) == Some(&first[k])))
+            .count();
+        first[..shared].to_vec()
+    }
+
+    /// Start the engine over this model, with `config` and the template's
+    /// turn marker.
+    pub fn start_engine(
+        &self,
+        config: EngineConfig,
+    ) -> Result<EngineHandle, crate::engine::llama::LlamaError> {
+        let config = EngineConfig {
+            turn_marker: self.turn_marker(),
+            ..config
+        };
+        crate::engine::start(self.model.clone(), config)
     }
 
     /// The GGUF's file name without `.gguf` (`general.name` is often a

@@ -301,7 +301,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("HEARTH_FAULT: {e}"))?;
             let loaded = crate::setup::load(&engine_args, &config)?;
             let name = loaded.path.display().to_string();
-            let engine = crate::engine::start(loaded.model.clone(), config)?;
+            let engine = loaded.start_engine(config)?;
             let alias = loaded.default_alias();
             let state = loaded.into_state(
                 engine,

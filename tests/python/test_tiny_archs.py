@@ -22,6 +22,7 @@ import pytest
 
 from conftest import REPO
 from hearth_http import post, request
+from test_parallel import metric
 
 SCRIPT = REPO / "scripts" / "tiny_gguf.py"
 ARCHS = ["deepseek4", "mamba2"]
@@ -212,14 +213,6 @@ def test_speculation_is_refused_for_recurrent_memory_without_rollback(start_hear
     log = srv.log_path.read_text("utf-8", "replace")
     assert "speculative decoding off: this model's memory cannot drop rejected drafts" in log
     assert metric(srv.url, "hearth_spec_drafted_tokens_total") == 0
-
-
-def metric(url: str, name: str) -> float:
-    reply = request("GET", url + "/metrics")
-    for line in reply.text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 def token_ids_by_bytes(path: Path) -> dict[bytes, int]:

@@ -39,17 +39,18 @@ impl Link {
     /// Tell the supervisor what the engine process waits for; false when
     /// the server has gone.
     pub fn starting(&mut self, what: &str) -> bool {
-        use std::io::Write as _;
-        encode(&FromEngine::Starting(what.to_string()))
-            .and_then(|frame| self.0.write_all(&frame))
-            .is_ok()
+        self.send(&FromEngine::Starting(what.to_string()))
     }
 
     /// Tell the supervisor why the engine cannot load, before the process
     /// ends (and its end closes the link); false when it could not be told.
     pub fn cannot_start(&mut self, why: &anyhow::Error) -> bool {
+        self.send(&FromEngine::CannotStart(format!("{why:#}")))
+    }
+
+    fn send(&mut self, msg: &FromEngine) -> bool {
         use std::io::Write as _;
-        encode(&FromEngine::CannotStart(format!("{why:#}")))
+        encode(msg)
             .and_then(|frame| self.0.write_all(&frame))
             .is_ok()
     }

@@ -630,9 +630,13 @@ impl Worker {
         self.stats
             .waiting
             .store(self.waiting.len(), Ordering::Relaxed);
-        let Ok(mut status) = self.stats.status.try_lock() else {
-            return;
-        };
+        // Readers only clone the copy: waiting for one is short, and a
+        // skipped refresh could leave the copy stale while the engine idles.
+        let mut status = self
+            .stats
+            .status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let preempted: Vec<&Running> = self
             .waiting
             .iter()

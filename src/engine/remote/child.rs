@@ -19,8 +19,11 @@ use crate::engine::{CancelFlag, EngineError, EngineHandle, EngineStats, Event, J
 /// Counters go out at least this often while anything changes (the
 /// engine refreshes them once a step).
 const STATS_EVERY: Duration = Duration::from_millis(20);
-/// How long an event waits for the status copy to show what it means.
-const SETTLE_LIMIT: Duration = Duration::from_millis(50);
+/// How long an event waits for the status copy to show what it means: the
+/// engine refreshes it when the step that sent the event ends, which on a
+/// busy machine (snapshots taken at a prompt's end, four prompts ending in
+/// one step) can be well past 50 ms.
+const SETTLE_LIMIT: Duration = Duration::from_secs(1);
 
 /// Cancel flags of the jobs the engine holds, by arrival number.
 type Flags = Arc<Mutex<HashMap<u64, CancelFlag>>>;
@@ -274,19 +277,25 @@ async fn lost_with_engine(handle: &EngineHandle, shutting: &AtomicBool) -> bool 
     !handle.is_alive() && !shutting.load(Ordering::Acquire)
 }
 
-/// Wait until the engine's status copy shows job `arrival` decoding
-/// (`decoding`) or on no sequence at all (not), for at most `limit`.
+/// Wait until the engine's status copy was made after the step that sent
+/// an event of job `arrival` (the step is counted before its sequences
+/// advance) and shows the job decoding (`decoding`) or on no sequence at
+/// all (not), for at most `limit`. A job admitted and prefilled in one step
+/// is on no sequence in the copy made before that step, so the step count
+/// is what tells that copy from the one after.
 async fn settled(stats: &EngineStats, arrival: u64, decoding: bool, limit: Duration) {
     let until = Instant::now() + limit;
+    let step = stats.steps.load(Ordering::Relaxed);
     let pending = || {
         stats
             .status
             .lock()
             .map(|s| {
-                s.slots
-                    .iter()
-                    .find(|slot| slot.job == Some(arrival))
-                    .is_some_and(|slot| !decoding || slot.state != "decode")
+                s.steps < step
+                    || s.slots
+                        .iter()
+                        .find(|slot| slot.job == Some(arrival))
+                        .is_some_and(|slot| !decoding || slot.state != "decode")
             })
             .unwrap_or(false)
     };

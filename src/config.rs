@@ -164,6 +164,11 @@ pub struct EngineArgs {
     /// of that cache growing from the window to the whole context.
     #[arg(long, env = "HEARTH_SWA_FULL")]
     pub swa_full: bool,
+    /// Flash attention: auto (where the device has it), on or off. Off
+    /// lets a CPU verify drafted tokens far faster at depth (see README,
+    /// Speculative decoding) at some cost to plain decoding there.
+    #[arg(long, env = "HEARTH_FLASH_ATTN", value_enum, default_value_t = crate::engine::llama::FlashAttn::Auto)]
+    pub flash_attn: crate::engine::llama::FlashAttn,
     /// Directory for KV snapshots that survive restarts (off when unset).
     #[arg(long, env = "HEARTH_KV_DISK_DIR")]
     pub kv_disk_dir: Option<PathBuf>,
@@ -193,6 +198,7 @@ impl EngineArgs {
             cache_ram_bytes: (self.cache_ram_mb as usize) << 20,
             ctx_checkpoints: self.ctx_checkpoints as usize,
             swa_full: self.swa_full,
+            flash_attn: self.flash_attn,
             turn_marker: Vec::new(),
             kv_disk_dir: self.kv_disk_dir.clone(),
             kv_disk_bytes: self.kv_disk_space_mb << 20,

@@ -55,6 +55,7 @@ fn engine() -> &'static EngineHandle {
             kv_disk_bytes: 0,
             ctx_checkpoints: 0,
             swa_full: false,
+            flash_attn: Default::default(),
             turn_marker: Vec::new(),
         };
         engine::start(model, config).expect("start the engine")

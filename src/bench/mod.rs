@@ -176,6 +176,7 @@ fn start_engine(
         ctx_checkpoints: 0,
         // As the reference context below: figures comparable run to run.
         swa_full: true,
+        flash_attn: Default::default(),
         turn_marker: Vec::new(),
         kv_disk_dir: None,
         kv_disk_bytes: 0,
@@ -262,6 +263,7 @@ fn reference(
         n_seq_max: 1,
         swa_full: true,
         n_rs_seq: 0,
+        flash_attn: Default::default(),
     };
     let mut ctx = Context::new(model.clone(), params, Box::new(|| false))?;
     let n_vocab = model.n_vocab().max(2);

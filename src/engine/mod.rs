@@ -533,6 +533,8 @@ pub struct EngineConfig {
     pub ctx_checkpoints: usize,
     /// Sliding-window models get a full-size window cache (`--swa-full`).
     pub swa_full: bool,
+    /// Flash attention (`--flash-attn`).
+    pub flash_attn: llama::FlashAttn,
     /// The tokens that open an assistant turn (`Loaded::turn_marker`). For
     /// memory kept by checkpoints, prefill pieces end where each occurs,
     /// and the last one before the prompt's end is checkpointed: where

@@ -150,15 +150,15 @@ impl Worker {
             let room = (run.job.request.max_tokens.saturating_sub(run.generated) as usize)
                 .min(n_ctx.saturating_sub(slot.seq.len() + 2))
                 .min(cfg.draft_max);
-            let want = run
-                .spec
-                .draft_len(room, decoding, cost, price)
-                .max(cfg.draft_min.min(room));
-            if want == 0 {
-                continue;
-            }
             let tokens = slot.seq.tokens();
             if self.drafter.is_some() {
+                let want = run
+                    .spec
+                    .draft_len(None, room, decoding, cost, price)
+                    .max(cfg.draft_min.min(room));
+                if want == 0 {
+                    continue;
+                }
                 let mut all = tokens.to_vec();
                 all.push(pending);
                 wants.push(DraftWant {
@@ -170,7 +170,17 @@ impl Worker {
             }
             let mut tail = tokens[tokens.len().saturating_sub(spec::LOOKBACK)..].to_vec();
             tail.push(pending);
-            run.draft = spec::propose(&tail, &cfg, want);
+            let Some(found) = spec::lookup(&tail, &cfg) else {
+                continue;
+            };
+            // How far a guess of this match length has been right decides
+            // how much of it to verify.
+            let room = room.min(tail.len() - found.start);
+            let want = run
+                .spec
+                .draft_len(Some(found.matched), room, decoding, cost, price)
+                .max(cfg.draft_min.min(room));
+            run.draft = tail[found.start..found.start + want].to_vec();
         }
         let Some(drafter) = self.drafter.as_mut() else {
             return;

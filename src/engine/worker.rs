@@ -363,6 +363,7 @@ pub(super) fn context_params(
             Some(s) if model.is_recurrent() && config.draft_model.is_none() => s.draft_max as u32,
             _ => 0,
         },
+        flash_attn: config.flash_attn,
     };
     (params, n_ctx_req)
 }

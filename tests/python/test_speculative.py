@@ -7,11 +7,13 @@ streamed and not, grammar-constrained replies (a forced tool call, a JSON
 schema) that hold, high acceptance on text that copies the prompt, and
 exact endings when a stop sequence, max_tokens or a client that leaves
 falls inside a verified draft. Two real servers side by side, one with
---no-spec; each test runs once with prompt lookup and once with a draft
-model: the model's own first 6 layers and output head (`make_draft.py`),
-which shares its vocabulary by construction and guesses worse, so drafts
-are rejected as well as accepted; `--draft-min` keeps it drafting where
-the cost model would stop it."""
+--no-spec; each test runs with prompt lookup, with prompt lookup and
+`--flash-attn off` (attention as matrix products against the plain
+server's fused kernel), and with a draft model: the model's own first 6
+layers and output head (`make_draft.py`), which shares its vocabulary by
+construction and guesses worse, so drafts are rejected as well as
+accepted; `--draft-min` keeps it drafting where the cost model would stop
+it."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ CODE = "\n".join(f"def function_{i}(values):\n    total = sum(values) * {i}\n   
 COPY = "Repeat this code exactly, changing nothing:\n\n" + CODE
 
 
-DRAFTS = ("lookup", "draft-model")
+DRAFTS = ("lookup", "lookup-flash-attn-off", "draft-model")
 
 
 @pytest.fixture(scope="module", params=DRAFTS)
@@ -43,6 +45,10 @@ def pair(server_logs, request, tmp_path_factory):
 
     if request.param == "lookup":
         args: tuple[str, ...] = ("--spec",)
+    elif request.param == "lookup-flash-attn-off":
+        # Attention as matrix products, against the plain server's fused
+        # kernel: still the model's greedy tokens up to near ties.
+        args = ("--spec", "--flash-attn", "off")
     else:
         draft = tmp_path_factory.mktemp("draft") / "smollm2-6-layers.gguf"
         truncate(SMOLLM2, draft, 6)

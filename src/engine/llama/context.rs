@@ -33,6 +33,21 @@ pub struct ContextParams {
     /// sequence can drop its last few positions (rejected drafts); 0: none.
     /// llama.cpp keeps 0 for architectures that cannot roll back.
     pub n_rs_seq: u32,
+    /// Flash attention: llama.cpp's choice for the device, or forced.
+    pub flash_attn: FlashAttn,
+}
+
+/// Whether attention runs as llama.cpp's fused flash-attention kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FlashAttn {
+    /// Where the device supports it (llama.cpp's default).
+    #[default]
+    Auto,
+    On,
+    /// Attention as matrix products: on a CPU, the rows of one sequence
+    /// in a step (drafted tokens being verified) share each read of the
+    /// KV, where the fused kernel reads it once per row.
+    Off,
 }
 
 /// The sequence id of a KV row.
@@ -106,6 +121,11 @@ fn raw_params(model: &Model, params: &ContextParams) -> sys::llama_context_param
     // context; the normal one holds each sequence's window and a batch.
     p.swa_full = params.swa_full && model.has_swa();
     p.n_rs_seq = params.n_rs_seq;
+    p.flash_attn_type = match params.flash_attn {
+        FlashAttn::Auto => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+        FlashAttn::On => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        FlashAttn::Off => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    };
     p
 }
 

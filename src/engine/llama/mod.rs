@@ -18,7 +18,7 @@ mod context;
 mod log;
 pub mod rpc;
 
-pub use context::{AbortFn, Context, ContextParams, Row, SeqId};
+pub use context::{AbortFn, Context, ContextParams, FlashAttn, Row, SeqId};
 pub(crate) use log::capture_log;
 use log::init_backend;
 

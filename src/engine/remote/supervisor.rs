@@ -261,10 +261,14 @@ impl Supervisor {
             tokio::select! {
                 res = &mut connected => break res.map_err(|e| e.to_string()),
                 status = child.wait() => {
+                    // Why it could not start may still be in the socket,
+                    // unread when its exit was seen: read it.
+                    let said = tokio::time::timeout(Duration::from_secs(1), &mut connected).await;
                     let _ = std::fs::remove_file(&path);
-                    return Err(match status {
-                        Ok(s) => format!("the engine process {} before it was ready", describe(s)),
-                        Err(e) => format!("the engine process could not be watched: {e}"),
+                    return Err(match (said, status) {
+                        (Ok(Ok((_, _, Some(FromEngine::CannotStart(why)), _))), _) => why,
+                        (_, Ok(s)) => format!("the engine process {} before it was ready", describe(s)),
+                        (_, Err(e)) => format!("the engine process could not be watched: {e}"),
                     });
                 }
                 cmd = jobs.recv() => match cmd {

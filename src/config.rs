@@ -165,8 +165,9 @@ pub struct EngineArgs {
     #[arg(long, env = "HEARTH_SWA_FULL")]
     pub swa_full: bool,
     /// Flash attention: auto (where the device has it), on or off. Off
-    /// lets a CPU verify drafted tokens far faster at depth (see README,
-    /// Speculative decoding) at some cost to plain decoding there.
+    /// lets one CPU stream verify drafted tokens far faster at depth (see
+    /// README, Speculative decoding), at some cost to plain decoding there,
+    /// to several streams, and in compute memory (grows with the KV).
     #[arg(long, env = "HEARTH_FLASH_ATTN", value_enum, default_value_t = crate::engine::llama::FlashAttn::Auto)]
     pub flash_attn: crate::engine::llama::FlashAttn,
     /// Directory for KV snapshots that survive restarts (off when unset).

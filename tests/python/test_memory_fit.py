@@ -57,3 +57,21 @@ def test_no_memory_check_skips_the_measurement(start_hearth):
     srv.stop()
     log = srv.log_path.read_text("utf-8", "replace")
     assert "memory: the model fits" not in log
+
+
+def compute_mib(srv) -> int:
+    log = srv.log_path.read_text("utf-8", "replace")
+    fit = re.search(r'memory: the model fits .* compute="(\d+) MiB"', log)
+    assert fit, log[-3000:]
+    return int(fit.group(1))
+
+
+def test_flash_attention_off_reaches_llama_cpp_and_costs_compute_memory(start_hearth):
+    """Without the fused kernel attention scores are a matrix of KV cells by
+    batch rows, so the compute buffers llama.cpp plans grow with the KV."""
+    auto = start_hearth("--parallel", "1", "--ctx", "8192")
+    auto.stop()
+    off = start_hearth("--parallel", "1", "--ctx", "8192", "--flash-attn", "off")
+    off.stop()
+    # Measured: 168 MiB against 110 at 8,192 cells.
+    assert compute_mib(off) > 1.3 * compute_mib(auto), (compute_mib(off), compute_mib(auto))

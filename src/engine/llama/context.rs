@@ -43,10 +43,12 @@ pub enum FlashAttn {
     /// Where the device supports it (llama.cpp's default).
     #[default]
     Auto,
+    /// The fused kernel, where the device has one.
     On,
     /// Attention as matrix products: on a CPU, the rows of one sequence
     /// in a step (drafted tokens being verified) share each read of the
-    /// KV, where the fused kernel reads it once per row.
+    /// KV, where the fused kernel reads it once per row. The compute
+    /// buffers then hold a matrix of KV cells by batch rows.
     Off,
 }
 

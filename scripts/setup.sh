@@ -12,6 +12,7 @@
 # for the tests, via apt-get when missing), the rustfmt and clippy components (via rustup, for the checks
 # in scripts/test.sh), .venv with the pinned Python test clients,
 # tests/node packages (npm ci), models (scripts/fetch-models.sh),
+# llama-cpp-sys-2 with patches/ applied in vendor/ (scripts/patch-llama.sh),
 # `cargo build --release`.
 set -euo pipefail
 
@@ -156,9 +157,13 @@ else
     scripts/fetch-models.sh
 fi
 
+# --- llama.cpp with hearth's patches -------------------------------------------------
+# Every cargo command needs it (Cargo.toml's [patch.crates-io]), built or not.
+command -v cargo >/dev/null 2>&1 || die "cargo is needed (https://rustup.rs)"
+scripts/patch-llama.sh
+
 # --- build ----------------------------------------------------------------------
 if [[ "$build" == 1 ]]; then
-    command -v cargo >/dev/null 2>&1 || die "cargo is needed (https://rustup.rs)"
     bin="${CARGO_TARGET_DIR:-target}/release/hearth"
     if [[ -x "$bin" ]]; then
         say "building hearth (cargo build --release)"

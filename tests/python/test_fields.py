@@ -221,10 +221,10 @@ def test_field_cell(url: str, references: dict, banana: int, field: str, route: 
 def test_ignore_eos_runs_to_the_limit(url: str, route: str):
     """A reply that ends by itself goes on to the token limit with
     `ignore_eos` (llama-server's, for fixed-length replies)."""
-    short = {"chat": {"messages": [{"role": "user", "content": "Say hi."}]},
-             "completions": {"prompt": "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"},
-             "responses": {"input": "Say hi."},
-             "messages": {"messages": [{"role": "user", "content": "Say hi."}]}}[route]
+    short = {"chat": {"messages": [{"role": "user", "content": "Say OK."}]},
+             "completions": {"prompt": "<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n"},
+             "responses": {"input": "Say OK."},
+             "messages": {"messages": [{"role": "user", "content": "Say OK."}]}}[route]
     limit = {"max_output_tokens": 48} if route == "responses" else {"max_tokens": 48}
 
     def used(reply) -> int:

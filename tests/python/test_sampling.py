@@ -20,6 +20,8 @@ PROMPT = "Write the word hello fifty times, separated by spaces."
 RAW_PROMPT = f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
 # A text whose plain continuation repeats itself.
 REPEATING = "1, 1, 1, 1, 1, 1, 1, 1, 1, 1,"
+# A chat request the default model answers by repeating itself, greedily.
+REPEATING_CHAT = "Write the word hello fifty times."
 STREAM = [False, True]
 STREAM_IDS = ["non-stream", "stream"]
 
@@ -104,7 +106,7 @@ def test_minus_100_bans_the_greedy_first_token(client, base_url: str, route: str
 @pytest.mark.parametrize("stream", STREAM, ids=STREAM_IDS)
 @pytest.mark.parametrize("route", ROUTES)
 def test_frequency_penalty_lowers_repetition(client, route: str, stream: bool):
-    kw = {"prompt": REPEATING} if route == "completions" else {}
+    kw = {"prompt": REPEATING} if route == "completions" else {"content": REPEATING_CHAT}
     plain = ROUTES[route](client, stream, 40, frequency_penalty=0, **kw)
     damped = ROUTES[route](client, stream, 40, frequency_penalty=2, **kw)
     before, after = distinct_ratio(plain), distinct_ratio(damped)

@@ -32,8 +32,8 @@ pub struct ServeArgs {
     /// 65536 cells and at least --ctx).
     #[arg(long, env = "HEARTH_KV_SIZE", default_value_t = 0)]
     pub kv_size: u32,
-    /// Speculative decoding by prompt lookup. Off by default: on a CPU
-    /// where every batch row costs, it can cost more than it saves (README).
+    /// Speculative decoding by prompt lookup (the default; drafts are
+    /// sized by what they are measured to save, README).
     #[arg(
         long,
         env = "HEARTH_SPEC",
@@ -41,7 +41,7 @@ pub struct ServeArgs {
         conflicts_with = "no_spec"
     )]
     pub spec: bool,
-    /// Turn speculative decoding off (the default).
+    /// Turn speculative decoding off.
     #[arg(long, env = "HEARTH_NO_SPEC", default_value_t = false)]
     pub no_spec: bool,
     /// Speculative decoding with this draft model (a small GGUF with the

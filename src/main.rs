@@ -222,12 +222,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn engine_config(args: &ServeArgs, fault: Option<FaultPlan>) -> EngineConfig {
     EngineConfig {
-        spec: ((args.spec || args.draft_model.is_some()) && !args.no_spec).then(|| {
-            hearth::engine::spec::SpecConfig {
-                draft_max: args.draft_max as usize,
-                draft_min: args.draft_min.min(args.draft_max) as usize,
-                ..Default::default()
-            }
+        spec: (!args.no_spec).then(|| hearth::engine::spec::SpecConfig {
+            draft_max: args.draft_max as usize,
+            draft_min: args.draft_min.min(args.draft_max) as usize,
+            ..Default::default()
         }),
         draft_model: args.draft_model.clone(),
         kv_size: args.kv_size,

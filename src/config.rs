@@ -53,7 +53,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HEARTH_DRAFT_MIN", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub draft_min: u32,
     /// Most tokens drafted per step.
-    #[arg(long, env = "HEARTH_DRAFT_MAX", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, env = "HEARTH_DRAFT_MAX", default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub draft_max: u32,
     /// Write a heartbeat on a stream after this many seconds of silence
     /// (fractions allowed, at least 0.2).

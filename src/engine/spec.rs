@@ -33,7 +33,7 @@ pub struct SpecConfig {
 impl Default for SpecConfig {
     fn default() -> Self {
         Self {
-            draft_max: 8,
+            draft_max: 12,
             draft_min: 0,
             ngram_max: 24,
             ngram_min: 2,

@@ -45,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HEARTH_NO_SPEC", default_value_t = false)]
     pub no_spec: bool,
     /// Speculative decoding with this draft model (a small GGUF with the
-    /// model's vocabulary) instead of prompt lookup; turns speculation on.
+    /// model's vocabulary) instead of prompt lookup.
     #[arg(long, env = "HEARTH_DRAFT_MODEL", conflicts_with = "no_spec")]
     pub draft_model: Option<std::path::PathBuf>,
     /// Fewest tokens drafted per step, even where drafts are measured not

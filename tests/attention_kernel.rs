@@ -13,20 +13,10 @@
 //! a longer KV: what makes greedy replies with speculation equal those
 //! without.
 
+mod common;
+
+use common::rng::Rng;
 use llama_cpp_sys_2 as sys;
-
-/// A small deterministic generator (xorshift64*), values in [-1, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let x = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Case {

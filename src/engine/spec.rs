@@ -45,50 +45,109 @@ impl Default for SpecConfig {
 /// scan per step.
 pub(super) const LOOKBACK: usize = 16384;
 
-/// What prompt lookup found: the guess starts at `tokens[start]`, after an
-/// earlier stretch that equals the last `matched` tokens.
+/// How deep the places that vote are compared with the end of the tokens
+/// (a longer match counts as this long). A shallow vote lets the many
+/// places that repeat a pattern (the functions of a file the reply
+/// rewrites, the lines it has written so far) outvote one longer match
+/// that differs from them (the prompt's own version of those lines, when
+/// the reply changes them all). A deep vote (up to `ngram_max`) follows
+/// the one place that matches longest (when the reply copies the prompt
+/// faithfully, numbers and all). Each sequence drafts with the one that
+/// has been paying better ([`SpecState::lookup`]).
+pub const VOTE_DEPTHS: [usize; 2] = [8, usize::MAX];
+
+/// Prompt lookup's guess at the token after `tokens`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Found {
-    pub start: usize,
+pub struct Guess {
+    pub token: Token,
+    /// Tokens before the guess that equal the end of `tokens`, at the
+    /// earlier place that matches longest (at least `ngram_min`, measured
+    /// up to `ngram_max`): how far the guess can be trusted.
     pub matched: usize,
+    /// Whether more than half of the voting places agree on the token.
+    pub majority: bool,
 }
 
-/// The earlier occurrence of the sequence's end that matches it longest
-/// (at least `ngram_min` tokens, measured up to `ngram_max`; the most
-/// recent of equally long ones) and has a token after it. How long the
-/// match is says how far the guess can be trusted: twelve tokens that
-/// repeat a stretch of the prompt are copying it, two may be chance.
-pub fn lookup(tokens: &[Token], cfg: &SpecConfig) -> Option<Found> {
+/// The next token by prompt lookup: every earlier place whose preceding
+/// tokens equal the end of `tokens` (at least `ngram_min` of them) is a
+/// candidate; those that match longest (counted up to `depth`, one of
+/// [`VOTE_DEPTHS`]) vote with the token that followed them, and the most
+/// voted one wins (the most recent place's token among equal counts).
+/// Only the last [`LOOKBACK`] tokens are searched.
+pub fn guess(tokens: &[Token], cfg: &SpecConfig, depth: usize) -> Option<Guess> {
     let len = tokens.len();
     let n = cfg.ngram_min.max(1);
     if len <= n {
         return None;
     }
     let cap = cfg.ngram_max.max(n);
+    let vote_cap = depth.max(n).min(cap);
     let from = len.saturating_sub(LOOKBACK);
-    let suffix = &tokens[len - n..];
-    let mut best: Option<Found> = None;
-    // Occurrences starting at i, ending before the suffix's own start.
-    for i in (from..len - n).rev() {
-        if &tokens[i..i + n] != suffix {
+    let last = tokens[len - 1];
+    let (mut best, mut longest) = (0, 0);
+    // (token, votes), in order of first vote: the most recent place first.
+    let mut votes: Vec<(Token, u32)> = Vec::new();
+    // The places' next tokens are at i; their matches end at i - 1.
+    for i in (from + 1..len).rev() {
+        if tokens[i - 1] != last {
             continue;
         }
-        let end = i + n;
-        let matched = n
-            + (n..cap)
-                .take_while(|&m| m < end && tokens[end - m - 1] == tokens[len - m - 1])
+        let matched = 1
+            + (1..cap)
+                .take_while(|&m| m < i && tokens[i - 1 - m] == tokens[len - 1 - m])
                 .count();
-        if best.is_none_or(|b| matched > b.matched) {
-            best = Some(Found {
-                start: end,
-                matched,
-            });
-            if matched == cap {
-                break;
+        if matched < n {
+            continue;
+        }
+        longest = longest.max(matched);
+        let voting = matched.min(vote_cap);
+        if voting > best {
+            best = voting;
+            votes.clear();
+        }
+        if voting == best {
+            match votes.iter_mut().find(|(t, _)| *t == tokens[i]) {
+                Some((_, c)) => *c += 1,
+                None => votes.push((tokens[i], 1)),
             }
         }
     }
-    best
+    let total: u32 = votes.iter().map(|(_, c)| c).sum();
+    let (token, count) = votes
+        .iter()
+        .copied()
+        .reduce(|a, b| if b.1 > a.1 { b } else { a })?;
+    Some(Guess {
+        token,
+        matched: longest,
+        majority: count * 2 > total,
+    })
+}
+
+/// Up to `max` drafted tokens after `tokens`, starting with `first` (the
+/// guess for the next one): each next guess is looked up with the ones
+/// before it in place, and drafting stops where the voting places no
+/// longer agree by a majority (once at least `min` tokens are drafted).
+/// `tokens` is left as it was.
+pub fn draft(
+    tokens: &mut Vec<Token>,
+    cfg: &SpecConfig,
+    depth: usize,
+    first: Token,
+    max: usize,
+    min: usize,
+) -> Vec<Token> {
+    let len = tokens.len();
+    if max > 0 {
+        tokens.push(first);
+    }
+    while tokens.len() - len < max {
+        match guess(tokens, cfg, depth) {
+            Some(g) if g.majority || tokens.len() - len < min => tokens.push(g.token),
+            _ => break,
+        }
+    }
+    tokens.split_off(len)
 }
 
 /// Drafts are judged apart by where they come from: a draft model, or a
@@ -134,6 +193,25 @@ impl Kind {
     }
 }
 
+/// Weight of each step in a lookup depth's moving yield.
+const YIELD_WEIGHT: f64 = 0.1;
+
+/// What drafting with one lookup depth has been worth to a sequence, had
+/// its drafts been the ones verified: moving tokens per step, and moving
+/// seconds per step (from the step cost model; rows, when not measured).
+#[derive(Debug, Clone, Copy)]
+struct Yield {
+    tokens: f64,
+    secs: f64,
+}
+
+/// The drafts of every lookup depth for the step being verified.
+#[derive(Debug, Clone)]
+struct Judging {
+    drafts: [Vec<Token>; VOTE_DEPTHS.len()],
+    cost: (f64, f64),
+}
+
 /// One sequence's drafting record.
 #[derive(Debug, Clone)]
 pub struct SpecState {
@@ -143,6 +221,9 @@ pub struct SpecState {
     kinds: [Kind; 1 + KINDS.len()],
     /// The kind of the draft being verified.
     last: usize,
+    /// Each lookup depth's yield (`VOTE_DEPTHS`).
+    yields: [Yield; VOTE_DEPTHS.len()],
+    judging: Option<Judging>,
 }
 
 impl Default for SpecState {
@@ -152,6 +233,11 @@ impl Default for SpecState {
             accepted: 0,
             kinds: std::array::from_fn(|_| Kind::new(PRIOR)),
             last: 0,
+            yields: [Yield {
+                tokens: 1.0,
+                secs: 1.0,
+            }; VOTE_DEPTHS.len()],
+            judging: None,
         }
     }
 }
@@ -217,6 +303,51 @@ impl SpecState {
         best
     }
 
+    /// Which of [`VOTE_DEPTHS`] drafts this step: the one that has been
+    /// paying better (the shallow one while they tie).
+    pub fn lookup(&self) -> usize {
+        (0..VOTE_DEPTHS.len())
+            .rev()
+            .max_by(|&a, &b| {
+                let rate = |y: &Yield| y.tokens / y.secs.max(1e-9);
+                rate(&self.yields[a]).total_cmp(&rate(&self.yields[b]))
+            })
+            .unwrap_or(0)
+    }
+
+    /// The drafts every lookup depth proposes for this step (one of them
+    /// is verified), for [`SpecState::judge_lookups`]; steps cost `cost`
+    /// (None: not measured yet, rows are then counted instead).
+    pub fn proposed(&mut self, drafts: [Vec<Token>; VOTE_DEPTHS.len()], cost: Option<(f64, f64)>) {
+        self.judging = Some(Judging {
+            drafts,
+            cost: cost.unwrap_or((0.0, 1.0)),
+        });
+    }
+
+    /// No draft this step: nothing to judge when it is verified.
+    pub fn clear_proposals(&mut self) {
+        self.judging = None;
+    }
+
+    /// The step verified: `truth` is what the model decoded after the
+    /// pending token (the accepted drafted tokens, then the next one when
+    /// the reply goes on). Each depth's draft is judged by how far it
+    /// agrees with `truth` (as far as the truth is known).
+    pub fn judge_lookups(&mut self, truth: &[Token]) {
+        let Some(j) = self.judging.take() else {
+            return;
+        };
+        let (base, per_row) = j.cost;
+        for (y, d) in self.yields.iter_mut().zip(&j.drafts) {
+            let agreed = d.iter().zip(truth).take_while(|(a, b)| a == b).count();
+            let tokens = 1.0 + agreed as f64;
+            let secs = base + per_row * (1 + d.len()) as f64;
+            y.tokens += YIELD_WEIGHT * (tokens - y.tokens);
+            y.secs += YIELD_WEIGHT * (secs - y.secs);
+        }
+    }
+
     /// A verified step: the first `accepted` of `drafted` tokens of the
     /// draft last sized by [`SpecState::draft_len`] were kept.
     pub fn record(&mut self, drafted: usize, accepted: usize) {
@@ -243,11 +374,13 @@ impl SpecState {
 mod tests {
     use super::*;
 
-    /// The tokens that followed the longest-matching earlier occurrence of
-    /// the end of `tokens`, at most `max` of them.
+    const SHALLOW: usize = VOTE_DEPTHS[0];
+    const DEEP: usize = VOTE_DEPTHS[1];
+
+    /// Prompt lookup's draft after `tokens`, at most `max` tokens.
     fn propose(tokens: &[Token], cfg: &SpecConfig, max: usize) -> Vec<Token> {
-        match lookup(tokens, cfg) {
-            Some(f) if max > 0 => tokens[f.start..(f.start + max).min(tokens.len())].to_vec(),
+        match guess(tokens, cfg, SHALLOW) {
+            Some(g) if g.majority => draft(&mut tokens.to_vec(), cfg, SHALLOW, g.token, max, 0),
             _ => Vec::new(),
         }
     }
@@ -262,43 +395,87 @@ mod tests {
     }
 
     #[test]
-    fn the_longest_recent_ngram_proposes_what_followed_it() {
-        // "a b c d e ... a b c" -> "d e"
+    fn what_followed_the_end_before_is_proposed() {
+        // "a b c d e ... a b c" -> "d e ...", and on through the guesses.
         let t = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3];
         assert_eq!(propose(&t, &cfg(), 2), vec![4, 5]);
-        assert_eq!(propose(&t, &cfg(), 8), vec![4, 5, 9, 9, 1, 2, 3]);
-        // The most recent occurrence wins.
+        assert_eq!(propose(&t, &cfg(), 8), vec![4, 5, 9, 9, 1, 2, 3, 4]);
+        // The lookup leaves the tokens as they were.
+        let mut v = t.to_vec();
+        draft(&mut v, &cfg(), SHALLOW, 4, 3, 0);
+        assert_eq!(v, t);
+        // Two places, one vote each: the most recent one wins.
         let t = [1, 2, 7, 1, 2, 8, 1, 2];
-        assert_eq!(propose(&t, &cfg(), 1), vec![8]);
+        assert_eq!(guess(&t, &cfg(), SHALLOW).map(|g| g.token), Some(8));
+        assert!(!guess(&t, &cfg(), SHALLOW).unwrap().majority);
+        assert!(propose(&t, &cfg(), 4).is_empty());
     }
 
     #[test]
-    fn the_longest_match_wins_over_a_more_recent_shorter_one() {
-        // "1 2 3 4 | 5": the end "1 2 3 4" matches it whole; "9 3 4 | 6",
-        // more recent, only its last two tokens.
-        let t = [1, 2, 3, 4, 5, 0, 9, 3, 4, 6, 7, 1, 2, 3, 4];
+    fn the_places_that_match_longest_vote() {
         let two = SpecConfig {
             ngram_min: 2,
             ngram_max: 24,
             ..cfg()
         };
+        // "1 2 3 4 | 5": the end "1 2 3 4" matches it whole; "9 3 4 | 6",
+        // more recent, only its last two tokens.
+        let t = [1, 2, 3, 4, 5, 0, 9, 3, 4, 6, 7, 1, 2, 3, 4];
         assert_eq!(
-            lookup(&t, &two),
-            Some(Found {
-                start: 4,
-                matched: 4
+            guess(&t, &two, SHALLOW),
+            Some(Guess {
+                token: 5,
+                matched: 4,
+                majority: true
             })
         );
         assert_eq!(propose(&t, &two, 2), vec![5, 0]);
+        // Past the shallow depth, matches count as equally long: three
+        // places that repeat a line outvote the one that matches longer;
+        // the deep vote follows that one.
+        let line = [10, 11, 12, 13, 14, 15, 16, 17, 18];
+        let mut t: Vec<Token> = vec![1, 2, 3];
+        t.extend(line);
+        t.push(40); // the prompt's version: the longest match
+        for _ in 0..3 {
+            t.extend([50, 51]);
+            t.extend(line);
+            t.push(41); // the reply's
+        }
+        t.extend([1, 2, 3]);
+        t.extend(line);
+        let g = guess(&t, &two, SHALLOW).unwrap();
+        assert_eq!((g.token, g.matched, g.majority), (41, 12, true));
+        let g = guess(&t, &two, DEEP).unwrap();
+        assert_eq!((g.token, g.matched, g.majority), (40, 12, true));
         // The match is measured no further than ngram_max.
         let short = SpecConfig {
-            ngram_max: 3,
+            ngram_max: 5,
             ..two
         };
-        assert_eq!(lookup(&t, &short).map(|f| f.matched), Some(3));
-        // A stretch that repeats itself matches as far as the cap.
+        assert_eq!(guess(&t, &short, SHALLOW).map(|g| g.matched), Some(5));
+        // A stretch that repeats itself matches as far as the cap, and is
+        // drafted on through its own guesses.
         let t: Vec<Token> = (0..40).map(|i| i % 3).collect();
-        assert_eq!(lookup(&t, &two).map(|f| f.matched), Some(24));
+        assert_eq!(guess(&t, &two, SHALLOW).map(|g| g.matched), Some(24));
+        assert_eq!(propose(&t, &two, 7), vec![1, 2, 0, 1, 2, 0, 1]);
+    }
+
+    #[test]
+    fn drafting_stops_where_the_places_disagree_unless_a_minimum_is_asked() {
+        // "5 6" was followed by 7 then 8 or 9: the draft stops before them.
+        let t = [5, 6, 7, 8, 0, 5, 6, 7, 9, 0, 5, 6];
+        let two = SpecConfig {
+            ngram_min: 2,
+            ..cfg()
+        };
+        assert_eq!(propose(&t, &two, 8), vec![7]);
+        // With a minimum, the most recent place's token goes on, and past
+        // it the one place that matches "7 9" leads the draft again.
+        assert_eq!(
+            draft(&mut t.to_vec(), &two, SHALLOW, 7, 8, 2),
+            vec![7, 9, 0, 5, 6, 7, 9, 0]
+        );
     }
 
     #[test]
@@ -313,6 +490,32 @@ mod tests {
         assert!(propose(&[1, 2, 3], &cfg(), 4).is_empty());
         assert!(propose(&[], &cfg(), 4).is_empty());
         assert!(propose(&[1, 1, 1], &cfg(), 0).is_empty());
+    }
+
+    #[test]
+    fn each_sequence_drafts_with_the_depth_that_pays() {
+        let mut s = SpecState::default();
+        assert_eq!(s.lookup(), 0);
+        // The deep vote's drafts are right, the shallow one's stop early:
+        // more tokens a step for a few more rows.
+        for _ in 0..10 {
+            s.proposed([vec![7], vec![7, 8, 9, 10]], CPU);
+            s.judge_lookups(&[7, 8, 9, 10, 11]);
+        }
+        assert_eq!(s.lookup(), 1);
+        // Then the deep one's guesses go wrong while the shallow one's
+        // short drafts are right: rows for nothing.
+        for _ in 0..30 {
+            s.proposed([vec![5, 6], vec![1, 2, 3, 4]], CPU);
+            s.judge_lookups(&[5, 6, 0]);
+        }
+        assert_eq!(s.lookup(), 0);
+        // Only what was proposed for the verified step is judged.
+        let before = s.yields[1].tokens;
+        s.proposed([vec![], vec![4]], CPU);
+        s.clear_proposals();
+        s.judge_lookups(&[4]);
+        assert_eq!(s.yields[1].tokens, before);
     }
 
     /// Steps cost 7 ms plus 4 ms a row: a small model on two CPU cores.

@@ -137,6 +137,7 @@ impl Worker {
                 continue;
             };
             run.draft.clear();
+            run.spec.clear_proposals();
             if prefilling && dear {
                 continue;
             }
@@ -170,17 +171,31 @@ impl Worker {
             }
             let mut tail = tokens[tokens.len().saturating_sub(spec::LOOKBACK)..].to_vec();
             tail.push(pending);
-            let Some(found) = spec::lookup(&tail, &cfg) else {
+            let guesses = spec::VOTE_DEPTHS.map(|depth| spec::guess(&tail, &cfg, depth));
+            let usable = |g: &Option<spec::Guess>| g.filter(|g| g.majority || cfg.draft_min > 0);
+            // The longest match is the same at every depth.
+            let Some(matched) = guesses.iter().find_map(usable).map(|g| g.matched) else {
                 continue;
             };
             // How far a guess of this match length has been right decides
             // how much of it to verify.
-            let room = room.min(tail.len() - found.start);
             let want = run
                 .spec
-                .draft_len(Some(found.matched), room, decoding, cost, price)
+                .draft_len(Some(matched), room, decoding, cost, price)
                 .max(cfg.draft_min.min(room));
-            run.draft = tail[found.start..found.start + want].to_vec();
+            let drafts = std::array::from_fn(|d| match usable(&guesses[d]) {
+                Some(g) => spec::draft(
+                    &mut tail,
+                    &cfg,
+                    spec::VOTE_DEPTHS[d],
+                    g.token,
+                    want,
+                    cfg.draft_min,
+                ),
+                None => Vec::new(),
+            });
+            run.draft = drafts[run.spec.lookup()].clone();
+            run.spec.proposed(drafts, cost);
         }
         let Some(drafter) = self.drafter.as_mut() else {
             return;
@@ -451,6 +466,11 @@ impl Worker {
                 _ => break,
             }
         }
+        let mut truth = run.draft[..accepted].to_vec();
+        if let (None, Phase::Decode { pending }) = (&done, run.phase) {
+            truth.push(pending);
+        }
+        run.spec.judge_lookups(&truth);
         if drafted > 0 {
             run.spec.record(drafted, accepted);
             self.stats

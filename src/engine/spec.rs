@@ -167,6 +167,50 @@ const MAX_COOLDOWN: u32 = 256;
 /// Tokens drafted to probe again after a cooldown.
 const PROBE: usize = 2;
 
+/// A drafted token's chance of acceptance after a verified step kept the
+/// first `accepted` of `drafted` tokens (a moving estimate, per judged
+/// token).
+fn judged(mut alpha: f64, drafted: usize, accepted: usize) -> f64 {
+    for _ in 0..accepted {
+        alpha += ALPHA_WEIGHT * (1.0 - alpha);
+    }
+    if accepted < drafted {
+        alpha -= ALPHA_WEIGHT * alpha;
+    }
+    alpha
+}
+
+/// What the engine has learned of each kind of draft over all its
+/// sequences. A new sequence starts from it instead of probing kinds
+/// again that earlier requests measured: an agent's next turn copies as
+/// the last one did, and a reply too short to finish probing (a few
+/// words that echo the request) is drafted from its first steps.
+#[derive(Debug, Clone, Default)]
+pub struct SpecPrior {
+    alpha: [Option<f64>; 1 + KINDS.len()],
+    /// The lookup depths' yields as the sequence judged last saw them.
+    yields: Option<[Yield; VOTE_DEPTHS.len()]>,
+}
+
+impl SpecPrior {
+    /// A verified step of a sequence whose last draft was of `kind`
+    /// ([`SpecState::kind`]).
+    pub fn learn(&mut self, kind: usize, drafted: usize, accepted: usize) {
+        if drafted > 0 {
+            let a = &mut self.alpha[kind];
+            *a = Some(judged(a.unwrap_or(PRIOR), drafted, accepted));
+        }
+    }
+
+    /// A sequence judged its lookup depths' drafts: the next sequence
+    /// starts with the depth it found paying better.
+    pub fn learn_depths(&mut self, state: &SpecState) {
+        if state.judged {
+            self.yields = Some(state.yields);
+        }
+    }
+}
+
 /// The record of one kind of draft.
 #[derive(Debug, Clone)]
 struct Kind {
@@ -205,12 +249,19 @@ struct Yield {
     secs: f64,
 }
 
-/// The drafts of every lookup depth for the step being verified.
+/// The drafts every lookup depth proposed for one step, waiting for the
+/// tokens they guessed to be decoded.
 #[derive(Debug, Clone)]
 struct Judging {
+    /// The sequence position of the drafts' first token.
+    at: usize,
     drafts: [Vec<Token>; VOTE_DEPTHS.len()],
     cost: (f64, f64),
 }
+
+/// Steps whose drafts may wait to be judged: a draft is judged within
+/// `--draft-max` decoded tokens.
+const JUDGING: usize = 64;
 
 /// One sequence's drafting record.
 #[derive(Debug, Clone)]
@@ -223,7 +274,11 @@ pub struct SpecState {
     last: usize,
     /// Each lookup depth's yield (`VOTE_DEPTHS`).
     yields: [Yield; VOTE_DEPTHS.len()],
-    judging: Option<Judging>,
+    judging: std::collections::VecDeque<Judging>,
+    /// Started from the engine's [`SpecPrior`].
+    seeded: bool,
+    /// Some lookup drafts were judged.
+    judged: bool,
 }
 
 impl Default for SpecState {
@@ -237,7 +292,9 @@ impl Default for SpecState {
                 tokens: 1.0,
                 secs: 1.0,
             }; VOTE_DEPTHS.len()],
-            judging: None,
+            judging: Default::default(),
+            seeded: false,
+            judged: false,
         }
     }
 }
@@ -303,6 +360,31 @@ impl SpecState {
         best
     }
 
+    /// Start from what the engine learned of each kind of draft (once,
+    /// before the sequence's first draft): a kind measured before starts
+    /// at its acceptance, without a probe.
+    pub fn seed(&mut self, prior: &SpecPrior) {
+        if std::mem::replace(&mut self.seeded, true) {
+            return;
+        }
+        if let Some(yields) = prior.yields {
+            self.yields = yields;
+        }
+        for (kind, alpha) in self.kinds.iter_mut().zip(prior.alpha) {
+            if let Some(alpha) = alpha {
+                *kind = Kind {
+                    probe: false,
+                    ..Kind::new(alpha)
+                };
+            }
+        }
+    }
+
+    /// The kind of the draft last sized, for [`SpecPrior::learn`].
+    pub fn kind(&self) -> usize {
+        self.last
+    }
+
     /// Which of [`VOTE_DEPTHS`] drafts this step: the one that has been
     /// paying better (the shallow one while they tie).
     pub fn lookup(&self) -> usize {
@@ -315,36 +397,71 @@ impl SpecState {
             .unwrap_or(0)
     }
 
-    /// The drafts every lookup depth proposes for this step (one of them
-    /// is verified), for [`SpecState::judge_lookups`]; steps cost `cost`
-    /// (None: not measured yet, rows are then counted instead).
-    pub fn proposed(&mut self, drafts: [Vec<Token>; VOTE_DEPTHS.len()], cost: Option<(f64, f64)>) {
-        self.judging = Some(Judging {
+    /// The drafts every lookup depth proposes for the step whose first
+    /// drafted token is at sequence position `at` (one of them is
+    /// verified), judged by [`SpecState::judge_lookups`] once what they
+    /// guessed is decoded; steps cost `cost` (None: not measured yet, rows
+    /// are then counted instead).
+    pub fn proposed(
+        &mut self,
+        at: usize,
+        drafts: [Vec<Token>; VOTE_DEPTHS.len()],
+        cost: Option<(f64, f64)>,
+    ) {
+        // A step planned again (it did not run) proposes anew.
+        self.judging.retain(|j| j.at < at);
+        if self.judging.len() == JUDGING {
+            self.judging.pop_front();
+        }
+        self.judging.push_back(Judging {
+            at,
             drafts,
             cost: cost.unwrap_or((0.0, 1.0)),
         });
     }
 
-    /// No draft this step: nothing to judge when it is verified.
-    pub fn clear_proposals(&mut self) {
-        self.judging = None;
-    }
-
-    /// The step verified: `truth` is what the model decoded after the
-    /// pending token (the accepted drafted tokens, then the next one when
-    /// the reply goes on). Each depth's draft is judged by how far it
-    /// agrees with `truth` (as far as the truth is known).
-    pub fn judge_lookups(&mut self, truth: &[Token]) {
-        let Some(j) = self.judging.take() else {
-            return;
+    /// A step was verified: the sequence now holds `tokens`, and `next`
+    /// comes after them when the reply goes on. Each waiting step's drafts
+    /// are judged once it is known how far each agrees with what was
+    /// decoded (a draft longer than the verified one is judged on the
+    /// tokens later steps decode, so a depth that drafts further is not
+    /// judged by the other's shorter draft): tokens a step would have
+    /// gained against the rows it would have cost.
+    pub fn judge_lookups(&mut self, tokens: &[Token], next: Option<Token>) {
+        let known = |q: usize| match q.cmp(&tokens.len()) {
+            std::cmp::Ordering::Less => Some(tokens[q]),
+            std::cmp::Ordering::Equal => next,
+            std::cmp::Ordering::Greater => None,
         };
-        let (base, per_row) = j.cost;
-        for (y, d) in self.yields.iter_mut().zip(&j.drafts) {
-            let agreed = d.iter().zip(truth).take_while(|(a, b)| a == b).count();
-            let tokens = 1.0 + agreed as f64;
-            let secs = base + per_row * (1 + d.len()) as f64;
-            y.tokens += YIELD_WEIGHT * (tokens - y.tokens);
-            y.secs += YIELD_WEIGHT * (secs - y.secs);
+        // How far a draft at `at` agrees, if that is known yet.
+        let agreed = |at: usize, d: &[Token]| {
+            for (k, &t) in d.iter().enumerate() {
+                match known(at + k) {
+                    Some(x) if x == t => continue,
+                    Some(_) => return Some(k),
+                    None => return None,
+                }
+            }
+            Some(d.len())
+        };
+        let mut i = 0;
+        while i < self.judging.len() {
+            let j = &self.judging[i];
+            let judged: Option<Vec<usize>> = j.drafts.iter().map(|d| agreed(j.at, d)).collect();
+            // A reply that ended leaves nothing more to learn.
+            let Some(judged) = judged.or_else(|| next.is_none().then(Vec::new)) else {
+                i += 1;
+                continue;
+            };
+            let j = self.judging.remove(i).expect("in range");
+            self.judged = true;
+            let (base, per_row) = j.cost;
+            for ((y, d), agreed) in self.yields.iter_mut().zip(&j.drafts).zip(judged) {
+                let tokens = 1.0 + agreed as f64;
+                let secs = base + per_row * (1 + d.len()) as f64;
+                y.tokens += YIELD_WEIGHT * (tokens - y.tokens);
+                y.secs += YIELD_WEIGHT * (secs - y.secs);
+            }
         }
     }
 
@@ -357,12 +474,7 @@ impl SpecState {
         self.drafted += drafted as u32;
         self.accepted += accepted as u32;
         let kind = &mut self.kinds[self.last];
-        for _ in 0..accepted {
-            kind.alpha += ALPHA_WEIGHT * (1.0 - kind.alpha);
-        }
-        if accepted < drafted {
-            kind.alpha -= ALPHA_WEIGHT * kind.alpha;
-        }
+        kind.alpha = judged(kind.alpha, drafted, accepted);
         if accepted * 2 >= drafted {
             // Drafts pay again: a later cooldown starts short.
             kind.next_cooldown = COOLDOWN;
@@ -497,25 +609,80 @@ mod tests {
         let mut s = SpecState::default();
         assert_eq!(s.lookup(), 0);
         // The deep vote's drafts are right, the shallow one's stop early:
-        // more tokens a step for a few more rows.
+        // more tokens a step for a few more rows. The shallow draft is
+        // verified (one token accepted), the deep one is judged on what the
+        // next steps decode.
+        let mut seq: Vec<Token> = vec![1, 2, 3];
         for _ in 0..10 {
-            s.proposed([vec![7], vec![7, 8, 9, 10]], CPU);
-            s.judge_lookups(&[7, 8, 9, 10, 11]);
+            let at = seq.len();
+            s.proposed(at, [vec![7], vec![7, 8, 9, 10]], CPU);
+            seq.push(7);
+            s.judge_lookups(&seq, Some(8));
+            seq.extend([8, 9, 10]);
+            s.judge_lookups(&seq, Some(11));
+            seq.push(11);
         }
+        assert!(s.judging.is_empty());
         assert_eq!(s.lookup(), 1);
         // Then the deep one's guesses go wrong while the shallow one's
         // short drafts are right: rows for nothing.
         for _ in 0..30 {
-            s.proposed([vec![5, 6], vec![1, 2, 3, 4]], CPU);
-            s.judge_lookups(&[5, 6, 0]);
+            let at = seq.len();
+            s.proposed(at, [vec![5, 6], vec![1, 2, 3, 4]], CPU);
+            seq.extend([5, 6]);
+            s.judge_lookups(&seq, Some(0));
+            seq.push(0);
         }
         assert_eq!(s.lookup(), 0);
-        // Only what was proposed for the verified step is judged.
-        let before = s.yields[1].tokens;
-        s.proposed([vec![], vec![4]], CPU);
-        s.clear_proposals();
-        s.judge_lookups(&[4]);
-        assert_eq!(s.yields[1].tokens, before);
+        // A step planned again proposes anew; a reply that ends judges
+        // nothing more.
+        let at = seq.len();
+        s.proposed(at, [vec![1], vec![1, 2]], CPU);
+        s.proposed(at, [vec![3], vec![3, 4]], CPU);
+        assert_eq!(s.judging.len(), 1);
+        let before = s.yields.map(|y| y.tokens);
+        s.judge_lookups(&seq, None);
+        assert!(s.judging.is_empty());
+        assert_eq!(s.yields.map(|y| y.tokens), before);
+    }
+
+    #[test]
+    fn a_new_sequence_starts_from_what_earlier_ones_measured() {
+        let mut prior = SpecPrior::default();
+        // The first sequence probes a long match, then learns it copies.
+        let mut first = SpecState::default();
+        first.seed(&prior);
+        assert_eq!(first.draft_len(Some(20), 8, 1, CPU, 0.0), PROBE);
+        first.record(PROBE, PROBE);
+        prior.learn(first.kind(), PROBE, PROBE);
+        for _ in 0..30 {
+            first.draft_len(Some(20), 8, 1, CPU, 0.0);
+            first.record(8, 8);
+            prior.learn(first.kind(), 8, 8);
+        }
+        assert_eq!(first.draft_len(Some(20), 8, 1, CPU, 0.0), 8);
+        // The next one drafts a long match whole from its first step, and
+        // still probes the kinds nobody measured.
+        let mut next = SpecState::default();
+        next.seed(&prior);
+        assert_eq!(next.draft_len(Some(20), 8, 1, CPU, 0.0), 8);
+        assert_eq!(next.draft_len(Some(2), 8, 1, CPU, 0.0), PROBE);
+        // It also starts with the lookup depth the last judged sequence
+        // found paying better.
+        let mut deep = SpecState::default();
+        for k in 0..10 {
+            deep.proposed(2 * k, [vec![], vec![1, 2]], CPU);
+            deep.judge_lookups(&[1, 2].repeat(k + 1), Some(1));
+        }
+        assert_eq!(deep.lookup(), 1);
+        prior.learn_depths(&deep);
+        let mut after = SpecState::default();
+        after.seed(&prior);
+        assert_eq!(after.lookup(), 1);
+        // Seeding happens once: a sequence's own record is not reset.
+        next.record(PROBE, 0);
+        next.seed(&prior);
+        assert_eq!(next.kinds[1].alpha, judged(PRIOR, PROBE, 0));
     }
 
     /// Steps cost 7 ms plus 4 ms a row: a small model on two CPU cores.

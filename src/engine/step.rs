@@ -137,13 +137,13 @@ impl Worker {
                 continue;
             };
             run.draft.clear();
-            run.spec.clear_proposals();
             if prefilling && dear {
                 continue;
             }
             let Phase::Decode { pending } = run.phase else {
                 continue;
             };
+            run.spec.seed(&self.spec_prior);
             // Forced tokens (a closing reasoning marker) ignore the logits.
             if !run.forced.is_empty() {
                 continue;
@@ -195,7 +195,7 @@ impl Worker {
                 None => Vec::new(),
             });
             run.draft = drafts[run.spec.lookup()].clone();
-            run.spec.proposed(drafts, cost);
+            run.spec.proposed(tokens.len() + 1, drafts, cost);
         }
         let Some(drafter) = self.drafter.as_mut() else {
             return;
@@ -466,13 +466,9 @@ impl Worker {
                 _ => break,
             }
         }
-        let mut truth = run.draft[..accepted].to_vec();
-        if let (None, Phase::Decode { pending }) = (&done, run.phase) {
-            truth.push(pending);
-        }
-        run.spec.judge_lookups(&truth);
         if drafted > 0 {
             run.spec.record(drafted, accepted);
+            self.spec_prior.learn(run.spec.kind(), drafted, accepted);
             self.stats
                 .spec_drafted
                 .fetch_add(drafted as u64, Ordering::Relaxed);
@@ -484,6 +480,12 @@ impl Worker {
                 self.truncate_slot(i, keep);
             }
         }
+        let next = match (&done, run.phase) {
+            (None, Phase::Decode { pending }) => Some(pending),
+            _ => None,
+        };
+        run.spec.judge_lookups(self.slots[i].seq.tokens(), next);
+        self.spec_prior.learn_depths(&run.spec);
         run.draft.clear();
         if done.is_some() {
             return done;

@@ -128,6 +128,9 @@ pub(super) struct Worker {
     pub spec: Option<super::spec::SpecConfig>,
     /// The draft model, when drafts come from one instead of prompt lookup.
     pub drafter: Option<Drafter>,
+    /// What drafts of each kind were measured to be worth, over every
+    /// sequence so far: where a new sequence's drafting starts.
+    pub spec_prior: super::spec::SpecPrior,
     /// How many compute threads each step gets.
     pub threads: ThreadPolicy,
 }
@@ -229,6 +232,7 @@ pub(super) fn spawn(
     let mut worker = Worker {
         spec,
         drafter,
+        spec_prior: Default::default(),
         memory,
         ctx,
         model,

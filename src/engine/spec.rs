@@ -56,6 +56,12 @@ pub(super) const LOOKBACK: usize = 16384;
 /// has been paying better ([`SpecState::lookup`]).
 pub const VOTE_DEPTHS: [usize; 2] = [8, usize::MAX];
 
+/// Places that vote at most: once this many of the most recent ones
+/// matched as deep as a vote counts, no earlier place can outrank them,
+/// and the scan stops (text that repeats itself, a run of one token,
+/// would otherwise compare every place as deep as it goes).
+const VOTERS: u32 = 32;
+
 /// Prompt lookup's guess at the token after `tokens`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Guess {
@@ -73,7 +79,8 @@ pub struct Guess {
 /// candidate; those that match longest (counted up to `depth`, one of
 /// [`VOTE_DEPTHS`]) vote with the token that followed them, and the most
 /// voted one wins (the most recent place's token among equal counts).
-/// Only the last [`LOOKBACK`] tokens are searched.
+/// Only the last [`LOOKBACK`] tokens are searched, and only the most
+/// recent [`VOTERS`] places that match as deep as the vote counts vote.
 pub fn guess(tokens: &[Token], cfg: &SpecConfig, depth: usize) -> Option<Guess> {
     let len = tokens.len();
     let n = cfg.ngram_min.max(1);
@@ -84,7 +91,7 @@ pub fn guess(tokens: &[Token], cfg: &SpecConfig, depth: usize) -> Option<Guess> 
     let vote_cap = depth.max(n).min(cap);
     let from = len.saturating_sub(LOOKBACK);
     let last = tokens[len - 1];
-    let (mut best, mut longest) = (0, 0);
+    let (mut best, mut longest, mut total) = (0, 0, 0u32);
     // (token, votes), in order of first vote: the most recent place first.
     let mut votes: Vec<(Token, u32)> = Vec::new();
     // The places' next tokens are at i; their matches end at i - 1.
@@ -104,15 +111,19 @@ pub fn guess(tokens: &[Token], cfg: &SpecConfig, depth: usize) -> Option<Guess> 
         if voting > best {
             best = voting;
             votes.clear();
+            total = 0;
         }
         if voting == best {
             match votes.iter_mut().find(|(t, _)| *t == tokens[i]) {
                 Some((_, c)) => *c += 1,
                 None => votes.push((tokens[i], 1)),
             }
+            total += 1;
+            if best == vote_cap && total == VOTERS {
+                break;
+            }
         }
     }
-    let total: u32 = votes.iter().map(|(_, c)| c).sum();
     let (token, count) = votes
         .iter()
         .copied()
@@ -571,6 +582,35 @@ mod tests {
         let t: Vec<Token> = (0..40).map(|i| i % 3).collect();
         assert_eq!(guess(&t, &two, SHALLOW).map(|g| g.matched), Some(24));
         assert_eq!(propose(&t, &two, 7), vec![1, 2, 0, 1, 2, 0, 1]);
+    }
+
+    #[test]
+    fn a_run_of_one_token_is_voted_on_by_its_most_recent_places() {
+        let two = SpecConfig {
+            ngram_min: 2,
+            ngram_max: 24,
+            ..cfg()
+        };
+        // 16k places match 24 deep; the most recent VOTERS of them decide,
+        // all for the same token, and the longest match is still measured.
+        let mut t: Vec<Token> = vec![3; 16_000];
+        t.extend([9; 40]);
+        for depth in VOTE_DEPTHS {
+            let g = guess(&t, &two, depth).unwrap();
+            assert_eq!((g.token, g.matched, g.majority), (9, 24, true));
+        }
+        // Only the most recent voters count: a line followed by 7 a hundred
+        // times, then by 8 (more than VOTERS times): the 8s decide, though
+        // the 7s are more.
+        let line: Vec<Token> = (10..19).collect();
+        let mut t = Vec::new();
+        for x in [7; 100].into_iter().chain([8; VOTERS as usize + 1]) {
+            t.extend(&line);
+            t.push(x);
+        }
+        t.extend(&line);
+        let g = guess(&t, &two, SHALLOW).unwrap();
+        assert_eq!((g.token, g.majority), (8, true));
     }
 
     #[test]

@@ -195,7 +195,10 @@ impl Worker {
                 None => Vec::new(),
             });
             run.draft = drafts[run.spec.lookup()].clone();
-            run.spec.proposed(tokens.len() + 1, drafts, cost);
+            // Steps that draft nothing teach nothing about the depths.
+            if drafts.iter().any(|d| !d.is_empty()) {
+                run.spec.proposed(tokens.len() + 1, drafts, cost);
+            }
         }
         let Some(drafter) = self.drafter.as_mut() else {
             return;

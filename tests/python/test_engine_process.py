@@ -98,9 +98,11 @@ def test_an_engine_abort_mid_stream_ends_it_and_the_queue_is_served(start_hearth
     assert status == 200 and first_pid != srv.proc.pid
     path, make = BODIES[api]
     doomed = RawStream(srv.url, path, make(LONG, 48))
-    # Queued behind it while its prompt is prefilled: never started when
-    # the engine dies, so it goes to the next engine process.
-    wait_for(lambda: any(s["state"] == "prefill" for s in slots(srv.url)["slots"]), what="prefill")
+    # Queued behind it while it runs (its prompt prefilled or its first
+    # tokens decoded: one prefill step can end between two polls): never
+    # started when the engine dies, so it goes to the next engine process.
+    wait_for(lambda: any(s["state"] in ("prefill", "decode") for s in slots(srv.url)["slots"]),
+             what="the first request running")
     queued = RawStream(srv.url, "/v1/chat/completions", chat("Say hi.", 8))
     assert doomed.done.wait(60), doomed.lines[-3:]
     seen = watch_recovery(srv.url)

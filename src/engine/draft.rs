@@ -1,7 +1,7 @@
 //! Speculative decoding with a draft model (`--draft-model`): a small model
 //! with the target's vocabulary guesses the next tokens, and the target
 //! verifies them as extra rows of its step, exactly as it verifies prompt
-//! lookup's guesses (`spec.rs`, `step.rs`).
+//! lookup's guesses (`spec/`, `step.rs`).
 //!
 //! The draft model runs on the engine thread in a context of its own, one
 //! sequence per slot in one unified KV. Its KV follows the target's by
